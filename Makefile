@@ -1,0 +1,36 @@
+# Two commands for a newcomer (see README.md):
+#   make run    set up a virtual environment and run the main job (the accuracy evaluation
+#               of KCM pruning on the embedded default model and task)
+#   make test   set up the same environment and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk; a GPU machine can override, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kcm-installed
+EVAL_ARGS ?=
+
+.PHONY: setup test lint run bench-smoke clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,eval]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 KCM_BENCH_SMOKE=1 $(BIN)/python -m pytest -q benchmarks --benchmark-disable
+
+run: setup
+	HF_HUB_OFFLINE=1 $(BIN)/kcm-eval $(EVAL_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

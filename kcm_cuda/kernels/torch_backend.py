@@ -1,0 +1,77 @@
+"""The ``torch`` backend: vectorised PyTorch on any device.
+
+It is the fallback of the dispatch and the CPU implementation of the ``kcm::`` custom ops.
+The precision modes are honoured on every device: on CUDA "tf32" lets cuBLAS use TF32
+tensor cores; on the CPU the TF32 rounding of the inputs is emulated (10-bit mantissa, round
+to nearest), so the error of each mode can be measured on any machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest TF32 value (8-bit exponent, 10-bit mantissa)."""
+    bits = t.contiguous().view(torch.int32)
+    # Round half away from zero on the 13 dropped mantissa bits, as the tensor cores' cvt.rna.
+    rounded = (bits + 0x1000) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def _tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_cuda:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return torch.matmul(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    # Products of two 11-bit mantissas are exact in float32: an fp32 matmul of the rounded
+    # inputs is what a TF32 tensor core computes (up to the order of accumulation).
+    return torch.matmul(round_to_tf32(a), round_to_tf32(b))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """float32 a @ b (batched allowed) at the requested precision."""
+    if precision == "tf32":
+        return _tf32_product(a, b)
+    if precision == "tf32x3":
+        a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
+        a_lo, b_lo = a - a_hi, b - b_hi
+        return _tf32_product(a_hi, b_lo) + _tf32_product(a_lo, b_hi) + _tf32_product(a_hi, b_hi)
+    if a.is_cuda:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return torch.matmul(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return torch.matmul(a, b)
+
+
+def rbf_kernel(
+    x: torch.Tensor, y: torch.Tensor | None, sigma: float, precision: str
+) -> torch.Tensor:
+    xf = x.float()
+    yf = xf if y is None else y.float()
+    x_sq = (xf * xf).sum(1)
+    y_sq = x_sq if y is None else (yf * yf).sum(1)
+    dot = matmul(xf, yf.t(), precision)
+    sq_dist = (x_sq[:, None] + y_sq[None, :] - 2.0 * dot).clamp_min_(0.0)
+    K = torch.exp(sq_dist * (-0.5 / (sigma * sigma)))
+    if y is None:
+        # BLAS need not give an exactly symmetric x x^T: mirror the upper triangle.
+        K = torch.triu(K, 1)
+        K = K + K.t()
+        K.diagonal().fill_(1.0)
+    return K.contiguous()
+
+
+def convex_update(K: torch.Tensor, C: torch.Tensor, precision: str):
+    KC = matmul(K, C, precision)
+    positive = KC > 0
+    C_new = torch.where(positive, C * torch.sqrt(K / torch.where(positive, KC, 1.0)), 0.0)
+    delta = (C_new - C).abs().sum((-2, -1))
+    mass = C.abs().sum((-2, -1))
+    return C_new, delta, mass
