@@ -1,0 +1,270 @@
+"""Compile checks of the CUDA extension's sources, which need no GPU.
+
+* every csrc/*.cu compiles with nvcc (-c, no link) for sm_75, sm_80 and sm_90 in one nvcc call
+  per file, with all warnings as errors and register spills / local memory reported as errors;
+* the PTX for sm_75 has no tensor-core instruction (the TF32 precisions fall back to FMA there)
+  and the PTX for sm_80 has the TF32 WMMA path; division and square root are IEEE (no
+  approximate or flush-to-zero forms: no fast math);
+* csrc/bindings.cpp compiles against the installed torch headers;
+* bindings.cpp defines the schemas that kcm_cuda/kernels/cuda.py defines, and its
+  TORCH_LIBRARY block built alone (CPU, no CUDA kernels) as kcm_cuda._C works with cuda.py's
+  Python registrations (the path of a machine with the extension; opcheck passes);
+* kcm_cuda_build.py declares no extension where it cannot be built (this CPU torch).
+
+Skipped with the reason when nvcc / a C++ compiler / the torch headers are not there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_SOURCES = sorted(CSRC.glob("*.cu"))
+ARCHS = (75, 80, 90)
+COMPILE_TIMEOUT = 600
+
+sys.path.insert(0, str(ROOT))
+import kcm_cuda_build  # noqa: E402
+
+
+def _find_nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+NVCC = _find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not found")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _nvcc_archs() -> set[int]:
+    out = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return {int(a) for a in re.findall(r"compute_(\d+)", out)}
+
+
+def test_sources_present():
+    names = {p.name for p in CSRC.iterdir()}
+    assert {"rbf_kernel.cu", "convex_update.cu", "kcm_kernels.h", "bindings.cpp"} <= names
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
+def test_cu_compiles_for_sm75_sm80_sm90(source: Path, tmp_path: Path):
+    archs = [a for a in ARCHS if a in _nvcc_archs()]
+    if not archs:
+        pytest.skip(f"this nvcc supports none of sm_{ARCHS}")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    _run(
+        [
+            NVCC, "-c", "-std=c++17", "-O3", *gencode,
+            "-Werror", "all-warnings",
+            "-Xcompiler", "-Wall,-Wextra",
+            "-Xptxas", "-warn-spills,-warn-lmem-usage",
+            "-o", str(tmp_path / (source.stem + ".o")), str(source),
+        ]
+    )  # fmt: skip
+
+
+def _ptx(source: Path, arch: int, tmp_path: Path) -> str:
+    if arch not in _nvcc_archs():
+        pytest.skip(f"this nvcc cannot target compute_{arch}")
+    out = tmp_path / f"{source.stem}.{arch}.ptx"
+    _run([NVCC, "-ptx", "-std=c++20", "-O3", f"-arch=compute_{arch}", "-o", str(out), str(source)])
+    return out.read_text()
+
+
+@needs_nvcc
+def test_tf32_path_only_from_sm80(tmp_path: Path):
+    source = CSRC / "convex_update.cu"
+    ptx75 = _ptx(source, 75, tmp_path)
+    ptx80 = _ptx(source, 80, tmp_path)
+    assert "mma.sync" not in ptx75 and "cvt.rna.tf32" not in ptx75
+    # 3 precisions x 2 k8 steps x 4 x 2 fragments: tf32 = 16 products, tf32x3 = 48.
+    assert len(re.findall(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\.m16n16k8\.f32\.tf32", ptx80)) == 64
+    assert "cvt.rna.tf32.f32" in ptx80
+    for ptx in (ptx75, ptx80):
+        assert "fma.rn.f32" in ptx
+        assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+        assert not re.search(r"(div|sqrt|rcp)\.approx|\.ftz\.", ptx), "no fast math"
+
+
+def _torch_include_flags() -> list[str] | None:
+    from torch.utils.cpp_extension import include_paths
+
+    paths = [Path(p) for p in include_paths()]
+    if not (paths[0] / "torch" / "library.h").exists():
+        return None
+    flags = [f"-isystem{p}" for p in paths]
+    # CPU wheels ship the c10/cuda headers without the CMake-generated macro file.
+    if not (paths[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    return flags
+
+
+def _cuda_include() -> Path | None:
+    """The toolkit's include directory, as nvcc itself reports it (nvcc may be a wrapper)."""
+    proc = subprocess.run(
+        [NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
+    candidates = [Path(p) for p in re.findall(r'INCLUDES="-I([^"]+)"', proc.stdout + proc.stderr)]
+    candidates += [Path(NVCC).resolve().parent.parent / "include", Path("/usr/local/cuda/include")]
+    for path in candidates:
+        if (path / "cuda_runtime_api.h").exists():
+            return path
+    return None
+
+
+@needs_nvcc
+def test_bindings_compile_against_torch_headers():
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler found")
+    torch_flags = _torch_include_flags()
+    if torch_flags is None:
+        pytest.skip("the installed torch has no C++ headers")
+    cuda_include = _cuda_include()
+    if cuda_include is None:
+        pytest.skip("cuda_runtime_api.h of the CUDA toolkit not found")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    _run(
+        [
+            cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", *torch_flags,
+            f"-isystem{cuda_include}", f"-isystem{sysconfig.get_paths()['include']}",
+            str(CSRC / "bindings.cpp"),
+        ]
+    )  # fmt: skip
+
+
+def test_bindings_define_the_python_schemas():
+    from kcm_cuda.kernels import cuda
+
+    text = (CSRC / "bindings.cpp").read_text()
+    defined = re.findall(r'm\.def\("([^"]+)"\)', text)
+    assert sorted(defined) == sorted(cuda.SCHEMAS.values())
+    assert "TORCH_LIBRARY(kcm, m)" in text and "TORCH_LIBRARY_IMPL(kcm, CUDA, m)" in text
+    # register_fake on a C++-defined op requires the C++ side to name the registering module.
+    assert f'm.set_python_module("{cuda.__name__}")' in text
+
+
+_EXTENSION_PATH_SCRIPT = """
+import sys
+from torch.utils.cpp_extension import load
+mod = load(name="_C", sources=[sys.argv[1]], build_directory=sys.argv[2], is_python_module=True)
+sys.modules["kcm_cuda._C"] = mod  # stands in for the compiled extension
+import torch
+from kcm_cuda.kernels import cuda
+assert cuda.extension_loaded() and cuda.schema_source() == "extension", cuda.schema_source()
+x, K, C = torch.randn(9, 4), torch.rand(2, 6, 6), torch.rand(2, 6, 6)
+torch.library.opcheck(torch.ops.kcm.rbf_kernel.default, (x, None, 1.0, "tf32"))
+torch.library.opcheck(torch.ops.kcm.convex_update.default, (K, C, "ieee"))
+print("EXTENSION-PATH-OK")
+"""
+
+
+def test_extension_defined_schemas_work_with_python_registrations(tmp_path: Path):
+    """The path of a machine with the extension, on the CPU: bindings.cpp's TORCH_LIBRARY block
+    (without the CUDA kernels) built as kcm_cuda._C defines the schemas; cuda.py must then
+    skip its own definitions and add the CPU kernels and fake impls (opcheck passes)."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler found")
+    text = (CSRC / "bindings.cpp").read_text()
+    block = text[text.index("TORCH_LIBRARY(kcm, m)") : text.index("TORCH_LIBRARY_IMPL(")]
+    pyinit = text[text.index("PyMODINIT_FUNC") :]
+    source = tmp_path / "schema_only.cpp"
+    source.write_text(f"#include <Python.h>\n#include <torch/library.h>\n{block}\n{pyinit}")
+    build = tmp_path / "build"
+    build.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXTENSION_PATH_SCRIPT, str(source), str(build)],
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT,
+        cwd=ROOT,
+    )
+    if "Ninja is required" in proc.stderr:
+        pytest.skip("torch.utils.cpp_extension.load needs ninja")
+    assert proc.returncode == 0 and "EXTENSION-PATH-OK" in proc.stdout, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------- kcm_cuda_build.py
+
+
+def test_build_config_cpu_torch_declares_nothing(monkeypatch):
+    monkeypatch.delenv(kcm_cuda_build.ENV_SWITCH, raising=False)
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here")
+    assert kcm_cuda_build.skip_reason() is not None
+    assert kcm_cuda_build.cuda_extension_modules() == []
+    assert kcm_cuda_build.extension_build_config() == ([], {})
+
+
+def test_build_switch(monkeypatch):
+    monkeypatch.setenv(kcm_cuda_build.ENV_SWITCH, "0")
+    assert kcm_cuda_build.extension_build_config() == ([], {})
+    monkeypatch.setenv(kcm_cuda_build.ENV_SWITCH, "1")
+    if kcm_cuda_build.skip_reason() is not None:
+        with pytest.raises(RuntimeError, match="cannot be built"):
+            kcm_cuda_build.cuda_extension_modules()
+
+
+def test_build_sources_and_flags():
+    sources, headers = kcm_cuda_build._sources()
+    assert "csrc/bindings.cpp" in sources and "csrc/rbf_kernel.cu" in sources
+    assert "csrc/convex_update.cu" in sources and "csrc/kcm_kernels.h" in headers
+    assert "--use_fast_math" not in kcm_cuda_build.NVCC_FLAGS
+
+
+class _FakeCuda:
+    @staticmethod
+    def is_available() -> bool:
+        return False
+
+    @staticmethod
+    def device_count() -> int:
+        return 0
+
+    @staticmethod
+    def get_arch_list() -> list[str]:
+        return ["sm_50", "sm_75", "sm_80", "sm_90", "sm_90a", "compute_90"]
+
+
+class _FakeTorch:
+    cuda = _FakeCuda()
+
+
+def test_arch_flags_without_gpu(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(kcm_cuda_build, "_nvcc_archs", lambda home: {75, 80, 86, 90})
+    flags = kcm_cuda_build.arch_flags(_FakeTorch(), "/nonexistent")
+    assert flags == [
+        "-gencode=arch=compute_75,code=sm_75",
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert kcm_cuda_build.arch_flags(_FakeTorch(), "/nonexistent") == []
