@@ -1,0 +1,270 @@
+"""Unlabeled data → a tokenized, seeded sample of sequences.
+
+Accepted ``data``:
+  * ``list[str]`` — single texts;
+  * ``list[tuple[str, str]]`` — text pairs (e.g. question/context, premise/hypothesis);
+  * a path (``str`` or ``os.PathLike``) to a UTF-8 file: ``.txt`` (one text per line, blank lines
+    skipped), ``.jsonl`` (one JSON object per line), ``.csv`` / ``.tsv`` (header row); for the last
+    two, ``text_column`` (and ``text_pair_column`` for pairs) name the fields, or common names
+    are detected (``sentence1``/``sentence2``, ``question``/``context``, ``text``, ``sentence``…);
+  * a pre-tokenized dict ``{"input_ids": (N, T), "attention_mask": (N, T)}`` (tensors or lists;
+    ``token_type_ids`` optional).
+The sample is ``samples`` sequences drawn without replacement with ``seed`` (all when fewer).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAIR_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("question", "context"),
+    ("question", "passage"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+)
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "question")
+
+Texts = list[str] | list[tuple[str, str]]
+
+
+@dataclass
+class TokenizedSample:
+    """The unlabeled sample: padded token ids and masks, (N, T) each."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def mean_tokens(self) -> float:
+        """Mean number of real tokens per sequence (the ``s`` of the FLOPs model)."""
+        return self.n_tokens / max(self.n_sequences, 1)
+
+    def subset(self, n: int) -> TokenizedSample:
+        tt = self.token_type_ids[:n] if self.token_type_ids is not None else None
+        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt)
+
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[dict]:
+        """Model inputs, ``batch_size`` sequences each, trailing all-padding columns trimmed."""
+        for start in range(0, self.n_sequences, batch_size):
+            mask = self.attention_mask[start : start + batch_size]
+            width = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
+            batch = {
+                "input_ids": self.input_ids[start : start + batch_size, :width].to(device),
+                "attention_mask": mask[:, :width].to(device),
+            }
+            if self.token_type_ids is not None:
+                tt = self.token_type_ids[start : start + batch_size, :width]
+                batch["token_type_ids"] = tt.to(device)
+            yield batch
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-self.n_sequences // batch_size)
+
+
+# -- reading ------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise ValueError(f"data file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"data must be a file, got a directory: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"data file {path} is not UTF-8 text (undecodable byte at offset {exc.start})"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"data file {path} looks binary (contains NUL bytes), expected text")
+    return text
+
+
+def _pick_columns(
+    keys: Sequence[str], text_column: str | None, pair_column: str | None, where: str
+) -> tuple[str, str | None]:
+    if text_column is not None:
+        if text_column not in keys:
+            raise ValueError(f"text_column {text_column!r} not found in {where}; has {list(keys)}")
+        if pair_column is not None and pair_column not in keys:
+            raise ValueError(
+                f"text_pair_column {pair_column!r} not found in {where}; has {list(keys)}"
+            )
+        return text_column, pair_column
+    for a, b in PAIR_COLUMNS:
+        if a in keys and b in keys:
+            return a, b
+    for a in TEXT_COLUMNS:
+        if a in keys:
+            return a, None
+    if len(keys) == 1:
+        return keys[0], None
+    raise ValueError(
+        f"cannot tell which field of {where} holds the text (has {list(keys)}); "
+        "pass text_column= (and text_pair_column= for pairs)"
+    )
+
+
+def _rows_to_texts(
+    rows: list[dict], text_column: str | None, pair_column: str | None, where: str
+) -> Texts:
+    if not rows:
+        return []
+    a, b = _pick_columns(list(rows[0].keys()), text_column, pair_column, where)
+    out: list = []
+    for row in rows:
+        x = row.get(a)
+        if x is None or str(x).strip() == "":
+            continue
+        if b is None:
+            out.append(str(x))
+        else:
+            y = row.get(b)
+            out.append((str(x), "" if y is None else str(y)))
+    return out
+
+
+def read_texts(
+    path: str | os.PathLike, text_column: str | None = None, text_pair_column: str | None = None
+) -> Texts:
+    """Texts (or pairs) from a .txt / .jsonl / .json / .csv / .tsv file."""
+    p = Path(path)
+    text = _read_text(p)
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"data file {p}: line {lineno} is not JSON ({exc.msg})") from None
+            if isinstance(obj, str):
+                obj = {"text": obj}
+            if not isinstance(obj, dict):
+                raise ValueError(f"data file {p}: line {lineno} is not a JSON object")
+            rows.append(obj)
+        texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = list(reader)
+        if reader.fieldnames is None:
+            rows = []
+        texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
+    else:
+        texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"data file {p} contains no text")
+    return texts
+
+
+# -- sampling + tokenizing ----------------------------------------------------------------
+def _draw(n_items: int, samples: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n_items, generator=gen)
+    return perm[: min(samples, n_items)]
+
+
+def _as_long_2d(name: str, value: object) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"data[{name!r}] must be a non-empty 2-D (N, T) array")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"data[{name!r}] must hold integers, got {t.dtype}")
+    return t.long().cpu()
+
+
+def _pretokenized(data: dict, samples: int, seed: int) -> TokenizedSample:
+    if "input_ids" not in data:
+        raise ValueError("pre-tokenized data must have an 'input_ids' entry")
+    ids = _as_long_2d("input_ids", data["input_ids"])
+    mask = (
+        _as_long_2d("attention_mask", data["attention_mask"])
+        if data.get("attention_mask") is not None
+        else torch.ones_like(ids)
+    )
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"data['attention_mask'] shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}"
+        )
+    tt = None
+    if data.get("token_type_ids") is not None:
+        tt = _as_long_2d("token_type_ids", data["token_type_ids"])
+        if tt.shape != ids.shape:
+            raise ValueError("data['token_type_ids'] must have the shape of input_ids")
+    idx = _draw(ids.shape[0], samples, seed)
+    return TokenizedSample(ids[idx], mask[idx], tt[idx] if tt is not None else None)
+
+
+def _check_texts(data: list) -> Texts:
+    if not data:
+        raise ValueError("data is empty: pass unlabeled texts (list of str or of pairs)")
+    if all(isinstance(x, str) for x in data):
+        return data
+    if all(
+        isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x)
+        for x in data
+    ):
+        return [tuple(x) for x in data]  # type: ignore[misc]
+    raise TypeError("data as a list must hold only str, or only (str, str) pairs")
+
+
+def prepare_sample(
+    data: object,
+    tokenizer: object | None,
+    *,
+    samples: int = 2048,
+    max_length: int = 128,
+    seed: int = 0,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+) -> TokenizedSample:
+    """Draw and tokenize the unlabeled sample (see module docstring for ``data``)."""
+    if isinstance(data, Mapping):  # dict or a tokenizer's BatchEncoding
+        return _pretokenized(dict(data), samples, seed)
+    if isinstance(data, (str, os.PathLike)):
+        texts = read_texts(data, text_column, text_pair_column)
+    elif isinstance(data, (list, tuple)):
+        texts = _check_texts(list(data))
+    else:
+        raise TypeError(
+            "data must be a list of texts, a list of (text, text) pairs, a file path or a "
+            f"pre-tokenized dict, got {type(data).__name__}"
+        )
+    if tokenizer is None:
+        raise ValueError(
+            "a tokenizer is needed for text data: pass tokenizer= (or pre-tokenized data)"
+        )
+    idx = _draw(len(texts), samples, seed).tolist()
+    chosen = [texts[i] for i in idx]
+    kwargs = dict(truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    if isinstance(chosen[0], tuple):
+        enc = tokenizer([a for a, _ in chosen], [b for _, b in chosen], **kwargs)  # type: ignore[operator]
+    else:
+        enc = tokenizer(chosen, **kwargs)  # type: ignore[operator]
+    tt = enc.get("token_type_ids")
+    return TokenizedSample(
+        enc["input_ids"].long(), enc["attention_mask"].long(), tt.long() if tt is not None else None
+    )

@@ -1,0 +1,180 @@
+"""Saving a pruned model (atomically) and loading it back in one call.
+
+A save directory holds: ``config.json`` (with ``kcm_intermediate_sizes``, the FFN size of every
+layer, and the architecture), ``model.safetensors``, the tokenizer files when a tokenizer is
+known, and ``kcm_report.json``. It is written to a temporary sibling directory and renamed into
+place, so a crash never leaves a half-written model at ``path``.
+
+By default (``padded=True``) every layer's FFN is stored zero-padded to the widest kept layer
+(zero W1 rows, b1 entries and W2 columns: the padding neurons contribute exactly nothing) and
+the config's own FFN-size field is that width, so plain ``AutoModelFor*.from_pretrained(path)``
+also loads it, without kcm_cuda, giving the same outputs (but the FLOPs of the widest layer
+in every layer). ``load_pruned(path)`` strips the padding using ``kcm_intermediate_sizes`` and
+returns the physically pruned model. With ``padded=False`` each layer is stored at its own
+size (smallest files); then only ``load_pruned`` can load it (plain ``from_pretrained`` raises
+a size-mismatch error).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kcm_cuda.pruning.adapters import get_adapter
+from kcm_cuda.pruning.physical import SIZES_FIELD, record_sizes
+
+REPORT_NAME = "kcm_report.json"
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: object | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    padded: bool = True,
+) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    target = Path(path).expanduser()
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"output path {target} already exists; pass overwrite=True (CLI: --overwrite)"
+        )
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output path {target} exists and is not a directory")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create output directory {parent}: {exc.strerror or exc}") from None
+    adapter = get_adapter(model)
+    sizes = record_sizes(model, adapter)
+    if padded and len(set(sizes)) > 1:
+        model = copy.deepcopy(model)
+        for block in adapter.layers(model):
+            adapter.pad_ffn(block, max(sizes))
+        setattr(model.config, SIZES_FIELD, sizes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2, default=_json_default)
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.replace(target, trash / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = path / "model.safetensors"
+    if single.exists():
+        return load_file(str(single))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(str(path / name)))
+        return state
+    raise ValueError(f"{path} holds no model.safetensors: not a saved pruned model")
+
+
+def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """The pruned model saved at ``path`` (eval mode, on ``device`` or the CPU)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    import transformers
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"pruned model directory not found: {p}")
+    if not os.access(p, os.R_OK | os.X_OK) or not (p / "config.json").is_file():
+        raise ValueError(f"{p} is not a readable saved model (no readable config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the model config in {p}: {exc}") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(f"config.json in {p} names no known architecture ({archs})")
+    model = cls(config)
+    adapter = get_adapter(model)
+    sizes = getattr(config, SIZES_FIELD, None)
+    blocks = adapter.layers(model)
+    if sizes is not None and len(sizes) != len(blocks):
+        raise ValueError(f"{SIZES_FIELD} has {len(sizes)} entries for {len(blocks)} layers")
+    state = _load_state_dict(p)
+    names = {id(mod): name for name, mod in model.named_modules()}
+    stored = []
+    for block in blocks:
+        key = names[id(adapter.w1(block))] + ".weight"
+        if key not in state:
+            raise ValueError(f"weights in {p} lack {key}: not a model of this architecture")
+        n = int(state[key].shape[0])
+        stored.append(n)
+        if adapter.w1(block).out_features != n:
+            adapter.resize_ffn(block, n)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    real_missing = [k for k in missing if k not in tied and not _buffer_name(model, k)]
+    if unexpected or real_missing:
+        raise ValueError(
+            f"weights in {p} do not match the architecture: missing {real_missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if sizes is not None:  # strip the zero padding
+        for i, (block, n, have) in enumerate(zip(blocks, sizes, stored, strict=True)):
+            n = int(n)
+            if n > have:
+                raise ValueError(f"layer {i}: {SIZES_FIELD} says {n} neurons, stored {have}")
+            if n < have:
+                w1, w2 = adapter.w1(block), adapter.w2(block)
+                with torch.no_grad():
+                    pad_used = w1.weight[n:].abs().sum() + w2.weight[:, n:].abs().sum()
+                if float(pad_used) != 0.0:
+                    raise ValueError(f"layer {i}: the padding neurons in {p} are not zero")
+                adapter.shrink_ffn(block, torch.arange(n))
+    record_sizes(model, adapter)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _buffer_name(model: nn.Module, key: str) -> bool:
+    return key in dict(model.named_buffers())

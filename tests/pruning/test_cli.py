@@ -1,0 +1,190 @@
+"""kcm-prune end to end on a saved tiny model, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kcm_cuda.cli import main
+from kcm_cuda.pruning import load_pruned
+
+
+@pytest.fixture
+def model_dir(tmp_path, builders, tokenizer):
+    d = tmp_path / "model"
+    builders["distilbert"]("seqcls", vocab_size=tokenizer.vocab_size).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def data_file(tmp_path, sentences):
+    f = tmp_path / "unlabeled.txt"
+    f.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    return f
+
+
+def test_cli_end_to_end(tmp_path, model_dir, data_file, capsys, sentences, tokenizer):
+    out = tmp_path / "pruned"
+    argv = [
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--flops",
+        "0.7",
+        "--output",
+        str(out),
+        "--samples",
+        "128",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "layer" in stdout and "saved to" in stdout
+    model = load_pruned(out)
+    report = json.loads((out / "kcm_report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.7
+    assert report["source_model"] == str(model_dir)
+    enc = tokenizer(sentences[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert logits.shape == (3, 2)
+    # second run: output exists → one-line error, exit 2; --overwrite works
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert main([*argv, "--overwrite", "--method", "d2", "--no-scale"]) == 0
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("kcm-prune: error: ")
+    return last
+
+
+@pytest.mark.parametrize(
+    "flops,match", [("0", "flops"), ("1.5", "flops"), ("nan", "flops"), ("0.1", "attention floor")]
+)
+def test_cli_bad_flops(tmp_path, model_dir, data_file, capsys, flops, match):
+    argv = [
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--flops",
+        flops,
+        "--output",
+        str(tmp_path / "o"),
+        "--quiet",
+    ]
+    assert main(argv) == 2
+    assert match in _err(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_inputs(tmp_path, model_dir, data_file, capsys, monkeypatch):
+    out = str(tmp_path / "o")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert main([str(model_dir), "--data", str(empty), "--flops", "0.7", "--output", out]) == 2
+    assert "no text" in _err(capsys)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81garbage")
+    assert main([str(model_dir), "--data", str(binary), "--flops", "0.7", "--output", out]) == 2
+    assert "UTF-8" in _err(capsys)
+    assert (
+        main([str(model_dir), "--data", str(tmp_path / "x.txt"), "--flops", "0.7", "--output", out])
+        == 2
+    )
+    assert "not found" in _err(capsys)
+    # missing local directory
+    assert (
+        main(
+            [str(tmp_path / "nomodel"), "--data", str(data_file), "--flops", "0.7", "--output", out]
+        )
+        == 2
+    )
+    assert "not found" in _err(capsys)
+    # hub name while offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (
+        main(
+            [
+                "someone/not-a-cached-model-xyz",
+                "--data",
+                str(data_file),
+                "--flops",
+                "0.7",
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "HF_HUB_OFFLINE" in _err(capsys)
+    # a directory that is not a model, and one that cannot be read
+    (tmp_path / "notamodel").mkdir()
+    assert (
+        main(
+            [
+                str(tmp_path / "notamodel"),
+                "--data",
+                str(data_file),
+                "--flops",
+                "0.7",
+                "--output",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "config.json" in _err(capsys)
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(model_dir) else real_access(p, mode)
+    )
+    assert main([str(model_dir), "--data", str(data_file), "--flops", "0.7", "--output", out]) == 2
+    assert "not readable" in _err(capsys)
+
+
+def test_cli_unsupported_architecture(tmp_path, data_file, capsys, tokenizer):
+    import transformers
+
+    d = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=tokenizer.vocab_size)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    assert (
+        main([str(d), "--data", str(data_file), "--flops", "0.7", "--output", str(tmp_path / "o")])
+        == 2
+    )
+    assert "GPT2LMHeadModel" in _err(capsys)
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for opt in (
+        "--data",
+        "--flops",
+        "--output",
+        "--method",
+        "--samples",
+        "--max-length",
+        "--seed",
+        "--backend",
+        "--device",
+        "--no-scale",
+        "--overwrite",
+    ):
+        assert opt in out
