@@ -54,24 +54,29 @@ def rbf_kernel(
     x: torch.Tensor, y: torch.Tensor | None, sigma: float, precision: str
 ) -> torch.Tensor:
     xf = x.float()
-    yf = xf if y is None else y.float()
     x_sq = (xf * xf).sum(1)
-    y_sq = x_sq if y is None else (yf * yf).sum(1)
-    dot = matmul(xf, yf.t(), precision)
-    sq_dist = (x_sq[:, None] + y_sq[None, :] - 2.0 * dot).clamp_min_(0.0)
-    K = torch.exp(sq_dist * (-0.5 / (sigma * sigma)))
     if y is None:
-        # BLAS need not give an exactly symmetric x x^T: mirror the upper triangle.
-        K = torch.triu(K, 1)
-        K = K + K.t()
+        # dot + dot^T is exactly symmetric (float addition commutes) even where BLAS is not.
+        dot = matmul(xf, xf.t(), precision)
+        two_dot = dot.add_(dot.t().clone())
+        y_sq = x_sq
+    else:
+        yf = y.float()
+        y_sq = (yf * yf).sum(1)
+        two_dot = matmul(xf, yf.t(), precision).mul_(2.0)
+    # |x_i|^2 + |y_j|^2 first: that sum is symmetric too, so K stays exactly symmetric.
+    K = (x_sq[:, None] + y_sq[None, :]).sub_(two_dot).clamp_min_(0.0)
+    del two_dot
+    K = K.mul_(-0.5 / (sigma * sigma)).exp_()
+    if y is None:
         K.diagonal().fill_(1.0)
-    return K.contiguous()
+    return K
 
 
 def convex_update(K: torch.Tensor, C: torch.Tensor, precision: str):
     KC = matmul(K, C, precision)
-    positive = KC > 0
-    C_new = torch.where(positive, C * torch.sqrt(K / torch.where(positive, KC, 1.0)), 0.0)
-    delta = (C_new - C).abs().sum((-2, -1))
+    zero = KC <= 0
+    C_new = torch.div(K, KC.masked_fill_(zero, 1.0)).sqrt_().mul_(C).masked_fill_(zero, 0.0)
+    delta = (C_new - C).abs_().sum((-2, -1))
     mass = C.abs().sum((-2, -1))
     return C_new, delta, mass
