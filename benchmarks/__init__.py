@@ -1,0 +1,1 @@
+"""Benchmark harness and performance-regression suite of kcm_cuda (see benchmarks/README.md)."""
