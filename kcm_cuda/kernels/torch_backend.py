@@ -8,6 +8,8 @@ to nearest), so the error of each mode can be measured on any machine.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -19,14 +21,21 @@ def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     return rounded.view(torch.float32)
 
 
+@contextlib.contextmanager
+def _cuda_tf32(enabled: bool):
+    """Pin cuBLAS's TF32 switch for the products inside, restoring the user's setting."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def _tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with _cuda_tf32(True):
             return torch.matmul(a, b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
     # Products of two 11-bit mantissas are exact in float32: an fp32 matmul of the rounded
     # inputs is what a TF32 tensor core computes (up to the order of accumulation).
     return torch.matmul(round_to_tf32(a), round_to_tf32(b))
@@ -41,12 +50,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
         a_lo, b_lo = a - a_hi, b - b_hi
         return _tf32_product(a_hi, b_lo) + _tf32_product(a_lo, b_hi) + _tf32_product(a_hi, b_hi)
     if a.is_cuda:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
+        with _cuda_tf32(False):
             return torch.matmul(a, b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
     return torch.matmul(a, b)
 
 
