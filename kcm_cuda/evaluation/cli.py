@@ -1,0 +1,270 @@
+"""``kcm-eval``: the accuracy evaluation of KCM pruning (the project's main job).
+
+With no arguments: the packaged all-MiniLM-L6-v2 fine-tuned on the VADER movie-review snippets
+(binary sentiment), pruned at several FLOPs budgets by KCM and the baselines, scored on the
+whole test split; writes report.json, report.md and accuracy_vs_flops.png to --output.
+
+Profiles (explicit flags override them):
+  cpu   (default without a GPU) fits `make run` in 15 minutes on 2 cores: full fine-tune for
+        2 epochs (a 6-minute guard), budgets 0.7 0.6, all five methods without Scale and
+        kcm with Scale, 3 seeds of 512 unlabeled sentences, and an 11.5-minute guard on the
+        whole run (no seed round is started that would end past it; the report says so).
+  full  (default with a GPU) the paper's protocol: full fine-tune, budgets 0.8 0.7 0.6 0.5,
+        all methods with and without Scale, 10 seeds of 2048 sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["build_parser", "main"]
+
+PROFILES = {
+    "cpu": {
+        "budgets": (0.7, 0.6),
+        "methods": ("kcm", "kcm:scale=on", "d2", "r2", "magnitude", "random"),
+        "scale": "off",
+        "seeds": 3,
+        "samples": 512,
+        "finetune": "full",
+        "epochs": 2,
+        "finetune_budget": 6.0,
+        "time_limit": 11.5,
+    },
+    "full": {
+        "budgets": (0.8, 0.7, 0.6, 0.5),
+        "methods": ("kcm", "d2", "r2", "magnitude", "random"),
+        "scale": "both",
+        "seeds": 10,
+        "samples": 2048,
+        "finetune": "full",
+        "epochs": 4,
+        "finetune_budget": None,
+        "time_limit": None,
+    },
+}
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    out = []
+    for part in text.replace(",", " ").split():
+        try:
+            c = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"budget {part!r} is not a number") from None
+        if not 0 < c <= 1:
+            raise argparse.ArgumentTypeError(
+                f"budget {c:g} is outside (0, 1]: a budget is the fraction of FLOPs kept"
+            )
+        out.append(c)
+    if not out:
+        raise argparse.ArgumentTypeError("no budgets given")
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kcm-eval",
+        description="Accuracy of KCM pruning vs baselines on a fine-tuned model "
+        "(default: all-MiniLM-L6-v2 on the VADER movie-review snippets).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    p.add_argument(
+        "--task",
+        default="vader-movie",
+        help="vader-movie (default), vader-movie-rating, glue/<name> (needs the "
+        "`datasets` package and a network), or file:PATH",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a local labelled .tsv/.csv/.jsonl (columns --text-column, "
+        "--label-column): hash-split 60/20/20, overrides --task",
+    )
+    p.add_argument("--text-column", default="sentence")
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--regression", action="store_true", help="--data labels are real numbers")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory or hub name (BERT/DistilBERT); default: the packaged "
+        "all-MiniLM-L6-v2",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("auto", "cpu", "full"),
+        default="auto",
+        help="auto: full with a GPU, cpu otherwise",
+    )
+    p.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=None,
+        help="FLOPs fractions kept, e.g. '0.8,0.7,0.6,0.5'",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="kcm r2 d2 magnitude random; variants as name:key=value,key=value, any prune() "
+        "option (e.g. kcm:merge=weighted,r2_weight=0.25); scale=on|off pins Scale for that "
+        "method whatever --scale says",
+    )
+    p.add_argument(
+        "--scale", choices=("off", "on", "both"), default=None, help="cpu: off, full: both"
+    )
+    p.add_argument("--seeds", type=int, default=None, help="unlabeled samples per cell")
+    p.add_argument("--samples", type=int, default=None, help="pool sentences per sample")
+    p.add_argument(
+        "--prune-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to every prune() call (e.g. scale_lambda=0.1)",
+    )
+    p.add_argument("--finetune", default=None, help="auto | full | head | top:K")
+    p.add_argument("--epochs", type=int, default=None, help="cpu profile: 2, full: 4")
+    p.add_argument(
+        "--finetune-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="no fine-tune epoch is started that would end past it (cpu profile: 6; 0: none)",
+    )
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--finetune-seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None, help="default $KCM_CUDA_CACHE or ~/.cache/kcm_cuda")
+    p.add_argument("--output", default="out/accuracy", help="report directory")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="wall-clock guard on the whole run: no seed round is started that would end "
+        "past it (cpu profile: 11.5; 0: no limit)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="fine-tune again, do not cache")
+    p.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="also write predictions.npz (every run's test logits) for paired analyses",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from kcm_cuda.evaluation.finetune import FinetuneSettings, resolve_mode
+    from kcm_cuda.evaluation.runner import GridConfig, parse_method, resolve_device
+    from kcm_cuda.evaluation.runner import _parse_value as parse_value
+
+    dev = resolve_device(args.device)
+    profile = args.profile
+    if profile == "auto":
+        profile = "full" if dev.type == "cuda" else "cpu"
+    prof = PROFILES[profile]
+    methods = tuple(args.methods) if args.methods else prof["methods"]
+    for m in methods:
+        parse_method(m)
+    scale = args.scale or prof["scale"]
+    scales = {"off": (False,), "on": (True,), "both": (False, True)}[scale]
+    opts = {}
+    for item in args.prune_option:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--prune-option {item!r} is not KEY=VALUE")
+        opts[k.strip()] = parse_value(v.strip())
+    ft_mode = args.finetune or prof["finetune"]
+    if args.finetune is None and profile == "full" and dev.type != "cuda":
+        ft_mode = "auto"
+    resolve_mode(ft_mode, dev)
+    limit = args.time_limit if args.time_limit is not None else prof["time_limit"]
+    ft_budget = args.finetune_budget
+    if ft_budget is None:
+        ft_budget = prof["finetune_budget"]
+    ft = FinetuneSettings(
+        mode=ft_mode,
+        seed=args.finetune_seed,
+        epochs=args.epochs if args.epochs is not None else prof["epochs"],
+        lr=args.lr,
+        max_length=args.max_length,
+        time_budget_s=60.0 * ft_budget if ft_budget else None,
+    )
+    return GridConfig(
+        task=args.task,
+        model=args.model,
+        budgets=args.budgets or prof["budgets"],
+        methods=methods,
+        scales=scales,
+        seeds=args.seeds if args.seeds is not None else prof["seeds"],
+        samples=args.samples if args.samples is not None else prof["samples"],
+        max_length=args.max_length,
+        device=str(dev),
+        cache_dir=args.cache_dir,
+        output=args.output,
+        finetune=ft,
+        prune_options=opts,
+        time_limit_s=None if not limit else 60.0 * limit,
+        profile=profile,
+        save_predictions=args.save_predictions,
+        use_cache=not args.no_cache,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from kcm_cuda.evaluation.datasets import task_from_file
+    from kcm_cuda.evaluation.report import write_report
+    from kcm_cuda.evaluation.runner import run_grid
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        config = config_from_args(args)
+        config.validate()
+        task = None
+        if args.data:
+            task = task_from_file(
+                args.data,
+                kind="regression" if args.regression else "classification",
+                text_column=args.text_column,
+                text_pair_column=args.text_pair_column,
+                label_column=args.label_column,
+            )
+        t0 = time.perf_counter()
+        log(
+            f"kcm-eval: profile {config.profile}, device {config.device}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
+        report = run_grid(config, task=task, log=log)
+        paths = write_report(report, config.output)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"kcm-eval: error: {e}", file=sys.stderr)
+        return 2
+    from kcm_cuda.evaluation.report import format_markdown
+
+    md = format_markdown(report)
+    tables = md.split("\n## ", 1)
+    if len(tables) > 1:
+        print("\n## " + tables[1].split("![")[0].rstrip())
+    log(f"\ndone in {time.perf_counter() - t0:.0f}s; report: {paths['md'].resolve()}")
+    log(f"  {paths['json'].resolve()}\n  {paths['png'].resolve()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

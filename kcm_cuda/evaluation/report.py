@@ -1,0 +1,259 @@
+"""report.json + report.md + accuracy_vs_flops.png from the runner's report dict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["format_markdown", "plot", "write_report"]
+
+METHOD_ORDER = ("random", "magnitude", "r2", "d2", "kcm")
+PRIMARY = {"classification": ("accuracy", "roc_auc"), "regression": ("pearson", "spearman")}
+NAMES = {
+    "accuracy": "accuracy",
+    "roc_auc": "ROC-AUC",
+    "positive_rate": "pos. rate",
+    "pearson": "Pearson",
+    "spearman": "Spearman",
+    "mse": "MSE",
+}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def _clean(x):
+    """NaN / Inf → None so that report.json is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _sort_key(row: dict):
+    base = row["method"].split(":")[0]
+    order = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (order, row["method"], row["scale"])
+
+
+def _pm(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
+        return "n/a"
+    m = stat["mean"] * scale
+    se = stat.get("stderr") or 0.0
+    if stat.get("n", 1) > 1:
+        return f"{m:.{digits}f} ± {se * scale:.{digits}f}"
+    return f"{m:.{digits}f}"
+
+
+def format_markdown(report: dict) -> str:
+    kind = report["task"]["kind"]
+    metrics = report["metrics"]
+    dense = report["dense"]
+    cfg = report["config"]
+    ft = report["finetune"]
+    env = report["environment"]
+    lines = [f"# {report['title']}", ""]
+    sizes = report["task"]["sizes"]
+    lines += [
+        f"- **Task**: `{report['task']['name']}` ({kind}); source: {report['task']['source']}",
+        f"- **Splits**: train {sizes['train']}, dev {sizes['dev']} (from train), unlabeled pool "
+        f"{sizes['pool']} (texts only), test {sizes['test']}; "
+        f"{report['task']['notes'].get('split', '')}",
+        f"- **Model**: {report['model']['name']}",
+        f"- **Fine-tune**: mode `{ft.get('mode')}`"
+        + (f", head L2 {ft['head_l2']:g}" if "head_l2" in ft else "")
+        + (f", best epoch {ft['best_epoch']}" if "best_epoch" in ft else "")
+        + f", converged: {ft.get('converged')} ({ft.get('convergence', '')})"
+        + (
+            f", calibrated: {ft.get('calibrated')} (dev positive-rate gap "
+            f"{100 * ft['calibration_gap']:.1f} pt)"
+            if "calibration_gap" in ft
+            else ""
+        )
+        + f", {ft.get('seconds', 0):.0f}s"
+        + (" (reused from cache)" if ft.get("cached") else ""),
+        f"- **Pruning grid**: budgets {cfg['budgets']}, methods {cfg['methods']}, Scale "
+        f"{['on' if s else 'off' for s in cfg['scales']]}, {cfg['seeds']} seed(s) (= unlabeled "
+        f"samples of {cfg['samples']} pool sentences), max length {cfg['max_length']}, "
+        f"profile `{cfg['profile']}`"
+        + (f", prune options {cfg['prune_options']}" if cfg.get("prune_options") else ""),
+        f"- **Device**: {env['device']}"
+        + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpu_count')} CPU cores")
+        + "; versions: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "- **Time**: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items()),
+        "",
+    ]
+    if report.get("stopped_early"):
+        lines += [f"> **Stopped early**: {report['stopped_early']}.", ""]
+    dense_bits = []
+    for name in metrics:
+        if name in dense:
+            scale = 100.0 if name in ("accuracy", "positive_rate") else 1.0
+            d = 1 if scale == 100.0 else 3
+            dense_bits.append(f"{NAMES[name]} {dense[name] * scale:.{d}f}")
+    if "true_positive_rate_of_labels" in dense:
+        dense_bits.append(f"true positive rate {100 * dense['true_positive_rate_of_labels']:.1f}")
+    if "accuracy_test_stderr" in dense:
+        dense_bits.append(
+            f"test-set standard error of an accuracy ≈ {100 * dense['accuracy_test_stderr']:.1f} pt"
+        )
+    lines += ["**Dense model** (test): " + ", ".join(dense_bits), ""]
+    lines += [
+        "Cells: mean ± standard error over seeds (n = seeds run; a single value has no ± ). "
+        "A difference below ~2 standard errors (of the seeds, and of the test set) is not a "
+        "difference. Drop = dense − mean, in points. Always compare with `random`. "
+        "Δacc vs X (paired): accuracy difference to method X (same budget, Scale off; `no "
+        "Scale`: the same method without Scale) with the standard error of the difference "
+        "paired over test sentences (the test-set noise both share cancels; seeds are averaged "
+        "first).",
+        "",
+    ]
+    by_budget: dict = {}
+    for row in report["summary"]:
+        by_budget.setdefault(row["budget"], []).append(row)
+    for c in sorted(by_budget, reverse=True):
+        rows = sorted(by_budget[c], key=_sort_key)
+        lines.append(f"## FLOPs budget c = {c:g}")
+        lines.append("")
+        head = ["method", "Scale", "FLOPs kept"]
+        for name in metrics:
+            head.append(NAMES[name])
+            if name in ("accuracy", "pearson", "spearman", "roc_auc"):
+                head.append("drop")
+        refs = [
+            ref
+            for ref in ("random", "d2", "no Scale")
+            if any(ref in (r.get("paired_accuracy_diff") or {}) for r in rows)
+        ]
+        head += [f"Δacc vs {ref} (paired)" for ref in refs]
+        head += ["n", "prune s"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        dense_row = ["**dense**", "", "1.000"]
+        for name in metrics:
+            scale = 100.0 if name in ("accuracy", "positive_rate") else 1.0
+            d = 1 if scale == 100.0 else 3
+            dense_row.append(f"{dense[name] * scale:.{d}f}" if name in dense else "")
+            if name in ("accuracy", "pearson", "spearman", "roc_auc"):
+                dense_row.append("")
+        dense_row += [""] * (len(refs) + 2)
+        lines.append("| " + " | ".join(dense_row) + " |")
+        for row in rows:
+            cells = [
+                f"`{row['method']}`",
+                "on" if row["scale"] else "off",
+                f"{row['flops_ratio']:.3f}" if row.get("flops_ratio") else "?",
+            ]
+            for name in metrics:
+                scale = 100.0 if name in ("accuracy", "positive_rate") else 1.0
+                d = 1 if scale == 100.0 else 3
+                cells.append(_pm(row.get(name), scale, d))
+                if name in ("accuracy", "pearson", "spearman", "roc_auc"):
+                    drop = (row.get(name) or {}).get("drop_vs_dense")
+                    cells.append(
+                        f"{drop * scale:+.{d}f}" if drop is not None and math.isfinite(drop) else ""
+                    )
+            for ref in refs:
+                pd = (row.get("paired_accuracy_diff") or {}).get(ref)
+                cells.append(f"{100 * pd['diff']:+.1f} ± {100 * pd['stderr']:.1f}" if pd else "")
+            cells.append(
+                str(row["n_seeds"])
+                + (
+                    ""
+                    if not row["identical_masks_across_seeds"] or row["n_seeds"] == 1
+                    else " (same mask)"
+                )
+            )
+            cells.append(f"{row['prune_seconds']['mean']:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = report["task"]["kind"]
+    panels = [m for m in PRIMARY[kind] if m in report["metrics"]] or report["metrics"][:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.4), squeeze=False)
+    series: dict = {}
+    for row in report["summary"]:
+        series.setdefault((row["method"], row["scale"]), []).append(row)
+    dense = report["dense"]
+    for ax, name in zip(axes[0], panels, strict=False):
+        scale = 100.0 if name == "accuracy" else 1.0
+        for (method, sc), rows in sorted(series.items(), key=lambda kv: _sort_key(kv[1][0])):
+            rows = sorted(rows, key=lambda r: r["budget"])
+            xs = [r["flops_ratio"] or r["budget"] for r in rows]
+            ys = [(r[name]["mean"] or float("nan")) * scale for r in rows]
+            es = [(r[name]["stderr"] or 0.0) * scale for r in rows]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                marker="o",
+                capsize=3,
+                linestyle="--" if sc else "-",
+                label=f"{method}" + (" + Scale" if sc else ""),
+            )
+        if name in dense:
+            ax.axhline(
+                dense[name] * scale, color="black", linewidth=1, linestyle=":", label="dense"
+            )
+        ax.set_xlabel("FLOPs kept (fraction of dense)")
+        ax.set_ylabel(NAMES[name] + (" (%)" if scale == 100.0 else ""))
+        ax.set_title(f"{NAMES[name]} vs FLOPs (mean ± s.e. over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(report["title"], fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, outdir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md and accuracy_vs_flops.png into ``outdir``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = _clean(json.loads(json.dumps(report, default=_json_default)))
+    paths = {
+        "json": out / "report.json",
+        "md": out / "report.md",
+        "png": out / "accuracy_vs_flops.png",
+    }
+    _atomic_write(paths["json"], json.dumps(clean, indent=2, allow_nan=False).encode())
+    _atomic_write(paths["md"], format_markdown(clean).encode())
+    plot(clean, paths["png"])
+    return paths

@@ -1,0 +1,637 @@
+"""The evaluation grid: fine-tune once, then prune at every (budget, method, Scale, seed) and
+score the pruned model on the whole test split.
+
+Seeds change the unlabeled sample the pruner draws from the pool (as in the paper: results
+averaged over seeds). The loop runs seed-major (all cells for seed 0, then seed 1, ...), and a
+time limit (on the whole run, fine-tune included) is checked before each seed round against the
+duration of the previous round: when reached it leaves every cell with fewer seeds instead of
+leaving cells empty.
+
+Work reused across runs:
+  * the test split is tokenised once into length-sorted padded batches;
+  * the fine-tuned model is cached on disk (finetune.py);
+  * R2 scores (weights only) and D2 activation statistics (weights + sample) are memoised by
+    content for the duration of the grid: the same model and the same sample give the same
+    numbers, so budgets and methods sharing them pay for them once (``score_memo``);
+  * a pruned model identical to one already scored (same masks and scales) is not scored
+    again (its metrics are copied and the run says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from kcm_cuda.evaluation.datasets import TaskData, default_cache_dir, get_task
+from kcm_cuda.evaluation.finetune import FinetuneSettings, finetune, resolve_mode, split_metrics
+from kcm_cuda.evaluation.metrics import mean_std_stderr
+from kcm_cuda.evaluation.modeling import SentenceClassifier, predict, resolve_model_path, tokenize
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "GridConfig",
+    "MethodSpec",
+    "cpu_defaults",
+    "parse_method",
+    "run_grid",
+    "score_memo",
+]
+
+DEFAULT_BUDGETS = (0.8, 0.7, 0.6, 0.5)
+ALL_METHODS = ("kcm", "r2", "d2", "magnitude", "random")
+BASE_METHODS = ALL_METHODS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its variant options, written ``name`` or ``name:key=value,key=value``
+    (e.g. ``kcm:merge=weighted,r2_weight=0.25``, ``d2:d2_mode=energy``)."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+
+def _parse_value(v: str) -> object:
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def parse_method(spec: str | MethodSpec) -> MethodSpec:
+    if isinstance(spec, MethodSpec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"method must be a non-empty string, got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    if name not in BASE_METHODS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {list(BASE_METHODS)}")
+    opts = []
+    if rest:
+        for item in rest.split(","):
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+            opts.append((k.strip(), _parse_value(v.strip())))
+    return MethodSpec(name, tuple(opts))
+
+
+@dataclass
+class GridConfig:
+    task: str = "vader-movie"
+    model: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    methods: tuple[str, ...] = ALL_METHODS
+    scales: tuple[bool, ...] = (False, True)
+    seeds: int = 10
+    samples: int = 2048
+    max_length: int = 128
+    device: str = "auto"
+    cache_dir: str | None = None
+    output: str = "out/accuracy"
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    prune_options: dict = field(default_factory=dict)  # passed to every prune() call
+    # wall-clock budget of the whole run_grid (fine-tune included): no seed round is started
+    # that would end past it, and no run is started once it has passed
+    time_limit_s: float | None = None
+    profile: str = "custom"
+    save_predictions: bool = False  # write <output>/predictions.npz (per-run test logits)
+    use_cache: bool = True  # reuse / store the fine-tuned model in <cache_dir>/finetuned
+    eval_batch_size: int = 128
+
+    def validate(self) -> None:
+        if not self.budgets:
+            raise ValueError("budgets must not be empty")
+        for c in self.budgets:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+                raise ValueError(f"every budget must be a FLOPs fraction in (0, 1], got {c!r}")
+        if not self.methods:
+            raise ValueError("methods must not be empty")
+        _cells(self.budgets, [parse_method(m) for m in self.methods], self.scales or (False,))
+        if not self.scales or any(not isinstance(s, bool) for s in self.scales):
+            raise ValueError(f"scales must be a non-empty tuple of booleans, got {self.scales!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time limit must be > 0, got {self.time_limit_s!r}")
+
+
+def cpu_defaults() -> dict:
+    """The grid that fits the 15-minute budget of `make run` on a 2-core CPU (see cli.py)."""
+    return {
+        "budgets": (0.7, 0.6),
+        "methods": ("kcm", "d2", "r2", "magnitude", "random"),
+        "scales": (False,),
+        "seeds": 3,
+        "samples": 512,
+    }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+# --- memoisation of the seed/budget-independent work of prune() ----------------------------------
+
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        _tensor_digest(h, p)
+    return h.hexdigest()
+
+
+def _key_part(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        h = hashlib.blake2b(digest_size=16)
+        _tensor_digest(h, x)
+        return "T" + h.hexdigest()
+    if isinstance(x, torch.nn.Module):
+        return "M" + _model_digest(x)
+    if hasattr(x, "input_ids") and hasattr(x, "attention_mask"):  # TokenizedSample
+        parts = [_key_part(x.input_ids), _key_part(x.attention_mask)]
+        tt = getattr(x, "token_type_ids", None)
+        parts.append(_key_part(tt) if tt is not None else "-")
+        return "S" + "|".join(parts)
+    if isinstance(x, (list, tuple)):
+        return "[" + ",".join(_key_part(v) for v in x) + "]"
+    if isinstance(x, dict):
+        return "{" + ",".join(f"{k}:{_key_part(v)}" for k, v in sorted(x.items())) + "}"
+    return type(x).__name__ + ":" + repr(x)
+
+
+@contextlib.contextmanager
+def score_memo(stats: dict | None = None):
+    """Within the block, kcm_cuda.pruning's R2 scores and D2 activation statistics are
+    memoised by content (model weights, sample tokens, options): exact reuse, no
+    approximation. ``stats`` (if given) counts hits and misses."""
+    try:
+        from kcm_cuda.pruning import api
+    except ImportError:  # pragma: no cover - pruning layer missing
+        yield
+        return
+    stats = stats if stats is not None else {}
+    originals = {}
+    cache: dict[str, object] = {}
+
+    def wrap(name: str, fn: Callable):
+        def memoised(*args, **kwargs):
+            key = (
+                name
+                + _key_part(list(args))
+                + _key_part({k: v for k, v in kwargs.items() if k not in ("progress",)})
+            )
+            if key in cache:
+                stats[name + "_hits"] = stats.get(name + "_hits", 0) + 1
+                return copy.deepcopy(cache[key])
+            stats[name + "_misses"] = stats.get(name + "_misses", 0) + 1
+            out = fn(*args, **kwargs)
+            cache[key] = copy.deepcopy(out)
+            return out
+
+        return memoised
+
+    for name in ("r2_scores", "collect_activation_stats"):
+        fn = getattr(api, name, None)
+        if callable(fn):
+            originals[name] = fn
+            setattr(api, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(api, name, fn)
+
+
+# --- the grid ----------------------------------------------------------------------------------
+
+
+def _versions() -> dict:
+    import transformers
+
+    import kcm_cuda
+
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "kcm_cuda": getattr(kcm_cuda, "__version__", "?"),
+    }
+    return v
+
+
+def _device_info(dev: torch.device) -> dict:
+    info = {
+        "device": str(dev),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _masks_digest(result) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for i in sorted(result.masks):
+        _tensor_digest(h, result.masks[i].to(torch.bool))
+        s = result.scales.get(i)
+        if s is not None:
+            _tensor_digest(h, s.float())
+    return h.hexdigest()
+
+
+def _metric_names(task: TaskData) -> list[str]:
+    if task.kind == "regression":
+        return ["pearson", "spearman", "mse"]
+    if task.num_labels == 2:
+        return ["accuracy", "roc_auc", "positive_rate"]
+    return ["accuracy"]
+
+
+def run_grid(
+    config: GridConfig,
+    *,
+    task: TaskData | None = None,
+    prune_fn: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the whole evaluation and return the report dict (report.write_report saves it)."""
+    config.validate()
+    t_start = time.perf_counter()
+    dev = resolve_device(config.device)
+    methods = [parse_method(m) for m in config.methods]
+    if prune_fn is None:
+        from kcm_cuda.pruning import prune as prune_fn  # noqa: N813
+    cache_dir = default_cache_dir(config.cache_dir)
+
+    t0 = time.perf_counter()
+    if task is None:
+        task = get_task(config.task, cache_dir)
+    data_s = time.perf_counter() - t0
+    log(f"task {task.name}: " + ", ".join(f"{k} {v}" for k, v in task.sizes().items()))
+
+    model_path = resolve_model_path(config.model)
+    t0 = time.perf_counter()
+    clf, ft_info, tokenizer = finetune(
+        task,
+        model_path,
+        config.finetune,
+        device=dev,
+        cache_dir=cache_dir,
+        use_cache=config.use_cache,
+        log=log,
+    )
+    finetune_wall = time.perf_counter() - t0
+
+    test_texts = [e.text for e in task.test]
+    test_batches = tokenize(
+        tokenizer, test_texts, max_length=config.max_length, batch_size=config.eval_batch_size
+    ).to(dev)
+    clf.to(dev).eval()
+    t0 = time.perf_counter()
+    dense_logits = predict(clf, test_batches, dev)
+    dense_eval_s = time.perf_counter() - t0
+    dense = split_metrics(task, dense_logits, task.test)
+    n_test = len(task.test)
+    if "accuracy" in dense:
+        a = dense["accuracy"]
+        dense["accuracy_test_stderr"] = math.sqrt(a * (1 - a) / n_test)
+    log("dense: " + _fmt_metrics(dense) + f"  (test eval {dense_eval_s:.1f}s)")
+
+    encoder = clf.encoder
+    head = clf.head
+    pool = list(task.pool)
+    runs: list[dict] = []
+    scored: dict[str, dict] = {}
+    memo_stats: dict = {}
+    cells = _cells(config.budgets, methods, config.scales)
+    total_runs = len(cells) * config.seeds
+    grid_t0 = time.perf_counter()
+    stopped_early = None
+    done = 0
+    round_s = 0.0
+    with score_memo(memo_stats):
+        for seed in range(config.seeds):
+            round_t0 = time.perf_counter()
+            elapsed = round_t0 - t_start
+            if (
+                config.time_limit_s is not None
+                and seed > 0
+                and elapsed + round_s > config.time_limit_s
+            ):
+                stopped_early = (
+                    f"time limit {config.time_limit_s:.0f}s: after {elapsed:.0f}s, another seed "
+                    f"round (~{round_s:.0f}s) would exceed it; ran {seed} of {config.seeds} "
+                    f"seeds ({done} of {total_runs} runs)"
+                )
+                break
+            for c, m, s in cells:
+                elapsed = time.perf_counter() - t_start
+                if config.time_limit_s is not None and elapsed > config.time_limit_s:
+                    stopped_early = (
+                        f"time limit {config.time_limit_s:.0f}s reached inside seed {seed} "
+                        f"after {done} of {total_runs} runs"
+                    )
+                    break
+                done += 1
+                run = _one_run(
+                    prune_fn,
+                    encoder,
+                    head,
+                    task,
+                    pool,
+                    tokenizer,
+                    test_batches,
+                    dev,
+                    config,
+                    c,
+                    m,
+                    s,
+                    seed,
+                    scored,
+                )
+                runs.append(run)
+                log(
+                    f"[{done}/{total_runs}] c={c:g} {m.label} scale={'on' if s else 'off'} "
+                    f"seed={seed}: {_fmt_metrics(run['metrics'])} "
+                    f"(prune {run['prune_seconds']:.1f}s, eval {run['eval_seconds']:.1f}s"
+                    f"{', identical to an earlier run' if run.get('reused_eval') else ''})"
+                )
+            if stopped_early:
+                break
+            round_s = time.perf_counter() - round_t0
+            if seed == 0:  # the one-off R2 solve (memoised afterwards) is not a round's cost
+                r2_times = [(r.get("prune_timings_s") or {}).get("r2", 0.0) for r in runs]
+                round_s -= max(r2_times, default=0.0)
+    if stopped_early:
+        log("STOPPED EARLY: " + stopped_early)
+    grid_s = time.perf_counter() - grid_t0
+    summary = summarise(runs, dense, _metric_names(task))
+    predictions = None
+    if config.save_predictions:
+        os.makedirs(config.output, exist_ok=True)
+        predictions = os.path.join(config.output, "predictions.npz")
+        save_predictions(runs, dense_logits, predictions)
+    for r in runs:
+        r.pop("_correct", None)
+        r.pop("_logits", None)
+    report = {
+        "title": f"KCM pruning accuracy: {model_label(config.model)} on {task.name}",
+        "task": {
+            "name": task.name,
+            "kind": task.kind,
+            "num_labels": task.num_labels,
+            "sizes": task.sizes(),
+            "source": task.source,
+            "notes": task.notes,
+            "test_positive_rate": float(np.mean([int(e.label) == 1 for e in task.test]))
+            if task.kind == "classification"
+            else None,
+        },
+        "model": {"name": model_label(config.model), "path": str(model_path)},
+        "finetune": ft_info,
+        "dense": dense,
+        "config": {
+            "profile": config.profile,
+            "budgets": list(config.budgets),
+            "methods": [m.label for m in methods],
+            "scales": list(config.scales),
+            "seeds": config.seeds,
+            "samples": config.samples,
+            "max_length": config.max_length,
+            "prune_options": config.prune_options,
+            "finetune": asdict(config.finetune)
+            | {"resolved_mode": resolve_mode(config.finetune.mode, dev)},
+            "time_limit_s": config.time_limit_s,
+        },
+        "environment": _device_info(dev) | {"versions": _versions()},
+        "metrics": _metric_names(task),
+        "runs": runs,
+        "summary": summary,
+        "stopped_early": stopped_early,
+        "predictions_file": predictions,
+        "memo": memo_stats,
+        "timings_s": {
+            "data": data_s,
+            "finetune_wall": finetune_wall,
+            "dense_eval": dense_eval_s,
+            "grid": grid_s,
+            "total": time.perf_counter() - t_start,
+        },
+    }
+    return report
+
+
+def _cells(budgets, methods: list[MethodSpec], scales) -> list[tuple]:
+    """(budget, method, scale) cells. A method spec with its own ``scale=`` option (e.g.
+    ``kcm:scale=true``) runs with that value only, whatever the grid's scales are."""
+    out = []
+    for c in budgets:
+        for m in methods:
+            opts = dict(m.options)
+            if "scale" in opts:
+                fixed = opts.pop("scale")
+                fixed = {"on": True, "off": False}.get(fixed, fixed)
+                if not isinstance(fixed, bool):
+                    raise ValueError(f"method {m.label!r}: scale must be on/off or true/false")
+                base = MethodSpec(m.name, tuple(opts.items()))
+                if (c, base, fixed) not in out:
+                    out.append((c, base, fixed))
+                continue
+            for s in scales:
+                if (c, m, s) not in out:
+                    out.append((c, m, s))
+    return out
+
+
+def model_label(model: str | None) -> str:
+    return "all-MiniLM-L6-v2 (packaged)" if model in (None, "default") else str(model)
+
+
+def _one_run(
+    prune_fn,
+    encoder,
+    head,
+    task,
+    pool,
+    tokenizer,
+    test_batches,
+    dev,
+    config,
+    c,
+    m: MethodSpec,
+    s,
+    seed,
+    scored,
+) -> dict:
+    opts = dict(config.prune_options)
+    opts.update(dict(m.options))
+    t0 = time.perf_counter()
+    result = prune_fn(
+        encoder,
+        pool,
+        c,
+        method=m.name,
+        scale=s,
+        tokenizer=tokenizer,
+        samples=config.samples,
+        max_length=config.max_length,
+        seed=seed,
+        device=dev,
+        progress=False,
+        **opts,
+    )
+    prune_s = time.perf_counter() - t0
+    digest = _masks_digest(result)
+    rep = result.report or {}
+    run = {
+        "budget": c,
+        "method": m.label,
+        "base_method": m.name,
+        "options": dict(m.options),
+        "scale": s,
+        "seed": seed,
+        "prune_seconds": prune_s,
+        "prune_timings_s": rep.get("timings_s"),
+        "flops_ratio": (rep.get("flops") or {}).get("ratio"),
+        "kept_per_layer": rep.get("kept_per_layer"),
+        "r2_iterations": rep.get("r2_iterations"),
+        "mask_digest": digest,
+    }
+    if digest in scored:
+        run["metrics"] = dict(scored[digest][0])
+        run["_correct"] = scored[digest][1]
+        run["_logits"] = scored[digest][2]
+        run["eval_seconds"] = 0.0
+        run["reused_eval"] = True
+        return run
+    pruned = SentenceClassifier(result.model.to(dev), task.num_labels)
+    pruned.head = head
+    t0 = time.perf_counter()
+    logits = predict(pruned, test_batches, dev)
+    run["eval_seconds"] = time.perf_counter() - t0
+    run["metrics"] = split_metrics(task, logits, task.test)
+    if task.kind == "classification":
+        labels = np.array([int(e.label) for e in task.test])
+        run["_correct"] = logits.argmax(axis=1) == labels
+    run["_logits"] = logits
+    scored[digest] = (run["metrics"], run.get("_correct"), logits)
+    return run
+
+
+def summarise(runs: Sequence[dict], dense: dict, metric_names: Sequence[str]) -> list[dict]:
+    """One row per (budget, method, scale): mean / std / stderr of each metric over seeds,
+    the drop vs dense, mean prune time and FLOPs ratio."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["budget"], r["method"], r["scale"]), []).append(r)
+    rows = []
+    for (c, m, s), rs in groups.items():
+        row = {"budget": c, "method": m, "scale": s, "n_seeds": len(rs)}
+        for name in metric_names:
+            vals = [r["metrics"].get(name, float("nan")) for r in rs]
+            row[name] = mean_std_stderr(vals)
+            if name in dense and name not in ("positive_rate", "mse"):
+                row[name]["drop_vs_dense"] = dense[name] - row[name]["mean"]
+        row["prune_seconds"] = mean_std_stderr([r["prune_seconds"] for r in rs])
+        ratios = [r["flops_ratio"] for r in rs if r.get("flops_ratio") is not None]
+        row["flops_ratio"] = float(np.mean(ratios)) if ratios else None
+        row["identical_masks_across_seeds"] = len({r["mask_digest"] for r in rs}) == 1
+        rows.append(row)
+    _paired_differences(rows, groups)
+    return rows
+
+
+PAIRED_REFERENCES = ("random", "d2", "no Scale")
+
+
+def _paired_differences(rows: list[dict], groups: dict[tuple, list[dict]]) -> None:
+    """Accuracy difference to each reference, paired over the test examples:
+    d_i = (mean over seeds of A correct on i) - (same for the reference), stderr =
+    sd(d) / sqrt(N). This removes the test-set noise the two share, which the seed standard
+    error does not see. References: ``random`` and ``d2`` (same budget, Scale off), and for a
+    row with Scale on, ``no Scale`` (the same method and budget without Scale)."""
+    for row in rows:
+        rs = groups[(row["budget"], row["method"], row["scale"])]
+        if any(r.get("_correct") is None for r in rs):
+            continue
+        a = np.mean([r["_correct"] for r in rs], axis=0)
+        row["paired_accuracy_diff"] = {}
+        for ref in PAIRED_REFERENCES:
+            if ref == "no Scale":
+                if not row["scale"]:
+                    continue
+                ref_runs = groups.get((row["budget"], row["method"], False))
+            else:
+                if row["method"] == ref and not row["scale"]:
+                    continue
+                ref_runs = groups.get((row["budget"], ref, False))
+            if not ref_runs or any(r.get("_correct") is None for r in ref_runs):
+                continue
+            b = np.mean([r["_correct"] for r in ref_runs], axis=0)
+            d = a - b
+            row["paired_accuracy_diff"][ref] = {
+                "diff": float(d.mean()),
+                "stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
+            }
+
+
+def save_predictions(runs: Sequence[dict], dense_logits: np.ndarray, path) -> None:
+    """Per-run test logits (float16, original test order) for later paired analyses:
+    ``dense`` and ``run_<i>`` (i = index in report["runs"])."""
+    arrays = {"dense": dense_logits.astype(np.float16)}
+    for i, r in enumerate(runs):
+        if r.get("_logits") is not None:
+            arrays[f"run_{i}"] = r["_logits"].astype(np.float16)
+    np.savez_compressed(path, **arrays)
+
+
+def _fmt_metrics(m: dict) -> str:
+    short = {
+        "accuracy": "acc",
+        "roc_auc": "auc",
+        "positive_rate": "pos",
+        "pearson": "pearson",
+        "spearman": "spearman",
+    }
+    return " ".join(f"{short[k]} {v:.4f}" for k, v in m.items() if k in short)

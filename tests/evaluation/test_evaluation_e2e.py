@@ -1,0 +1,264 @@
+"""A miniature of the whole evaluation: tiny random BERT, a few dozen sentences, every method,
+Scale on and off, two seeds; checks the report's structure, seeds, the pool/test separation
+and the fine-tune cache."""
+
+import json
+
+import pytest
+
+from kcm_cuda.evaluation import datasets as D
+from kcm_cuda.evaluation.cli import main
+from kcm_cuda.evaluation.finetune import FinetuneSettings
+from kcm_cuda.evaluation.report import write_report
+from kcm_cuda.evaluation.runner import GridConfig, parse_method, run_grid
+
+METHODS = ["kcm", "d2", "r2", "magnitude", "random"]
+
+
+def _args(tiny_model_dir, tiny_tsv, tmp_path, *extra):
+    return [
+        "--data",
+        str(tiny_tsv),
+        "--model",
+        str(tiny_model_dir),
+        "--budgets",
+        "0.9,0.8",
+        "--methods",
+        *METHODS,
+        "--scale",
+        "both",
+        "--seeds",
+        "2",
+        "--samples",
+        "20",
+        "--finetune",
+        "head",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_cli_miniature_end_to_end(tiny_model_dir, tiny_tsv, tmp_path, capsys):
+    assert main(_args(tiny_model_dir, tiny_tsv, tmp_path, "--save-predictions")) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    # structure
+    for key in (
+        "task",
+        "model",
+        "finetune",
+        "dense",
+        "config",
+        "environment",
+        "runs",
+        "summary",
+        "timings_s",
+    ):
+        assert key in report
+    assert set(report["task"]["sizes"]) == {"train", "dev", "pool", "test"}
+    assert report["environment"]["versions"]["torch"]
+    assert report["finetune"]["mode"] == "head" and report["finetune"]["cached"] is False
+    assert report["finetune"]["converged"] is True
+    for k in ("accuracy", "roc_auc", "positive_rate"):
+        assert 0.0 <= report["dense"][k] <= 1.0
+    # every (budget, method, scale) cell ran once per seed
+    runs = report["runs"]
+    assert len(runs) == 2 * len(METHODS) * 2 * 2
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["budget"], r["method"], r["scale"]), []).append(r["seed"])
+        assert r["flops_ratio"] <= r["budget"] + 1e-9
+        assert set(r["metrics"]) >= {"accuracy", "roc_auc", "positive_rate"}
+    assert len(cells) == 2 * len(METHODS) * 2
+    assert all(sorted(s) == [0, 1] for s in cells.values())
+    rows = report["summary"]
+    assert len(rows) == len(cells)
+    for row in rows:
+        assert row["n_seeds"] == 2
+        assert set(row["accuracy"]) >= {"mean", "std", "stderr", "n", "drop_vs_dense"}
+        paired = row["paired_accuracy_diff"]
+        if row["method"] == "random" and not row["scale"]:
+            assert "random" not in paired
+        else:
+            assert set(paired["random"]) == {"diff", "stderr"}
+        assert ("no Scale" in paired) == row["scale"]
+    assert all("_correct" not in r for r in runs)  # internal arrays never reach the JSON
+    # markdown: dense and random side by side, AUC beside accuracy, per-budget tables
+    md = (out / "report.md").read_text()
+    assert "**dense**" in md and "`random`" in md and "ROC-AUC" in md and "pos. rate" in md
+    assert "## FLOPs budget c = 0.9" in md and "## FLOPs budget c = 0.8" in md
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # per-run test logits for later paired analyses
+    import numpy as np
+
+    preds = np.load(out / "predictions.npz")
+    assert preds["dense"].shape == (report["task"]["sizes"]["test"], 2)
+    assert len([k for k in preds.files if k.startswith("run_")]) == len(runs)
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "report.md" in printed
+
+    # second run: the fine-tuned model comes from the cache and scores the same
+    args = _args(tiny_model_dir, tiny_tsv, tmp_path, "--seeds", "1", "--scale", "off")
+    args[args.index("--methods") + 1 : args.index("--scale")] = ["random"]
+    assert main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["finetune"]["cached"] is True
+    assert again["dense"] == report["dense"]
+    assert len(again["runs"]) == 2
+    assert main([*args, "--no-cache"]) == 0
+    assert json.loads((out / "report.json").read_text())["finetune"]["cached"] is False
+
+
+def test_pruner_sees_only_unlabeled_pool_texts(tiny_model_dir, tiny_tsv, tmp_path):
+    from kcm_cuda.pruning import prune
+
+    task = D.task_from_file(tiny_tsv)
+    test_texts = {e.text for e in task.test}
+    calls = []
+
+    def spy(model, data, flops, **kw):
+        calls.append((data, flops, kw["seed"], kw["method"]))
+        return prune(model, data, flops, **kw)
+
+    cfg = GridConfig(
+        model=str(tiny_model_dir),
+        budgets=(0.85,),
+        methods=("kcm", "random"),
+        scales=(False,),
+        seeds=3,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        finetune=FinetuneSettings(mode="head"),
+    )
+    report = run_grid(cfg, task=task, prune_fn=spy, log=lambda *_: None)
+    assert len(calls) == 6
+    assert sorted(c[2] for c in calls if c[3] == "kcm") == [0, 1, 2]
+    for data, flops, _, _ in calls:
+        assert isinstance(data, list) and all(isinstance(x, str) for x in data)
+        assert not set(data) & test_texts
+        assert flops == 0.85
+    assert len(report["runs"]) == 6
+
+
+def test_full_finetune_mode_runs_and_is_cached_separately(tiny_model_dir, tiny_tsv, tmp_path):
+    task = D.task_from_file(tiny_tsv)
+    base = dict(
+        model=str(tiny_model_dir),
+        budgets=(0.9,),
+        methods=("random",),
+        scales=(False,),
+        seeds=1,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    r1 = run_grid(
+        GridConfig(**base, finetune=FinetuneSettings(mode="full", epochs=1)),
+        task=task,
+        log=lambda *_: None,
+    )
+    assert r1["finetune"]["mode"] == "full" and len(r1["finetune"]["curve"]) == 1
+    r2 = run_grid(
+        GridConfig(**base, finetune=FinetuneSettings(mode="head")), task=task, log=lambda *_: None
+    )
+    assert r2["finetune"]["mode"] == "head" and r2["finetune"]["cached"] is False
+    assert r1["finetune"]["key"] != r2["finetune"]["key"]
+    r3 = run_grid(
+        GridConfig(**base, finetune=FinetuneSettings(mode="full", epochs=1)),
+        task=task,
+        log=lambda *_: None,
+    )
+    assert r3["finetune"]["cached"] is True and r3["dense"] == r1["dense"]
+
+
+def test_finetune_time_budget_stops_between_epochs(tiny_model_dir, tiny_tsv, tmp_path):
+    task = D.task_from_file(tiny_tsv)
+    cfg = GridConfig(
+        model=str(tiny_model_dir),
+        budgets=(0.9,),
+        methods=("random",),
+        scales=(False,),
+        seeds=1,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        finetune=FinetuneSettings(mode="full", epochs=3, time_budget_s=1e-9),
+    )
+    ft = run_grid(cfg, task=task, log=lambda *_: None)["finetune"]
+    assert ft["stopped_by_time_budget"] is True
+    assert ft["epochs_run"] == 1 and len(ft["curve"]) == 1
+
+
+def test_time_limit_stops_cleanly(tiny_model_dir, tiny_tsv, tmp_path):
+    task = D.task_from_file(tiny_tsv)
+    cfg = GridConfig(
+        model=str(tiny_model_dir),
+        budgets=(0.9,),
+        methods=("random",),
+        scales=(False,),
+        seeds=2,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        time_limit_s=1e-9,
+        finetune=FinetuneSettings(mode="head"),
+    )
+    report = run_grid(cfg, task=task, log=lambda *_: None)
+    assert report["stopped_early"] and "time limit" in report["stopped_early"]
+    paths = write_report(report, tmp_path / "out")
+    assert "Stopped early" in paths["md"].read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budgets", "0.8,1.5"], "outside (0, 1]"),
+        (["--budgets", "0"], "outside (0, 1]"),
+        (["--budgets", "abc"], "not a number"),
+    ],
+)
+def test_cli_rejects_bad_budgets(tiny_model_dir, tiny_tsv, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tiny_model_dir, tiny_tsv, tmp_path, *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "kcm", "nope"], "unknown method 'nope'"),
+        (["--methods", "kcm:merge"], "not key=value"),
+        (["--finetune", "partial"], "finetune mode"),
+        (["--seeds", "0"], "seeds must be"),
+        (["--label-column", "stars"], "missing column(s) ['stars']"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(tiny_model_dir, tiny_tsv, tmp_path, capsys, extra, message):
+    assert main(_args(tiny_model_dir, tiny_tsv, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kcm-eval: error:") and message in err
+
+
+def test_cli_unknown_task(tmp_path, capsys):
+    assert main(["--task", "nope", "--cache-dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_budget_below_attention_floor_is_reported(tiny_model_dir, tiny_tsv, tmp_path, capsys):
+    assert main(_args(tiny_model_dir, tiny_tsv, tmp_path, "--budgets", "0.05")) == 2
+    assert "attention floor" in capsys.readouterr().err
+
+
+def test_parse_method_variants():
+    m = parse_method("kcm:merge=weighted,r2_weight=0.25")
+    assert m.name == "kcm" and dict(m.options) == {"merge": "weighted", "r2_weight": 0.25}
+    assert m.label == "kcm:merge=weighted,r2_weight=0.25"
+    with pytest.raises(ValueError):
+        GridConfig(budgets=(1.2,)).validate()
