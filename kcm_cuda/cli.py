@@ -23,7 +23,7 @@ class CLIError(Exception):
 def _parser() -> argparse.ArgumentParser:
     from kcm_cuda.pruning.api import METHODS
     from kcm_cuda.pruning.d2 import D2_MODES
-    from kcm_cuda.pruning.merge import MERGES
+    from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
     from kcm_cuda.pruning.r2 import R2_POINTS
 
     p = argparse.ArgumentParser(
@@ -84,7 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help="JSONL/CSV field holding the text")
     p.add_argument("--pair-column", default=None, help="JSONL/CSV field of the second text")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward batch")
-    p.add_argument("--merge", default="mean_rank", choices=MERGES, help="R2D2 merge variant")
+    p.add_argument(
+        "--merge",
+        default=DEFAULT_MERGE,
+        choices=MERGES,
+        help=f"R2D2 merge variant (default {DEFAULT_MERGE}: the best measured)",
+    )
     p.add_argument(
         "--r2-points",
         default="output",

@@ -31,7 +31,7 @@ from kcm_cuda.pruning.d2 import D2_MODES, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
 from kcm_cuda.pruning.flops import FlopsModel, check_flops
 from kcm_cuda.pruning.masks import global_topk, resolve_min_keep
-from kcm_cuda.pruning.merge import MERGES, merge_scores
+from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES, merge_scores
 from kcm_cuda.pruning.physical import prune_in_place
 from kcm_cuda.pruning.r2 import R2_POINTS, r2_scores
 from kcm_cuda.pruning.saving import save_pruned
@@ -167,7 +167,7 @@ def prune(
     progress: bool = True,
     batch_size: int = 32,
     min_keep: int | float = 0.01,
-    merge: str = "mean_rank",
+    merge: str = DEFAULT_MERGE,
     r2_points: str = "output",
     r2_weight: float = 0.25,
     merge_bins: int = 20,
@@ -193,7 +193,8 @@ def prune(
       pre-tokenized dict {"input_ids", "attention_mask"}; ``samples`` sequences are drawn with
       ``seed`` and tokenized to ``max_length``.
     Variant options:
-      merge          R2D2 merge (kcm_cuda.pruning.merge.MERGES)
+      merge          R2D2 merge (kcm_cuda.pruning.merge.MERGES; default: D2 votes with
+                     R2 breaking their ties, the best measured)
       r2_points      "output" (W2 columns) or "input" ([W1 rows, b1])
       r2_weight      R2's weight for merge="weighted"; merge_bins: for "r2_within_d2"
       d2_mode        "votes", "energy", or "kcm" (R2 on the activations of the first
