@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-cache", action="store_true", help="fine-tune again, do not cache")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the runs an interrupted kcm-eval left in --output (runs.partial.jsonl)",
+    )
+    p.add_argument(
         "--save-predictions",
         action="store_true",
         help="also write predictions.npz (every run's test logits) for paired analyses",
@@ -218,6 +223,7 @@ def config_from_args(args: argparse.Namespace):
         profile=profile,
         save_predictions=args.save_predictions,
         use_cache=not args.no_cache,
+        resume=args.resume,
     )
 
 

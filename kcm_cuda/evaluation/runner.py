@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 import os
 import platform
@@ -117,6 +118,7 @@ class GridConfig:
     profile: str = "custom"
     save_predictions: bool = False  # write <output>/predictions.npz (per-run test logits)
     use_cache: bool = True  # reuse / store the fine-tuned model in <cache_dir>/finetuned
+    resume: bool = False  # go on from <output>/runs.partial.jsonl of an interrupted grid
     eval_batch_size: int = 128
 
     def validate(self) -> None:
@@ -350,7 +352,12 @@ def run_grid(
     stopped_early = None
     done = 0
     round_s = 0.0
-    with score_memo(memo_stats):
+    ckpt = _Checkpoint(config, ft_info, task)
+    labels = np.array([e.label for e in task.test]) if task.kind == "classification" else None
+    resumed = ckpt.load(labels) if config.resume else {}
+    if resumed:
+        log(f"resuming: {len(resumed)} finished runs found in {ckpt.path}")
+    with ckpt, score_memo(memo_stats):
         for seed in range(config.seeds):
             round_t0 = time.perf_counter()
             elapsed = round_t0 - t_start
@@ -374,6 +381,16 @@ def run_grid(
                     )
                     break
                 done += 1
+                if (c, m.label, s, seed) in resumed:
+                    run = resumed[(c, m.label, s, seed)]
+                    runs.append(run)
+                    scored.setdefault(
+                        run["mask_digest"],
+                        (run["metrics"], run.get("_correct"), run.get("_logits")),
+                    )
+                    ckpt.append(run)
+                    log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: resumed")
+                    continue
                 run = _one_run(
                     prune_fn,
                     encoder,
@@ -391,6 +408,7 @@ def run_grid(
                     scored,
                 )
                 runs.append(run)
+                ckpt.append(run)
                 log(
                     f"[{done}/{total_runs}] c={c:g} {m.label} scale={'on' if s else 'off'} "
                     f"seed={seed}: {_fmt_metrics(run['metrics'])} "
@@ -403,6 +421,7 @@ def run_grid(
             if seed == 0:  # the one-off R2 solve (memoised afterwards) is not a round's cost
                 r2_times = [(r.get("prune_timings_s") or {}).get("r2", 0.0) for r in runs]
                 round_s -= max(r2_times, default=0.0)
+    ckpt.remove()
     if stopped_early:
         log("STOPPED EARLY: " + stopped_early)
     grid_s = time.perf_counter() - grid_t0
@@ -411,7 +430,7 @@ def run_grid(
     if config.save_predictions:
         os.makedirs(config.output, exist_ok=True)
         predictions = os.path.join(config.output, "predictions.npz")
-        save_predictions(runs, dense_logits, predictions)
+        save_predictions(runs, dense_logits, predictions, [e.label for e in task.test])
     for r in runs:
         r.pop("_correct", None)
         r.pop("_logits", None)
@@ -460,6 +479,78 @@ def run_grid(
         },
     }
     return report
+
+
+class _Checkpoint:
+    """Finished runs appended to <output>/runs.partial.jsonl as the grid goes (with their test
+    logits), so that an interrupted grid can go on with ``resume=True``; removed when the grid
+    ends. Lines from another model / task / sampling setup are ignored (fingerprint)."""
+
+    def __init__(self, config: GridConfig, ft_info: dict, task: TaskData) -> None:
+        self.path = os.path.join(config.output, "runs.partial.jsonl")
+        payload = {
+            "finetune": ft_info.get("key"),
+            "task": task.fingerprint(),
+            "test": [e.id for e in task.test],
+            "samples": config.samples,
+            "max_length": config.max_length,
+            "prune_options": _key_part(config.prune_options),
+        }
+        self.fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
+        self._fh = None
+        self._resume = config.resume
+
+    def load(self, labels: np.ndarray | None) -> dict[tuple, dict]:
+        out: dict[tuple, dict] = {}
+        if not os.path.isfile(self.path):
+            return out
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption
+                if rec.get("fingerprint") != self.fingerprint:
+                    continue
+                run = rec["run"]
+                logits = rec.get("logits")
+                if logits is not None:
+                    run["_logits"] = np.asarray(logits, dtype=np.float32)
+                    if labels is not None:
+                        run["_correct"] = run["_logits"].argmax(axis=1) == labels
+                run["resumed"] = True
+                out[(run["budget"], run["method"], run["scale"], run["seed"])] = run
+        return out
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._fh = open(self.path, "a" if self._resume else "w", encoding="utf-8")  # noqa: SIM115
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def append(self, run: dict) -> None:
+        if self._fh is None:
+            return
+        plain = {k: v for k, v in run.items() if not k.startswith("_")}
+        logits = run.get("_logits")
+        rec = {
+            "fingerprint": self.fingerprint,
+            "run": plain,
+            "logits": None if logits is None else np.round(logits, 4).tolist(),
+        }
+        self._fh.write(json.dumps(rec, default=float) + "\n")
+        self._fh.flush()
+
+    def remove(self) -> None:
+        self.__exit__()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def _cells(budgets, methods: list[MethodSpec], scales) -> list[tuple]:
@@ -616,10 +707,12 @@ def _paired_differences(rows: list[dict], groups: dict[tuple, list[dict]]) -> No
             }
 
 
-def save_predictions(runs: Sequence[dict], dense_logits: np.ndarray, path) -> None:
+def save_predictions(runs: Sequence[dict], dense_logits: np.ndarray, path, labels=None) -> None:
     """Per-run test logits (float16, original test order) for later paired analyses:
-    ``dense`` and ``run_<i>`` (i = index in report["runs"])."""
+    ``dense``, ``run_<i>`` (i = index in report["runs"]) and ``labels``."""
     arrays = {"dense": dense_logits.astype(np.float16)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
     for i, r in enumerate(runs):
         if r.get("_logits") is not None:
             arrays[f"run_{i}"] = r["_logits"].astype(np.float16)

@@ -50,6 +50,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture()
+def sentences():
+    """The sentence generator itself: sentences(n) -> [(id, text, label)]."""
+    return make_sentences
+
+
+@pytest.fixture()
 def tiny_tsv(tmp_path):
     p = tmp_path / "tiny.tsv"
     rows = ["id\tsentence\tlabel"] + [f"{i}\t{t}\t{y}" for i, t, y in make_sentences(150)]

@@ -99,6 +99,12 @@ def test_cli_miniature_end_to_end(tiny_model_dir, tiny_tsv, tmp_path, capsys):
     preds = np.load(out / "predictions.npz")
     assert preds["dense"].shape == (report["task"]["sizes"]["test"], 2)
     assert len([k for k in preds.files if k.startswith("run_")]) == len(runs)
+    from kcm_cuda.evaluation.analysis import compare
+
+    paired = compare(out, "d2", n_boot=20)
+    assert len(paired) == len(cells) - 2  # every cell but d2 (Scale off) at the two budgets
+    for row in paired:
+        assert {"accuracy_diff", "accuracy_stderr", "auc_diff", "auc_stderr"} <= set(row)
     printed = capsys.readouterr().out
     assert "report:" in printed and "report.md" in printed
 
@@ -262,3 +268,89 @@ def test_parse_method_variants():
     assert m.label == "kcm:merge=weighted,r2_weight=0.25"
     with pytest.raises(ValueError):
         GridConfig(budgets=(1.2,)).validate()
+
+
+def test_regression_task_reports_correlations(tiny_model_dir, tmp_path, sentences):
+    p = tmp_path / "rated.tsv"
+    rows = ["sentence\trating"] + [
+        f"{t}\t{(2.0 if y else -2.0) + 0.1 * (int(i) % 7)}" for i, t, y in sentences(150)
+    ]
+    p.write_text("\n".join(rows) + "\n")
+    args = [
+        "--data",
+        str(p),
+        "--label-column",
+        "rating",
+        "--regression",
+        "--model",
+        str(tiny_model_dir),
+        "--budgets",
+        "0.9",
+        "--methods",
+        "random",
+        "d2",
+        "--scale",
+        "off",
+        "--seeds",
+        "1",
+        "--samples",
+        "20",
+        "--finetune",
+        "head",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"]["kind"] == "regression"
+    assert report["metrics"] == ["pearson", "spearman", "mse"]
+    assert -1.0 <= report["dense"]["spearman"] <= 1.0
+    assert "Spearman" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_interrupted_grid_resumes_without_redoing_runs(tiny_model_dir, tiny_tsv, tmp_path):
+    from kcm_cuda.pruning import prune
+
+    task = D.task_from_file(tiny_tsv)
+    calls = []
+
+    def flaky(model, data, flops, **kw):
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        calls.append((flops, kw["method"], kw["seed"]))
+        return prune(model, data, flops, **kw)
+
+    base = dict(
+        model=str(tiny_model_dir),
+        budgets=(0.9, 0.8),
+        methods=("random", "d2"),
+        scales=(False,),
+        seeds=2,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        output=str(tmp_path / "out"),
+        finetune=FinetuneSettings(mode="head"),
+    )
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_grid(GridConfig(**base), task=task, prune_fn=flaky, log=lambda *_: None)
+    partial = tmp_path / "out" / "runs.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 3
+
+    more = []
+
+    def counting(model, data, flops, **kw):
+        more.append((flops, kw["method"], kw["seed"]))
+        return prune(model, data, flops, **kw)
+
+    report = run_grid(
+        GridConfig(**base, resume=True), task=task, prune_fn=counting, log=lambda *_: None
+    )
+    assert len(more) == 8 - 3 and not set(more) & set(calls)
+    assert len(report["runs"]) == 8
+    assert sum(bool(r.get("resumed")) for r in report["runs"]) == 3
+    assert not partial.exists()

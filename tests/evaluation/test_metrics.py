@@ -77,3 +77,16 @@ def test_squad_metrics_official_normalisation():
     assert out == {"exact_match": 50.0, "f1": 50.0}
     with pytest.raises(ValueError, match="lack"):
         M.squad_metrics({}, {"a": ["x"]})
+
+
+def test_paired_bootstrap_identical_and_shifted():
+    from kcm_cuda.evaluation.analysis import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    m = rng.normal(size=300) + 2 * y - 1
+    same = paired_bootstrap(y, [m, m], [m], n_boot=50)
+    assert same["accuracy_diff"] == 0 and same["accuracy_stderr"] == 0
+    assert same["auc_diff"] == 0
+    worse = paired_bootstrap(y, [m], [m + rng.normal(scale=3, size=300)], n_boot=50)
+    assert worse["auc_diff"] > 0 and worse["auc_stderr"] > 0
