@@ -190,8 +190,6 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--prune-option {item!r} is not KEY=VALUE")
         opts[k.strip()] = parse_value(v.strip())
     ft_mode = args.finetune or prof["finetune"]
-    if args.finetune is None and profile == "full" and dev.type != "cuda":
-        ft_mode = "auto"
     resolve_mode(ft_mode, dev)
     limit = args.time_limit if args.time_limit is not None else prof["time_limit"]
     ft_budget = args.finetune_budget

@@ -2,15 +2,16 @@
 
 Modes
     full   every weight trained (AdamW, linear warm-up/decay, dev loss checked every epoch, best
-           epoch kept, early stop when the dev loss stops improving). Default on a GPU.
+           epoch kept, early stop when the dev loss stops improving). The default: on the
+           2-core CPU, 2 epochs of all-MiniLM-L6-v2 on VADER take ~3 minutes and converge.
     top:K  the top K encoder layers + head trained, the rest frozen (cheaper backward).
     head   encoder frozen; the linear head on mean-pooled features fitted to convergence
            (L-BFGS for classification, closed-form ridge for regression), the L2 strength
-           chosen on dev. One forward pass over train: the default on a CPU, where a full
-           fine-tune does not fit the time budget. A convex fit at its optimum is converged
-           and, for logistic regression, calibrated by construction -- the two properties that
-           shared/EVALUATION.md §1 asks of the dense model.
-    auto   full on CUDA, head otherwise.
+           chosen on dev. One forward pass over train: the fast option for slow machines or
+           big models. A convex fit at its optimum is converged and, for logistic regression,
+           calibrated by construction (what shared/EVALUATION.md §1 asks of the dense model),
+           but a frozen encoder is a weaker model (75.8 % vs 83.9 % on VADER).
+    auto   full.
 
 The cache lives in <cache_dir>/finetuned/<key>/ (meta.json, head.pt and, unless mode is head,
 encoder/ in save_pretrained format); the key hashes the model fingerprint, the task's labelled
@@ -82,7 +83,7 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
     if not isinstance(mode, str):
         raise TypeError(f"finetune mode must be a string, got {type(mode).__name__}")
     if mode == "auto":
-        return "full" if torch.device(device).type == "cuda" else "head"
+        return "full"
     if mode in ("full", "head"):
         return mode
     if mode.startswith("top:"):

@@ -28,6 +28,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -104,11 +105,19 @@ def format_markdown(report: dict) -> str:
         + (f", prune options {cfg['prune_options']}" if cfg.get("prune_options") else ""),
         f"- **Device**: {env['device']}"
         + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpu_count')} CPU cores")
+        + (
+            f"; load average {env['load_average_start'][0]:.1f} at start, "
+            f"{env['load_average_end'][0]:.1f} at end"
+            if env.get("load_average_start") and env.get("load_average_end")
+            else ""
+        )
         + "; versions: "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "- **Time**: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items()),
         "",
     ]
+    if report.get("relabelled"):
+        lines += [f"> Note: {report['relabelled']}.", ""]
     if report.get("stopped_early"):
         lines += [f"> **Stopped early**: {report['stopped_early']}.", ""]
     dense_bits = []
@@ -197,6 +206,45 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+BASE_COLORS = {
+    "random": "#7f7f7f",
+    "magnitude": "#ff7f0e",
+    "r2": "#9467bd",
+    "d2": "#2ca02c",
+    "kcm": "#d62728",
+}
+VARIANT_COLORS = ("#1f77b4", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _styles(keys: list[tuple[str, bool]]) -> dict[tuple[str, bool], dict]:
+    """One colour per method label (base methods fixed, variants from a palette), solid line
+    and filled marker without Scale, dashed line and hollow marker with Scale."""
+    labels = sorted({m for m, _ in keys}, key=lambda m: _sort_key({"method": m, "scale": False}))
+    colors, markers = {}, {}
+    n_variant = 0
+    per_base: dict[str, int] = {}
+    for m in labels:
+        base = m.split(":")[0]
+        k = per_base.get(base, 0)
+        per_base[base] = k + 1
+        if m in BASE_COLORS:
+            colors[m] = BASE_COLORS[m]
+        else:
+            colors[m] = VARIANT_COLORS[n_variant % len(VARIANT_COLORS)]
+            n_variant += 1
+        markers[m] = MARKERS[k % len(MARKERS)]
+    out = {}
+    for m, sc in keys:
+        out[(m, sc)] = {
+            "color": colors[m],
+            "marker": markers[m],
+            "linestyle": "--" if sc else "-",
+            "markerfacecolor": "white" if sc else colors[m],
+        }
+    return out
+
+
 def plot(report: dict, path: Path) -> Path:
     import matplotlib
 
@@ -205,26 +253,31 @@ def plot(report: dict, path: Path) -> Path:
 
     kind = report["task"]["kind"]
     panels = [m for m in PRIMARY[kind] if m in report["metrics"]] or report["metrics"][:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels) + 2.6, 4.6), squeeze=False)
     series: dict = {}
     for row in report["summary"]:
         series.setdefault((row["method"], row["scale"]), []).append(row)
+    styles = _styles(list(series))
     dense = report["dense"]
     for ax, name in zip(axes[0], panels, strict=False):
         scale = 100.0 if name == "accuracy" else 1.0
         for (method, sc), rows in sorted(series.items(), key=lambda kv: _sort_key(kv[1][0])):
             rows = sorted(rows, key=lambda r: r["budget"])
             xs = [r["flops_ratio"] or r["budget"] for r in rows]
-            ys = [(r[name]["mean"] or float("nan")) * scale for r in rows]
+            ys = [
+                (r[name]["mean"] if r[name]["mean"] is not None else float("nan")) * scale
+                for r in rows
+            ]
             es = [(r[name]["stderr"] or 0.0) * scale for r in rows]
             ax.errorbar(
                 xs,
                 ys,
                 yerr=es,
-                marker="o",
                 capsize=3,
-                linestyle="--" if sc else "-",
+                linewidth=1.4,
+                markersize=5,
                 label=f"{method}" + (" + Scale" if sc else ""),
+                **styles[(method, sc)],
             )
         if name in dense:
             ax.axhline(
@@ -232,11 +285,12 @@ def plot(report: dict, path: Path) -> Path:
             )
         ax.set_xlabel("FLOPs kept (fraction of dense)")
         ax.set_ylabel(NAMES[name] + (" (%)" if scale == 100.0 else ""))
-        ax.set_title(f"{NAMES[name]} vs FLOPs (mean ± s.e. over seeds)")
+        ax.set_title(f"{NAMES[name]} vs FLOPs (mean ± s.e. over seeds)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
     fig.suptitle(report["title"], fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / fig.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
