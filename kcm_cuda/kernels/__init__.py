@@ -90,8 +90,15 @@ def kcm_coefficients(
     validation.check_precision(precision)
     name = resolve_backend(backend, K.device)
     module = backend_module(name)
+    transposed = getattr(module, "convex_update_transposed", None)
     C, n_iter = solve_stack(
-        _as_stack(K), lambda k, c: module.convex_update(k, c, precision), alpha, max_iter
+        _as_stack(K),
+        lambda k, c: module.convex_update(k, c, precision),
+        alpha,
+        max_iter,
+        update_transposed=(
+            None if transposed is None else (lambda k, d: transposed(k, d, precision))
+        ),
     )
     if K.dim() == 2:
         return C[0], int(n_iter[0])
