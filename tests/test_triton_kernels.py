@@ -379,3 +379,21 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, op):
     else:
         cu_mod.convex_update_transposed(K, C, "ieee")
     assert entered and all(d == torch.device(DEVICE) for d in entered)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+def test_tensors_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: right results (no illegal address)."""
+    x = make_points(300, 40, 1.0, seed=2)
+    K_ref = reference.rbf_kernel(x, None, 1.0)
+    K, C = make_stack(2, 100, seed=3)
+    with torch.cuda.device(0):
+        K1 = tb.rbf_kernel(x.to("cuda:1"), None, 1.0, "ieee")
+        out = tb.convex_update_transposed(K.to("cuda:1"), C.mT.contiguous().to("cuda:1"), "ieee")
+    assert K1.device == torch.device("cuda", 1)
+    assert float((K1.cpu().double() - K_ref).abs().max()) < 1e-5
+    torch.testing.assert_close(
+        out[0].mT.cpu().double(), reference.convex_update(K, C)[0], rtol=1e-4, atol=1e-6
+    )

@@ -288,7 +288,7 @@ def _rbf_symmetric_persistent_kernel(
         cols = offs_n.to(tl.int64)[None, :]
         in_bounds = (offs_m < M)[:, None] & (offs_n < M)[None, :]
         xsq_r = tl.load(xsq_ptr + offs_m, mask=offs_m < M, other=0.0)
-        diag = tl.where(xsq_r != xsq_r, float("nan"), 1.0)  # NaN point: NaN, else exactly 1
+        diag = tl.where(xsq_r == xsq_r, 1.0, xsq_r)  # exactly 1; NaN for a NaN point
         k = tl.where(rows == cols, diag[:, None], k)
         tl.store(out_ptr + rows * stride_om + cols * stride_on, k, mask=in_bounds & (rows <= cols))
         tl.store(out_ptr + cols * stride_om + rows * stride_on, k, mask=in_bounds & (rows < cols))
