@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from benchmarks import harness
 from benchmarks.harness import Peer
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
+# n, d of the measured shapes; where the table goes (None: results/<device-slug>/). Changed by
+# benchmarks/test_harness.py to dry-run this GPU-only file on the CPU.
+SIZES = {"n": 3072, "d": 768, "allow_cpu": False, "out_dir": None}
 _MEASURED: dict[tuple[str, str], dict[str, float]] = {}
 
 
@@ -42,7 +46,7 @@ def make_cases(profile: harness.Profile, test_name: str) -> list[DispatchCase]:
 
 
 def _runner(module, op: str, precision: str, device: torch.device):
-    n, d = 3072, 768
+    n, d = SIZES["n"], SIZES["d"]
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(n, d, generator=gen) * math.sqrt(-math.log(0.48) / d)).to(device)
     if op == "rbf":
@@ -56,7 +60,7 @@ def _runner(module, op: str, precision: str, device: torch.device):
 
 
 def test_measure(case: DispatchCase, profile: harness.Profile, device: torch.device, bench):
-    if device.type != "cuda" or profile.smoke:
+    if not SIZES["allow_cpu"] and (device.type != "cuda" or profile.smoke):
         pytest.skip("the dispatch table is measured on a GPU")
     from kcm_cuda import dispatch
 
@@ -67,7 +71,7 @@ def test_measure(case: DispatchCase, profile: harness.Profile, device: torch.dev
         for b in names
     ]  # fmt: skip
     records = bench(
-        op=f"dispatch_{case.op}", case=case.id, params={"n": 3072}, peers=peers,
+        op=f"dispatch_{case.op}", case=case.id, params={"n": SIZES["n"]}, peers=peers,
         precision=case.precision, primary=None, baseline=None,
     )  # fmt: skip
     _MEASURED[(case.op, case.precision)] = {
@@ -77,7 +81,7 @@ def test_measure(case: DispatchCase, profile: harness.Profile, device: torch.dev
 
 def test_write_table(case: DispatchCase, profile: harness.Profile, device: torch.device,
                      recorder: harness.Recorder) -> None:  # fmt: skip
-    if device.type != "cuda" or profile.smoke:
+    if not SIZES["allow_cpu"] and (device.type != "cuda" or profile.smoke):
         pytest.skip("the dispatch table is measured on a GPU")
     if not _MEASURED:
         pytest.skip("no measurement in this session (run the whole file)")
@@ -85,7 +89,8 @@ def test_write_table(case: DispatchCase, profile: harness.Profile, device: torch
 
     capability = torch.cuda.get_device_capability(device)
     rows = harness.dispatch_rows(_MEASURED, dispatch.capability_key(capability))
-    out = harness.RESULTS_DIR / recorder.device_info["slug"] / "dispatch_table.json"
+    folder = SIZES["out_dir"] or harness.RESULTS_DIR / recorder.device_info["slug"]
+    out = Path(folder) / "dispatch_table.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nmeasured dispatch table ({out}):")

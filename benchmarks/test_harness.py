@@ -208,3 +208,65 @@ def test_smoke_results_stay_inside_the_repo():
     assert out.is_relative_to(harness.REPO_ROOT / "out")
     ignore = (harness.REPO_ROOT / ".gitignore").read_text().splitlines()
     assert "/out/" in ignore
+
+
+def test_bench_goals_dry_run_on_cpu(monkeypatch):
+    """bench_goals.py is GPU-only; at tiny sizes on the CPU its four goals run end to end
+    through the real harness and each yields a goal record (values meaningless here)."""
+    from benchmarks import bench_goals
+    from benchmarks.bench_prune_e2e import TINY_CONFIG
+
+    monkeypatch.setitem(bench_goals.SIZES, "rbf", (40, 8))
+    monkeypatch.setitem(bench_goals.SIZES, "update", 24)
+    monkeypatch.setitem(bench_goals.SIZES, "r2", (2, 24, 8))
+    monkeypatch.setitem(
+        bench_goals.SIZES,
+        "prune",
+        {"name": "bert-tiny", "samples": 16, "seq": 16, "config": TINY_CONFIG},
+    )
+    monkeypatch.setitem(bench_goals.SIZES, "allow_cpu", True)
+    prof = harness.make_profile(smoke=True)
+    rec = harness.Recorder(prof)
+
+    def bench(**kwargs):
+        return rec.run_case(benchmark=None, **kwargs)
+
+    for case in bench_goals.make_cases(prof, "test_goal"):
+        bench_goals.test_goal(case, prof, torch.device("cpu"), bench, rec)
+    goals = [r for r in rec.records if r["op"] == "goal"]
+    names = [g["case"] for g in goals]
+    assert names == [
+        "rbf vs cdist+exp",
+        "update / torch.mm",
+        "R2 2x24 seconds",
+        "bert-tiny prune seconds",
+    ]  # no "% of TF32 peak" on a CPU: no peak known
+    assert all(g["info"]["value"] > 0 for g in goals)
+    assert len(harness.goals_lines(rec.records)) == 4
+
+
+def test_bench_dispatch_dry_run_on_cpu(monkeypatch, tmp_path):
+    """bench_dispatch.py (GPU-only) at a tiny size on the CPU: every op x precision measured
+    for the backends available here, and a table file kcm_cuda.dispatch can load."""
+    from benchmarks import bench_dispatch
+    from kcm_cuda import dispatch
+
+    monkeypatch.setattr(bench_dispatch, "SIZES", {"n": 24, "d": 8, "allow_cpu": True,
+                                                  "out_dir": tmp_path})  # fmt: skip
+    monkeypatch.setattr(bench_dispatch, "_MEASURED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    prof = harness.make_profile(smoke=True)
+    rec = harness.Recorder(prof)
+
+    def bench(**kwargs):
+        return rec.run_case(benchmark=None, **kwargs)
+
+    cpu = torch.device("cpu")
+    for case in bench_dispatch.make_cases(prof, "test_measure"):
+        bench_dispatch.test_measure(case, prof, cpu, bench)
+    (write_case,) = bench_dispatch.make_cases(prof, "test_write_table")
+    bench_dispatch.test_write_table(write_case, prof, cpu, rec)
+    rows = json.loads((tmp_path / "dispatch_table.json").read_text())
+    table = dispatch.table_from_json(rows)
+    assert set(table) == {(90, op, p) for op in dispatch.OPS for p in dispatch.PRECISION_KEYS}
+    assert all(order[-1] == "torch" for order in table.values())
