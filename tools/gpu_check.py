@@ -1,0 +1,533 @@
+"""One command that validates kcm_cuda on a GPU machine (`make gpu-check`).
+
+Stages (each a separate process with its own time limit, all well inside 10 minutes):
+
+    env        the GPU, driver, torch/CUDA/Triton versions, nvcc and compute-sanitizer; fails
+               without a CUDA GPU
+    build      the CUDA extension kcm_cuda._C for the present GPU only (TORCH_CUDA_ARCH_LIST =
+               its compute capability, KCM_CUDA_BUILD=1: a build that cannot happen fails
+               loudly), in place, then imports it and checks that it loaded
+    tests      the GPU tests without the Triton interpreter (TRITON_INTERPRET unset) and with
+               KCM_REQUIRE_GPU=1: a GPU test that would skip fails instead; the stage also
+               fails when no CUDA-op test ran
+    memcheck   compute-sanitizer --tool memcheck over small shapes of every kernel (cuda and
+               triton backends; PyTorch's caching allocator off, so that out-of-bounds
+               accesses inside a cached block are seen)
+    racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) over the same shapes
+    bench-rbf, bench-update, bench-solver, bench-e2e
+               the benchmark suite (benchmarks/), one file per stage, JSON results
+    goals      the issue's timing goals read from the benchmark results, printed PASS / FAIL /
+               UNMEASURED (reported, never failing the check)
+
+Results: <out>/<stamp>-gpu-check.json (device, versions, date, git, each stage's status and
+time, the test counts, the goals), <out>/<stamp>-gpu-check.log (every stage's output) and the
+benchmark JSONs <out>/<stamp>-bench-*.json; <out> defaults to benchmarks/results/<device
+slug>/. At most 8 files: the device tool brings back 8 files from $OUT.
+
+    python tools/gpu_check.py                          # every stage
+    python tools/gpu_check.py --stages env,build,tests --out "$OUT"
+    python tools/gpu_check.py --dry-run                # the plan; checks the commands exist
+
+The dry run needs neither a GPU nor torch: it prints each stage's command, checks that the
+files and modules it names exist here, reports whether its executables are on PATH, and exits
+0 (1 if a file a stage needs is missing). Exit status of a real run: 0 when every stage that
+ran passed, 1 otherwise (a failed build stops the stages that need the extension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# GPU test files (their CUDA/Triton tests skip without a GPU, and must run here).
+GPU_TEST_FILES = [
+    "tests/test_cuda_ops.py",
+    "tests/test_parity.py",
+    "tests/test_triton_kernels.py",
+    "tests/test_solver.py",
+    "tests/test_validation.py",
+]
+# Tests whose run proves that the CUDA extension was exercised (at least one must pass).
+CUDA_OPS_TEST_FILE = "tests/test_cuda_ops.py"
+BENCH_FILES = {
+    "bench-rbf": "benchmarks/bench_rbf.py",
+    "bench-update": "benchmarks/bench_convex_update.py",
+    "bench-solver": "benchmarks/bench_solver.py",
+    "bench-e2e": "benchmarks/bench_prune_e2e.py",
+}
+STAGES = ["env", "build", "tests", "memcheck", "racecheck", *BENCH_FILES, "goals"]
+NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", *BENCH_FILES}
+STAGE_TIMEOUT_S = 540  # each stage ends well inside the device tool's 10 minutes
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    commands: list[list[str]]
+    env: dict[str, str | None] = field(default_factory=dict)  # None: unset the variable
+    files: list[str] = field(default_factory=list)  # must exist in the source tree
+    executables: list[str] = field(default_factory=list)  # must be on PATH on the GPU machine
+    modules: list[str] = field(default_factory=list)  # importable Python modules needed there
+
+
+def sanitizer_command(tool: str) -> list[str]:
+    return [
+        "compute-sanitizer", "--tool", tool, "--error-exitcode", "1",
+        "--target-processes", "all", "--print-limit", "20",
+        PY, "tools/gpu_check.py", "--workload",
+    ]  # fmt: skip
+
+
+def plan(out: Path, stamp: str, arch: str | None) -> list[Stage]:
+    """The stages with their commands (arch: the GPU's compute capability, e.g. "9.0")."""
+    tests_xml = out / f".{stamp}-tests.xml"
+    stages = [
+        Stage(
+            "env",
+            "the GPU, its driver and the toolchain (fails without a CUDA GPU)",
+            [[PY, "tools/gpu_check.py", "--probe"], ["nvidia-smi"], ["nvcc", "--version"]],
+            files=["tools/gpu_check.py"],
+            executables=["nvidia-smi", "nvcc"],
+            modules=["torch"],
+        ),
+        Stage(
+            "build",
+            "build kcm_cuda._C for this GPU only, in place; fail loudly if it does not build",
+            [
+                [PY, "setup.py", "-q", "build_ext", "--inplace"],
+                [PY, "-c", "import kcm_cuda.kernels.cuda as c; assert c.is_available(), "
+                 "c.EXTENSION_ERROR; print('kcm_cuda._C loaded:', c._C.__file__)"],
+            ],  # fmt: skip
+            env={"KCM_CUDA_BUILD": "1", "TORCH_CUDA_ARCH_LIST": arch or "<this GPU's cc>",
+                 "MAX_JOBS": str(os.cpu_count() or 4)},  # fmt: skip
+            files=["setup.py", "kcm_cuda_build.py", "csrc/bindings.cpp"],
+            executables=["nvcc"],
+            modules=["torch", "setuptools"],
+        ),
+        Stage(
+            "tests",
+            "GPU tests, no Triton interpreter; a GPU test that would skip fails",
+            [[PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+              f"--junitxml={tests_xml}", *GPU_TEST_FILES]],  # fmt: skip
+            env={"TRITON_INTERPRET": None, "KCM_REQUIRE_GPU": "1", "HF_HUB_OFFLINE": "1"},
+            files=GPU_TEST_FILES,
+            modules=["torch", "pytest", "triton"],
+        ),
+        Stage(
+            "memcheck",
+            "compute-sanitizer memcheck over small shapes of every kernel",
+            [sanitizer_command("memcheck")],
+            env={"TRITON_INTERPRET": None, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+            files=["tools/gpu_check.py"],
+            executables=["compute-sanitizer"],
+            modules=["torch"],
+        ),
+        Stage(
+            "racecheck",
+            "compute-sanitizer racecheck (shared-memory hazards) over the same shapes",
+            [sanitizer_command("racecheck")],
+            env={"TRITON_INTERPRET": None},
+            files=["tools/gpu_check.py"],
+            executables=["compute-sanitizer"],
+            modules=["torch"],
+        ),
+    ]
+    for name, path in BENCH_FILES.items():
+        result = out / f"{stamp}-{name}.json"
+        stages.append(
+            Stage(
+                name,
+                f"benchmarks: {path}",
+                [[PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
+                  "--benchmark-disable", "--kcm-device", "cuda", "--kcm-out", str(result)]],
+                env={"TRITON_INTERPRET": None, "KCM_BENCH_SMOKE": None, "HF_HUB_OFFLINE": "1"},
+                files=[path, "benchmarks/conftest.py", "benchmarks/harness.py"],
+                modules=["torch", "pytest", "pytest_benchmark"],
+            )  # fmt: skip
+        )
+    stages.append(
+        Stage(
+            "goals",
+            "the timing goals from the benchmark results, PASS / FAIL / UNMEASURED",
+            [],
+            files=["tools/gpu_check.py"],
+        )
+    )
+    return stages
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+def _module_found(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def dry_run(stages: list[Stage], out: Path) -> int:
+    print(f"gpu-check plan (dry run; results would go to {out})")
+    missing_files = []
+    for stage in stages:
+        print(f"\n[{stage.name}] {stage.what}")
+        for key, value in stage.env.items():
+            print(f"    env {key}={'<unset>' if value is None else value}")
+        for cmd in stage.commands:
+            print("    $ " + shlex.join(cmd))
+        if stage.name == "goals":
+            print("    (in process: reads the bench-*.json of this run)")
+        for f in stage.files:
+            ok = (ROOT / f).is_file()
+            print(f"    file   {f}: {'ok' if ok else 'MISSING'}")
+            if not ok:
+                missing_files.append(f)
+        for exe in stage.executables:
+            where = shutil.which(exe)
+            print(f"    exe    {exe}: {where or 'not on PATH here (needed on the GPU machine)'}")
+        for mod in stage.modules:
+            state = "importable" if _module_found(mod) else "not importable here"
+            print(f"    module {mod}: {state}")
+    if missing_files:
+        print(f"\nMISSING files: {missing_files}")
+        return 1
+    print("\ndry run OK: every stage's files exist")
+    return 0
+
+
+# ------------------------------------------------------------------ in-process helpers
+
+
+def probe() -> int:
+    """Print the machine as JSON; exit 1 without a usable CUDA GPU."""
+    import torch
+
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            device_count=torch.cuda.device_count(),
+        )
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(json.dumps(info))
+    if not info["cuda_available"] or info["torch_cuda"] is None:
+        print("gpu-check: no CUDA GPU visible to torch", file=sys.stderr)
+        return 1
+    return 0
+
+
+def workload() -> int:
+    """Small shapes of every kernel, for compute-sanitizer (odd sizes: the bounds checks)."""
+    import torch
+
+    from kcm_cuda.kernels import cuda
+
+    assert cuda.is_available(), cuda.EXTENSION_ERROR
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = "cuda"
+    for n, m, d in ((1, 1, 1), (5, 3, 7), (129, 131, 33), (257, 130, 20)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(n, d, generator=g, device=dev).to(dtype)
+            y = torch.randn(m, d, generator=g, device=dev).to(dtype)
+            for precision in ("ieee", "tf32"):
+                torch.ops.kcm.rbf_kernel(x, None, 1.0, precision)
+                torch.ops.kcm.rbf_kernel(x, y, 0.7, precision)
+    # A row-strided x and an output of odd width (scalar stores).
+    base = torch.randn(70, 40, generator=g, device=dev)
+    torch.ops.kcm.rbf_kernel(base[:, :33], base[:9, :33], 1.0, "ieee")
+    for mode in ("cublas", "fused"):
+        os.environ["KCM_CUDA_CONVEX"] = mode
+        for batch, n in ((1, 1), (2, 5), (1, 128), (2, 129), (1, 260)):
+            K = torch.rand(batch, n, n, generator=g, device=dev)
+            C = torch.rand(batch, n, n, generator=g, device=dev)
+            for precision in ("ieee", "tf32x3", "tf32"):
+                torch.ops.kcm.convex_update(K, C, precision)
+    os.environ.pop("KCM_CUDA_CONVEX", None)
+    try:
+        from kcm_cuda.kernels import triton as triton_backend
+    except ImportError as exc:
+        print(f"workload: triton backend not importable ({exc}); cuda kernels only")
+    else:
+        x = torch.randn(129, 33, generator=g, device=dev)
+        y = torch.randn(70, 33, generator=g, device=dev)
+        K = torch.rand(2, 129, 129, generator=g, device=dev)
+        for precision in ("ieee", "tf32x3", "tf32"):
+            triton_backend.rbf_kernel(x, None, 1.0, precision)
+            triton_backend.rbf_kernel(x, y, 1.0, precision)
+            triton_backend.convex_update(K, K.clone(), precision)
+    torch.cuda.synchronize()
+    print("workload OK")
+    return 0
+
+
+def _junit_counts(path: Path) -> dict[str, Any]:
+    """Totals of a pytest junit XML, and how many CUDA-op tests passed."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "cuda_ops_passed": 0}
+    if not path.is_file():
+        return counts
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        counts["tests"] += 1
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = child.tag
+        if outcome == "failure":
+            counts["failures"] += 1
+        elif outcome == "error":
+            counts["errors"] += 1
+        elif outcome == "skipped":
+            counts["skipped"] += 1
+        elif "test_cuda_ops" in (case.get("classname") or ""):
+            counts["cuda_ops_passed"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------- goals
+
+
+def _records(out: Path, stamp: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for name in BENCH_FILES:
+        path = out / f"{stamp}-{name}.json"
+        if path.is_file():
+            records += json.loads(path.read_text()).get("records", [])
+    return [r for r in records if r.get("status") == "ok" and r.get("median_ms") is not None]
+
+
+def _best_ours(records, op: str, case_prefix: str) -> dict[str, Any] | None:
+    mine = [
+        r for r in records
+        if r["op"] == op and r["case"].startswith(case_prefix) and r.get("ours")
+        and str(r["peer"]).startswith(("kcm[", "kcm-prune["))
+    ]  # fmt: skip
+    return min(mine, key=lambda r: r["median_ms"]) if mine else None
+
+
+def _peer(records, op: str, case: str, peer: str) -> dict[str, Any] | None:
+    for r in records:
+        if r["op"] == op and r["case"] == case and r["peer"] == peer:
+            return r
+    return None
+
+
+def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's H100 goals (ratios within one run). Status PASS / FAIL / UNMEASURED."""
+    goals: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, target: str, ok: bool | None, how: str) -> None:
+        status = "UNMEASURED" if ok is None else ("PASS" if ok else "FAIL")
+        goals.append(
+            {"goal": name, "value": value, "target": target, "status": status, "from": how}
+        )
+
+    best = _best_ours(records, "rbf", "n=3072,d=768,tf32")
+    cdist = best and _peer(records, "rbf", best["case"], "torch-cdist")
+    ratio = cdist["median_ms"] / best["median_ms"] if best and cdist else None
+    add("RBF (3072, 768) vs torch.cdist+exp", ratio, ">= 2x", None if ratio is None
+        else ratio >= 2.0, best["peer"] if best else "no tf32 rbf record")  # fmt: skip
+    pct = best.get("pct_peak") if best else None
+    add("RBF (3072, 768) % of TF32 peak", pct, ">= 60%", None if pct is None else pct >= 60.0,
+        best["peer"] if best else "no tf32 rbf record")  # fmt: skip
+    for precision in ("ieee", "tf32x3", "tf32"):
+        case = f"n=3072,{precision}"
+        best = _best_ours(records, "convex_update", case)
+        mm = best and _peer(records, "convex_update", best["case"], "torch-mm")
+        ratio = best["median_ms"] / mm["median_ms"] if best and mm else None
+        how = best["peer"] if best else "no record"
+        add(f"update n=3072 {precision} vs bare torch.mm", ratio, "<= 1.2x",
+            None if ratio is None else ratio <= 1.2, how)  # fmt: skip
+    for precision in ("tf32", "ieee"):
+        best = _best_ours(records, "solver", "bert-base-like,L=12,n=3072," + precision)
+        sec = best["median_ms"] / 1000 if best else None
+        add(f"R2 solve 12 x 3072 ({precision})", sec, "< 0.5 s",
+            None if sec is None else sec < 0.5, best["peer"] if best else "no record")  # fmt: skip
+    best = _best_ours(records, "prune_e2e", "bert-base")
+    sec = best["median_ms"] / 1000 if best else None
+    add("BERT-base prune end to end", sec, "< 30 s", None if sec is None else sec < 30.0,
+        best["peer"] if best else "no record")  # fmt: skip
+    return goals
+
+
+def print_goals(goals: list[dict[str, Any]]) -> None:
+    print(f"{'goal':<42} {'value':>10} {'target':>9}  status")
+    for g in goals:
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        print(f"{g['goal']:<42} {value:>10} {g['target']:>9}  {g['status']}  ({g['from']})")
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+def _run_stage(stage: Stage, log, timeout: float) -> tuple[str, float, str]:
+    env = dict(os.environ)
+    for key, value in stage.env.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    start = time.monotonic()
+    for cmd in stage.commands:
+        exe = shutil.which(cmd[0]) if not os.path.isabs(cmd[0]) else cmd[0]
+        if exe is None:
+            return "FAIL", time.monotonic() - start, f"{cmd[0]} not found on PATH"
+        left = timeout - (time.monotonic() - start)
+        banner = f"\n=== [{stage.name}] $ {shlex.join(cmd)}\n"
+        print(banner, end="", flush=True)
+        log.write(banner)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", start_new_session=True,
+        )  # fmt: skip
+
+        def copy(stream=proc.stdout) -> None:
+            for line in stream:
+                sys.stdout.write(line)
+                log.write(line)
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=max(left, 1.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reader.join(timeout=10)
+            return "FAIL", time.monotonic() - start, f"timed out after {timeout:.0f} s"
+        reader.join(timeout=30)
+        if rc != 0:
+            return "FAIL", time.monotonic() - start, f"exit status {rc}: {' '.join(cmd[:4])}"
+    return "PASS", time.monotonic() - start, ""
+
+
+def _device_meta() -> dict[str, Any]:
+    """Device, versions and git state (benchmarks/harness.py's description of a machine)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from benchmarks import harness
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = harness.device_info(dev)
+    if dev.type != "cuda":
+        device["capability"] = None
+    return {"device": device, "versions": harness.versions(), "git": harness.git_info()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
+    parser.add_argument("--out", default=None, help="result folder (default: benchmarks/"
+                        "results/<device slug>/)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, check files")
+    parser.add_argument("--timeout", type=float, default=STAGE_TIMEOUT_S, help="s per stage")
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        return probe()
+    if args.workload:
+        sys.path.insert(0, str(ROOT))
+        return workload()
+
+    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; the stages are {STAGES}")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if args.dry_run:
+        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "<device-slug>"
+        return dry_run([s for s in plan(out, stamp, None) if s.name in names], out)
+
+    meta = _device_meta()
+    arch = meta["device"].get("capability")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / meta["device"]["slug"]
+    out.mkdir(parents=True, exist_ok=True)
+    stages = {s.name: s for s in plan(out, stamp, arch)}
+    summary: dict[str, Any] = {
+        "schema": 1,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "stages": {},
+    }
+    failed = False
+    built = True
+    log_path = out / f"{stamp}-gpu-check.log"
+    with log_path.open("w") as log:
+        for name in names:
+            stage = stages[name]
+            if name == "goals":
+                goals = evaluate_goals(_records(out, stamp))
+                summary["goals"] = goals
+                print("\n=== [goals] (reported, not asserted)")
+                print_goals(goals)
+                summary["stages"][name] = {"status": "PASS", "seconds": 0.0, "detail": ""}
+                continue
+            if name in NEEDS_EXTENSION and not built:
+                summary["stages"][name] = {"status": "SKIPPED", "detail": "the build failed"}
+                continue
+            if name == "build" and arch is None:
+                status, secs, detail = "FAIL", 0.0, "no CUDA GPU visible to torch"
+            else:
+                status, secs, detail = _run_stage(stage, log, args.timeout)
+            record: dict[str, Any] = {"status": status, "seconds": round(secs, 1), "detail": detail}
+            if name == "tests":
+                xml = out / f".{stamp}-tests.xml"
+                counts = _junit_counts(xml)
+                xml.unlink(missing_ok=True)
+                record["counts"] = counts
+                if counts["cuda_ops_passed"] == 0:
+                    record.update(status="FAIL", detail="no CUDA-op test ran (all skipped?)")
+            if name == "build" and status != "PASS":
+                built = False
+                print("\n!!! gpu-check: THE CUDA EXTENSION DID NOT BUILD (see above) !!!\n")
+            summary["stages"][name] = record
+            failed |= record["status"] == "FAIL"
+            log.flush()
+    summary["ok"] = not failed
+    summary_path = out / f"{stamp}-gpu-check.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n=== gpu-check summary")
+    for name, rec in summary["stages"].items():
+        print(f"  {name:<13} {rec['status']:<8} {rec.get('seconds', 0):>7} s  {rec['detail']}")
+    print(f"  results: {summary_path}")
+    print("gpu-check " + ("PASSED" if not failed else "FAILED"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
