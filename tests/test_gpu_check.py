@@ -109,3 +109,14 @@ def test_goals_from_records():
     assert goals["R2 solve 12 x 3072 (tf32)"]["status"] == "PASS"
     assert goals["R2 solve 12 x 3072 (ieee)"]["status"] == "UNMEASURED"
     assert goals["BERT-base prune end to end"]["status"] == "FAIL"
+
+
+def test_budget_skips_the_stages_it_cannot_fit(tmp_path):
+    proc = _run([sys.executable, "tools/gpu_check.py", "--stages", "goals,build",
+                 "--budget", "10", "--out", str(tmp_path)])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (summary_file,) = tmp_path.glob("*-gpu-check.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["stages"]["build"] == {"status": "SKIPPED", "detail": "budget spent"}
+    assert summary["ok"] is True and summary["complete"] is False
+    assert "PASSED (incomplete)" in proc.stdout

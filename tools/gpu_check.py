@@ -22,11 +22,13 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
 Results: <out>/<stamp>-gpu-check.json (device, versions, date, git, each stage's status and
 time, the test counts, the goals), <out>/<stamp>-gpu-check.log (every stage's output) and the
 benchmark JSONs <out>/<stamp>-bench-*.json; <out> defaults to benchmarks/results/<device
-slug>/. At most 8 files: the device tool brings back 8 files from $OUT.
+slug>/. At most 8 files: the device tool brings back 8 files from $OUT. The goals stage reads
+the newest bench JSON of each benchmark in <out>, whichever call wrote it.
 
     python tools/gpu_check.py                          # every stage
     python tools/gpu_check.py --stages env,build,tests --out "$OUT"
     python tools/gpu_check.py --dry-run                # the plan; checks the commands exist
+    python tools/gpu_check.py --stages build,bench-rbf --budget 540   # inside one 10-min call
 
 The dry run needs neither a GPU nor torch: it prints each stage's command, checks that the
 files and modules it names exist here, reports whether its executables are on PATH, and exits
@@ -318,12 +320,14 @@ def _junit_counts(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- goals
 
 
-def _records(out: Path, stamp: str) -> list[dict[str, Any]]:
+def _records(out: Path) -> list[dict[str, Any]]:
+    """The records of the newest <stamp>-bench-*.json of each benchmark in ``out`` (so that a
+    later call's goals stage sees the benchmarks of an earlier call in the same folder)."""
     records: list[dict[str, Any]] = []
     for name in BENCH_FILES:
-        path = out / f"{stamp}-{name}.json"
-        if path.is_file():
-            records += json.loads(path.read_text()).get("records", [])
+        found = sorted(out.glob(f"*-{name}.json"))
+        if found:
+            records += json.loads(found[-1].read_text()).get("records", [])
     return [r for r in records if r.get("status") == "ok" and r.get("median_ms") is not None]
 
 
@@ -455,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                         "results/<device slug>/)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the plan, check files")
     parser.add_argument("--timeout", type=float, default=STAGE_TIMEOUT_S, help="s per stage")
+    parser.add_argument("--budget", type=float, default=None, help="s for all the stages of "
+                        "this call (later stages are skipped when it is spent)")  # fmt: skip
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -486,12 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     built = True
+    t0 = time.monotonic()
     log_path = out / f"{stamp}-gpu-check.log"
     with log_path.open("w") as log:
         for name in names:
             stage = stages[name]
             if name == "goals":
-                goals = evaluate_goals(_records(out, stamp))
+                goals = evaluate_goals(_records(out))
                 summary["goals"] = goals
                 print("\n=== [goals] (reported, not asserted)")
                 print_goals(goals)
@@ -500,10 +507,16 @@ def main(argv: list[str] | None = None) -> int:
             if name in NEEDS_EXTENSION and not built:
                 summary["stages"][name] = {"status": "SKIPPED", "detail": "the build failed"}
                 continue
+            timeout = args.timeout
+            if args.budget is not None:
+                timeout = min(timeout, args.budget - (time.monotonic() - t0))
+                if timeout < 30:
+                    summary["stages"][name] = {"status": "SKIPPED", "detail": "budget spent"}
+                    continue
             if name == "build" and arch is None:
                 status, secs, detail = "FAIL", 0.0, "no CUDA GPU visible to torch"
             else:
-                status, secs, detail = _run_stage(stage, log, args.timeout)
+                status, secs, detail = _run_stage(stage, log, timeout)
             record: dict[str, Any] = {"status": status, "seconds": round(secs, 1), "detail": detail}
             if name == "tests":
                 xml = out / f".{stamp}-tests.xml"
@@ -519,13 +532,15 @@ def main(argv: list[str] | None = None) -> int:
             failed |= record["status"] == "FAIL"
             log.flush()
     summary["ok"] = not failed
+    summary["complete"] = all(r["status"] == "PASS" for r in summary["stages"].values())
     summary_path = out / f"{stamp}-gpu-check.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print("\n=== gpu-check summary")
     for name, rec in summary["stages"].items():
         print(f"  {name:<13} {rec['status']:<8} {rec.get('seconds', 0):>7} s  {rec['detail']}")
     print(f"  results: {summary_path}")
-    print("gpu-check " + ("PASSED" if not failed else "FAILED"))
+    verdict = "FAILED" if failed else ("PASSED" if summary["complete"] else "PASSED (incomplete)")
+    print("gpu-check " + verdict)
     return 1 if failed else 0
 
 
