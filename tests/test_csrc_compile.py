@@ -191,21 +191,36 @@ def _cuda_include() -> Path | None:
     return None
 
 
+# KCM_OLD_TORCH_INCLUDE=<torch/include of an old torch, e.g. 2.4.1 unpacked from its wheel>
+# adds a compile of bindings.cpp against those headers (the oldest torch pyproject allows).
+OLD_TORCH_INCLUDE = os.environ.get("KCM_OLD_TORCH_INCLUDE")
+
+
 @needs_nvcc
-def test_bindings_compile_against_torch_headers():
+@pytest.mark.parametrize("headers", ["installed", "old"])
+def test_bindings_compile_against_torch_headers(headers: str):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler found")
-    torch_flags = _torch_include_flags()
+    if headers == "old":
+        if not OLD_TORCH_INCLUDE:
+            pytest.skip("KCM_OLD_TORCH_INCLUDE not set")
+        inc = Path(OLD_TORCH_INCLUDE)
+        torch_flags = [f"-isystem{inc}", f"-isystem{inc / 'torch/csrc/api/include'}"]
+        abi = 0  # the PyPI wheels before torch 2.7 use the old C++ ABI
+        std = "-std=c++17"  # what torch 2.4 builds extensions with
+    else:
+        torch_flags = _torch_include_flags()
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        std = "-std=c++20"
     if torch_flags is None:
         pytest.skip("the installed torch has no C++ headers")
     cuda_include = _cuda_include()
     if cuda_include is None:
         pytest.skip("cuda_runtime_api.h of the CUDA toolkit not found")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     _run(
         [
-            cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror",
+            cxx, "-fsyntax-only", std, "-Wall", "-Wextra", "-Werror",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
             "-DTORCH_API_INCLUDE_EXTENSION_H", *torch_flags,
             f"-isystem{cuda_include}", f"-isystem{sysconfig.get_paths()['include']}",
