@@ -160,6 +160,12 @@ def bench(request: pytest.FixtureRequest, recorder: harness.Recorder) -> Any:
     return run
 
 
+def smoke_output_dir(slug: str) -> Path:
+    """Where a smoke run writes: the repository's out/ folder (ignored by git), never the
+    system temp directory or another fixed folder outside the repo."""
+    return harness.REPO_ROOT / "out" / "bench-smoke" / slug
+
+
 def _output_path(config: pytest.Config, recorder: harness.Recorder) -> Path | None:
     if config.getoption("--kcm-no-save", default=False) or not recorder.records:
         return None
@@ -167,9 +173,7 @@ def _output_path(config: pytest.Config, recorder: harness.Recorder) -> Path | No
     if out:
         return Path(out)
     if recorder.profile.smoke:
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / "kcm-bench" / recorder.device_info["slug"]
+        return smoke_output_dir(recorder.device_info["slug"])
     return None  # the default: benchmarks/results/<slug>/<stamp>-<sha>-<profile>.json
 
 
@@ -179,6 +183,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     terminalreporter.section("kcm_cuda benchmarks")
     terminalreporter.write_line(harness.records_table(recorder.records))
+    goals = harness.goals_lines(recorder.records)
+    if goals:
+        terminalreporter.section("issue 10 goals (reported, not asserted)")
+        for line in goals:
+            terminalreporter.write_line(line)
     if config.getoption("--kcm-no-save", default=False):
         return
     path = recorder.write(_output_path(config, recorder))

@@ -817,3 +817,66 @@ def try_compile(fn: Callable[..., Any]) -> tuple[Callable[..., Any] | None, str 
         return compile_fn(fn, dynamic=False), None
     except Exception as exc:  # noqa: BLE001
         return None, f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Goals (bench_goals.py): reported as pass/fail, never asserted
+# ---------------------------------------------------------------------------------------------
+_GOAL_OPS = {
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+}
+
+
+def goal_record(name: str, value: float, op: str, target: float, unit: str) -> dict[str, Any]:
+    """A result-file record (op "goal") for one goal: ``value op target`` and whether it holds."""
+    if op not in _GOAL_OPS:
+        raise ValueError(f"goal comparison must be one of {sorted(_GOAL_OPS)}, got {op!r}")
+    record = blank_record(op="goal", case=name, peer=name, ours=True, baseline=None)
+    record["info"] = {
+        "value": float(value),
+        "comparison": op,
+        "target": float(target),
+        "unit": unit,
+        "passed": bool(_GOAL_OPS[op](float(value), float(target))),
+    }
+    return record
+
+
+def goals_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One 'PASS/FAIL name: value (goal op target)' line per goal record."""
+    lines = []
+    for r in records:
+        if r.get("op") != "goal":
+            continue
+        g = r["info"]
+        verdict = "PASS" if g["passed"] else "FAIL"
+        lines.append(
+            f"{verdict}  {r['case']}: {g['value']:.3g} {g['unit']} "
+            f"(goal {g['comparison']} {g['target']:g} {g['unit']})"
+        )
+    return lines
+
+
+def dispatch_rows(
+    measured: dict[tuple[str, str], dict[str, float | None]], min_capability: int
+) -> list[dict[str, Any]]:
+    """Dispatch-table rows (kcm_cuda.dispatch JSON format, plus the times) from measured
+    median ms per (op, precision) and backend: fastest first, unmeasured or failed backends
+    dropped, ``torch`` always kept last as the fallback."""
+    rows = []
+    for (op, precision), times in sorted(measured.items()):
+        ok = {b: t for b, t in times.items() if t is not None and b != "torch"}
+        order = sorted(ok, key=lambda b: ok[b]) + ["torch"]
+        rows.append(
+            {
+                "min_capability": min_capability,
+                "op": op,
+                "precision": precision,
+                "order": order,
+                "median_ms": {b: times[b] for b in order if times.get(b) is not None},
+            }
+        )
+    return rows

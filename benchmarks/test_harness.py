@@ -169,3 +169,42 @@ def test_uniform_pruning_keeps_the_flops_budget() -> None:
         assert pruned(input_ids=ids).last_hidden_state.shape == (2, 16, 32)
     with pytest.raises(ValueError, match="attention floor"):
         ffn_keep(config, 0.1, 16)
+
+
+def test_goal_records_and_lines():
+    ok = harness.goal_record("rbf vs cdist+exp", 2.5, ">=", 2.0, "x")
+    bad = harness.goal_record("R2 12x3072 seconds", 0.61, "<", 0.5, "s")
+    assert ok["info"]["passed"] is True and bad["info"]["passed"] is False
+    lines = harness.goals_lines([ok, bad, harness.blank_record(op="rbf")])
+    assert lines == [
+        "PASS  rbf vs cdist+exp: 2.5 x (goal >= 2 x)",
+        "FAIL  R2 12x3072 seconds: 0.61 s (goal < 0.5 s)",
+    ]
+    assert "rbf vs cdist+exp" in harness.records_table([ok, bad])
+    with pytest.raises(ValueError, match="goal comparison"):
+        harness.goal_record("x", 1.0, "~", 1.0, "s")
+
+
+def test_dispatch_rows_are_a_valid_dispatch_table():
+    from kcm_cuda import dispatch
+
+    measured = {
+        ("rbf", "tf32"): {"cuda": 1.9, "triton": 0.8, "torch": 1.2},
+        ("convex_update", "ieee"): {"cuda": 3.0, "triton": None, "torch": 5.0},
+    }
+    rows = harness.dispatch_rows(measured, 90)
+    by_key = {(r["op"], r["precision"]): r for r in rows}
+    assert by_key[("rbf", "tf32")]["order"] == ["triton", "cuda", "torch"]  # torch: fallback
+    assert by_key[("convex_update", "ieee")]["order"] == ["cuda", "torch"]  # failed: dropped
+    table = dispatch.table_from_json(json.loads(json.dumps(rows)))
+    assert table[(90, "rbf", "tf32")] == ("triton", "cuda", "torch")
+
+
+def test_smoke_results_stay_inside_the_repo():
+    """Issue 9: a smoke run writes under the repo's git-ignored out/, not the system temp."""
+    from benchmarks import conftest
+
+    out = conftest.smoke_output_dir("cpu-test")
+    assert out.is_relative_to(harness.REPO_ROOT / "out")
+    ignore = (harness.REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert "/out/" in ignore

@@ -12,12 +12,14 @@ import math
 import torch
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-FLOAT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 points: computed in float64 by the torch backend (what "auto" picks for them); the
+# GPU kernels (cuda, triton) cast them to float32 first (see kcm_cuda.kernels.rbf_kernel).
+FLOAT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_precision(precision: object) -> str:
     if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}")
     return precision
 
 
@@ -32,7 +34,7 @@ def check_points(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_INPUT_DTYPES:
         raise TypeError(
-            f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}"
+            f"{name} must have dtype float32, float64, float16 or bfloat16, got {x.dtype}"
         )
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
@@ -68,8 +70,8 @@ def check_rbf_args(x: object, y: object, sigma: object, precision: object):
     return x, y, check_sigma(sigma), check_precision(precision)
 
 
-def check_square_stack(name: str, t: object) -> torch.Tensor:
-    """A float (n, n) matrix or (L, n, n) stack of them with n >= 1."""
+def _square_stack_shape(name: str, t: object) -> torch.Tensor:
+    """Type, dtype and shape checks of a (n, n) / (L, n, n) float tensor (no data pass)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -82,9 +84,29 @@ def check_square_stack(name: str, t: object) -> torch.Tensor:
         raise ValueError(f"{name} must be square in its last two dims, got {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    check_finite(name, t)
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be non-negative (a kernel matrix / convex coefficients)")
+    return t
+
+
+def check_nonnegative_finite(**tensors: torch.Tensor) -> None:
+    """Every value finite and >= 0, for all ``tensors`` with one data pass each
+    (``torch.aminmax``: NaN propagates into min and max) and one host sync in all."""
+    names = list(tensors)
+    bounds = torch.stack(
+        [torch.stack(torch.aminmax(t)).to(torch.float64) for t in tensors.values()]
+    ).tolist()
+    for name, (low, high) in zip(names, bounds, strict=True):
+        if math.isnan(low) or math.isinf(high) or low == -math.inf:
+            raise ValueError(f"{name} contains NaN or Inf")
+        if low < 0:
+            raise ValueError(
+                f"{name} must be non-negative (a kernel matrix / convex coefficients)"
+            )
+
+
+def check_square_stack(name: str, t: object) -> torch.Tensor:
+    """A float (n, n) matrix or (L, n, n) stack of them with n >= 1, finite and >= 0."""
+    t = _square_stack_shape(name, t)
+    check_nonnegative_finite(**{name: t})
     return t
 
 
@@ -93,13 +115,17 @@ def check_kernel_matrix(K: object) -> torch.Tensor:
 
 
 def check_update_args(K: object, C: object, precision: object):
-    K = check_kernel_matrix(K)
-    C = check_square_stack("C", C)
+    """K and C of the convex update: shapes first, then one fused value check for both
+    (one pass over each, one host sync), so the public op stays cheap next to the update."""
+    K = _square_stack_shape("K", K)
+    C = _square_stack_shape("C", C)
     if C.shape != K.shape:
         raise ValueError(f"C must have the shape of K {tuple(K.shape)}, got {tuple(C.shape)}")
     if C.device != K.device:
         raise ValueError(f"K and C must be on the same device, got {K.device} and {C.device}")
-    return K, C, check_precision(precision)
+    precision = check_precision(precision)
+    check_nonnegative_finite(K=K, C=C)
+    return K, C, precision
 
 
 def check_solver_args(alpha: object, max_iter: object) -> tuple[float, int]:

@@ -221,8 +221,27 @@ def make_stack(batch: int, n: int, seed: int, zero_fraction: float = 0.3):
     return K, C.contiguous()
 
 
-def check_update(backend: str, K: torch.Tensor, C: torch.Tensor, precision: str = "ieee"):
-    C_new, delta, mass = backend_module(backend).convex_update(K, C, precision)
+def check_update(
+    backend: str,
+    K: torch.Tensor,
+    C: torch.Tensor,
+    precision: str = "ieee",
+    *,
+    transposed: bool = False,
+    config: dict | None = None,
+):
+    """The backend's update against the float64 reference. ``transposed``: run the backend's
+    D = C^T form (``convex_update_transposed``, K symmetric) on C^T and compare its result,
+    transposed back, with the reference's C update: the two forms are the same step."""
+    module = backend_module(backend)
+    kwargs = {} if config is None else {"config": config}
+    if transposed:
+        D_new, delta, mass = module.convex_update_transposed(
+            K, C.mT.contiguous(), precision, **kwargs
+        )
+        C_new = D_new.mT
+    else:
+        C_new, delta, mass = module.convex_update(K, C, precision, **kwargs)
     batch, n, _ = K.shape
     assert C_new.shape == (batch, n, n) and C_new.dtype == torch.float32
     assert delta.shape == (batch,) and mass.shape == (batch,)
@@ -254,6 +273,22 @@ def check_update(backend: str, K: torch.Tensor, C: torch.Tensor, precision: str 
 def test_convex_update(backend, device, batch, n, precision):
     K, C = make_stack(batch, n, seed=10 * n + batch)
     check_update(backend, K.to(device), C.to(device), precision)
+
+
+TRANSPOSED_BACKENDS = [
+    p for p in BACKENDS if hasattr(backend_module(p.values[0]), "convex_update_transposed")
+]
+
+
+@pytest.mark.parametrize("backend,device", TRANSPOSED_BACKENDS)
+@pytest.mark.parametrize("batch,n", [(1, 1), (2, 37), (1, 70)])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_convex_update_transposed_is_the_same_step(backend, device, batch, n, precision):
+    """D <- D * sqrt(K / (D K)) on D = C^T equals C <- C * sqrt(K / (K C)) transposed, for the
+    exactly symmetric K of the solver, within the float32 bounds of the plain update."""
+    K, C = make_stack(batch, n, seed=7 * n + batch)
+    assert torch.equal(K, K.mT)
+    check_update(backend, K.to(device), C.to(device), precision, transposed=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

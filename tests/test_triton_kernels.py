@@ -214,3 +214,168 @@ def test_gpu_tf32_modes_order_of_error():
         for p in ("ieee", "tf32x3", "tf32")
     }
     assert err["tf32"] > err["tf32x3"] and err["tf32"] > err["ieee"]
+
+
+# ------------------------------------------------- persistent symmetric RBF (triangular list)
+import triton  # noqa: E402  (after the module-level skip)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _triangular_probe(out_ptr, T, BLOCK: tl.constexpr):
+    t = tl.arange(0, BLOCK)
+    i, j = rbf_mod.triangular_tile(t)
+    tl.store(out_ptr + 2 * t, i, mask=t < T)
+    tl.store(out_ptr + 2 * t + 1, j, mask=t < T)
+
+
+@pytest.mark.parametrize("nt", [1, 2, 3, 7, 48, 90])
+def test_triangular_tile_list_covers_the_upper_triangle_once(nt):
+    """t -> (i, j) enumerates every tile with i <= j exactly once (48: n = 3072 at 64-wide
+    tiles), in column order, so the persistent grid neither skips nor repeats a tile."""
+    T = nt * (nt + 1) // 2
+    out = torch.full((2 * T,), -1, dtype=torch.int32, device=DEVICE)
+    _triangular_probe[(1,)](out, T, BLOCK=triton.next_power_of_2(T))
+    pairs = [tuple(p) for p in out.view(T, 2).tolist()]
+    expected = [(i, j) for j in range(nt) for i in range(j + 1)]
+    assert pairs == expected
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 50, 81])
+@pytest.mark.parametrize("ctas", [1, 2])
+def test_persistent_symmetric_rbf(n, ctas):
+    """Grids smaller than the tile list (several rounds per program under the interpreter's
+    3 'SMs') and larger; exact symmetry, unit diagonal, float32 parity."""
+    x = make_points(n, 9, 1.0, seed=n + ctas)
+    config = {**SMALL, "CTAS_PER_SM": ctas}
+    nt = -(-n // 16)
+    programs = rbf_mod.symmetric_grid_size(n, 16, ctas, torch.device(DEVICE))
+    assert 1 <= programs <= nt * (nt + 1) // 2
+    _check_rbf_config(x.to(DEVICE), None, config)
+
+
+def test_symmetric_grid_never_launches_lower_triangle_programs():
+    dev = torch.device("cpu")  # sm_count: 3 under the interpreter
+    assert rbf_mod.symmetric_grid_size(16, 16, 4, dev) == 1  # one tile, not 12 programs
+    assert rbf_mod.symmetric_grid_size(64, 16, 1, dev) == 3  # 10 tiles, 3 resident
+    assert rbf_mod.symmetric_grid_size(64, 16, 8, dev) == 10
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rbf_nan_point_propagates(symmetric):
+    """The kernel never turns a NaN point into K = 1 (max(d2, 0) propagates NaN); the row and
+    column of that point are NaN, the rest is untouched."""
+    x = make_points(20, 5, 1.0, seed=3)
+    x[4, 2] = float("nan")
+    y = None if symmetric else make_points(9, 5, 1.0, seed=4)
+    K = _rbf(x.to(DEVICE), None if y is None else y.to(DEVICE), config=SMALL).cpu()
+    assert bool(K[4].isnan().all())
+    if symmetric:
+        assert bool(K[:, 4].isnan().all())
+    rest = torch.cat([K[:4], K[5:]])
+    if symmetric:
+        rest = torch.cat([rest[:, :4], rest[:, 5:]], dim=1)
+    assert not bool(rest.isnan().any())
+
+
+# ------------------------------------------------------------------- transposed update
+@pytest.mark.parametrize("batch,n", [(1, 16), (2, 33)])
+@pytest.mark.parametrize("config", [SMALL, RECT], ids=["small", "rect"])
+def test_transposed_update_tile_configs(batch, n, config):
+    K, C = make_stack(batch, n, seed=n)
+    check_update("triton", K.to(DEVICE), C.to(DEVICE), transposed=True, config=config)
+
+
+def test_transposed_update_strided_D():
+    """D given as a transposed view (no copy): the kernel reads it with its own strides."""
+    K, C = make_stack(2, 24, seed=5)
+    K, C = K.to(DEVICE), C.to(DEVICE)
+    D_new, delta, mass = cu_mod.convex_update_transposed(K, C.mT, "ieee", config=SMALL)
+    ref_C, ref_delta, _ = reference.convex_update(K, C)
+    torch.testing.assert_close(D_new.mT.cpu().double(), ref_C, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(delta.cpu().double(), ref_delta, rtol=1e-5, atol=1e-6)
+
+
+def test_solver_uses_the_transposed_update_for_symmetric_K(monkeypatch):
+    """kcm_coefficients on the triton backend iterates on D = C^T when K is exactly symmetric
+    (and on C otherwise) and matches the float64 reference solve either way."""
+    import kcm_cuda
+
+    calls = {"plain": 0, "transposed": 0}
+    plain, transposed = tb.convex_update, tb.convex_update_transposed
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(tb, "convex_update", count("plain", plain))
+    monkeypatch.setattr(tb, "convex_update_transposed", count("transposed", transposed))
+    K, _ = make_stack(2, 20, seed=8)
+    C, n_iter = kcm_cuda.kcm_coefficients(K.to(DEVICE), backend="triton")
+    C_ref, it_ref = reference.kcm_coefficients(K)
+    assert calls["plain"] == 0 and calls["transposed"] == int(n_iter.max())
+    assert n_iter.tolist() == it_ref.tolist()
+    torch.testing.assert_close(C.cpu().double(), C_ref, rtol=1e-4, atol=1e-6)
+
+    K_asym = K.clone()
+    K_asym[:, 0, 1] *= 0.5  # no longer symmetric: the D form would be a different problem
+    calls.update(plain=0, transposed=0)
+    C, n_iter = kcm_cuda.kcm_coefficients(K_asym.to(DEVICE), backend="triton")
+    C_ref, it_ref = reference.kcm_coefficients(K_asym)
+    assert calls["transposed"] == 0 and calls["plain"] == int(n_iter.max())
+    torch.testing.assert_close(C.cpu().double(), C_ref, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- device guard
+def test_device_guard_selects_the_tensors_device():
+    from kcm_cuda.kernels.triton import _common
+
+    guard = _common.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_common.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.parametrize("op", ["rbf", "rbf_xy", "update", "update_t"])
+def test_every_launch_runs_under_the_device_guard(monkeypatch, op):
+    """Each Triton entry point enters the guard with its tensors' device before launching
+    (the launch itself checks the guard is active, so a launch outside it fails)."""
+    import contextlib
+
+    active: list[torch.device] = []
+    entered: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        entered.append(device)
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for mod in (rbf_mod, cu_mod):
+        monkeypatch.setattr(mod, "device_guard", recording_guard)
+        for name in ("_launch", "_row_sqnorms"):
+            if hasattr(mod, name):
+                inner = getattr(mod, name)
+
+                def checked(*args, _inner=inner, **kwargs):
+                    assert active, "Triton launched outside the device guard"
+                    return _inner(*args, **kwargs)
+
+                monkeypatch.setattr(mod, name, checked)
+    x = make_points(10, 4, 1.0, seed=1).to(DEVICE)
+    K, C = make_stack(1, 10, seed=1)
+    K, C = K.to(DEVICE), C.to(DEVICE)
+    if op == "rbf":
+        rbf_mod.rbf_kernel(x, None, 1.0, "ieee")
+    elif op == "rbf_xy":
+        rbf_mod.rbf_kernel(x, x[:3], 1.0, "ieee")
+    elif op == "update":
+        cu_mod.convex_update(K, C, "ieee")
+    else:
+        cu_mod.convex_update_transposed(K, C, "ieee")
+    assert entered and all(d == torch.device(DEVICE) for d in entered)

@@ -20,9 +20,27 @@ from kcm_cuda.kernels.solver import solve_stack
 __all__ = [
     "available_backends",
     "convex_update",
+    "default_precision",
     "kcm_coefficients",
     "rbf_kernel",
 ]
+
+
+def default_precision(device: torch.device | str) -> str:
+    """The precision ``precision="auto"`` resolves to for tensors on ``device``: "tf32" on
+    CUDA GPUs with TF32 tensor cores (compute capability 8.0+), "ieee" elsewhere (the CPU,
+    V100/T4). The R2 ranking under TF32 was measured against ieee on real MiniLM weights (TF32
+    emulated on the CPU): benchmarks/results/cpu/r2_precision.md."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32"
+    return "ieee"
+
+
+def _resolve_precision(precision: object, device: torch.device) -> str:
+    if precision == "auto":
+        return default_precision(device)
+    return validation.check_precision(precision)
 
 
 def rbf_kernel(
@@ -37,11 +55,24 @@ def rbf_kernel(
 
     x: (n, d), y: (m, d) or None (then y = x, K is exactly symmetric with diagonal 1).
     Inputs float32/float16/bfloat16 with any strides; the product accumulates in float32.
+    float64 inputs: "auto" runs them on the torch backend, entirely in float64 (precision
+    ignored), rounded to float32 only at the end; an explicit GPU backend ("cuda",
+    "triton") casts them to float32 first and then ``precision`` applies.
     precision: "ieee" (exact float32), "tf32x3" (three TF32 products, close to float32),
-    "tf32" (one TF32 product, ~1e-3 relative error in the dot products). Returns float32 (n, m).
+    "tf32" (one TF32 product, ~1e-3 relative error in the dot products), "auto"
+    (:func:`default_precision` of the device). Returns float32 (n, m).
+    NaN / Inf points raise ValueError (the kernels themselves propagate NaN).
     """
+    if precision == "auto" and isinstance(x, torch.Tensor):
+        precision = default_precision(x.device)
     x, y, sigma, precision = validation.check_rbf_args(x, y, sigma, precision)
-    name = resolve_backend(backend, x.device)
+    f64 = x.dtype == torch.float64 or (y is not None and y.dtype == torch.float64)
+    name = resolve_backend(
+        backend, x.device, "rbf", precision, torch.float64 if f64 else x.dtype
+    )
+    if f64 and name not in ("torch", "reference"):
+        x = x.float()
+        y = None if y is None else y.float()
     return backend_module(name).rbf_kernel(x, y, sigma, precision)
 
 
@@ -63,8 +94,10 @@ def convex_update(
     K, C: (n, n) or a stack (L, n, n), non-negative. Returns C_new (float32, K's shape) and
     delta, mass as 0-d tensors, or (L,) tensors for a stack.
     """
+    if precision == "auto" and isinstance(K, torch.Tensor):
+        precision = default_precision(K.device)
     K, C, precision = validation.check_update_args(K, C, precision)
-    name = resolve_backend(backend, K.device)
+    name = resolve_backend(backend, K.device, "convex_update", precision)
     C_new, delta, mass = backend_module(name).convex_update(_as_stack(K), _as_stack(C), precision)
     if K.dim() == 2:
         return C_new[0], delta[0], mass[0]
@@ -87,11 +120,18 @@ def kcm_coefficients(
     """
     K = validation.check_kernel_matrix(K)
     alpha, max_iter = validation.check_solver_args(alpha, max_iter)
-    validation.check_precision(precision)
-    name = resolve_backend(backend, K.device)
+    precision = _resolve_precision(precision, K.device)
+    name = resolve_backend(backend, K.device, "convex_update", precision)
     module = backend_module(name)
+    transposed = getattr(module, "convex_update_transposed", None)
     C, n_iter = solve_stack(
-        _as_stack(K), lambda k, c: module.convex_update(k, c, precision), alpha, max_iter
+        _as_stack(K),
+        lambda k, c: module.convex_update(k, c, precision),
+        alpha,
+        max_iter,
+        update_transposed=(
+            None if transposed is None else (lambda k, d: transposed(k, d, precision))
+        ),
     )
     if K.dim() == 2:
         return C[0], int(n_iter[0])

@@ -58,7 +58,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
 def rbf_kernel(
     x: torch.Tensor, y: torch.Tensor | None, sigma: float, precision: str
 ) -> torch.Tensor:
-    xf = x.float()
+    """float32 K. float64 points (x or y) are computed entirely in float64 (``precision``
+    does not apply: there is no TF32 for float64) and rounded to float32 at the end.
+    A NaN point gives NaN in its row/column, diagonal included (no silent K = 1)."""
+    f64 = x.dtype == torch.float64 or (y is not None and y.dtype == torch.float64)
+    work = torch.float64 if f64 else torch.float32
+    if f64:
+        precision = "ieee"
+    xf = x.to(work)
     x_sq = (xf * xf).sum(1)
     if y is None:
         # dot + dot^T is exactly symmetric (float addition commutes) even where BLAS is not.
@@ -66,15 +73,16 @@ def rbf_kernel(
         two_dot = dot.add_(dot.t().clone())
         y_sq = x_sq
     else:
-        yf = y.float()
+        yf = y.to(work)
         y_sq = (yf * yf).sum(1)
         two_dot = matmul(xf, yf.t(), precision).mul_(2.0)
     # |x_i|^2 + |y_j|^2 first: that sum is symmetric too, so K stays exactly symmetric.
     K = (x_sq[:, None] + y_sq[None, :]).sub_(two_dot).clamp_min_(0.0)
     del two_dot
-    K = K.mul_(-0.5 / (sigma * sigma)).exp_()
+    K = K.mul_(-0.5 / (sigma * sigma)).exp_().to(torch.float32)
     if y is None:
-        K.diagonal().fill_(1.0)
+        # Exactly 1 (NaN for a NaN point: clamp_min_ above propagates NaN, so must this).
+        K.diagonal().copy_(torch.where(x_sq.isnan(), torch.nan, 1.0))
     return K
 
 

@@ -10,7 +10,7 @@ before triton is imported; slow, for tests). Inputs are validated by kcm_cuda.ke
 
 from __future__ import annotations
 
-from kcm_cuda.kernels.triton.convex_update import convex_update
+from kcm_cuda.kernels.triton.convex_update import convex_update, convex_update_transposed
 from kcm_cuda.kernels.triton.rbf_kernel import rbf_kernel
 
-__all__ = ["convex_update", "rbf_kernel"]
+__all__ = ["convex_update", "convex_update_transposed", "rbf_kernel"]

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["convex_update"]
+from kcm_cuda.kernels.triton._common import device_guard, is_interpreted
+
+__all__ = ["convex_update", "convex_update_transposed"]
 
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
@@ -59,6 +61,7 @@ def _convex_update_kernel(
     stride_om,
     stride_on,
     stride_pb,  # partials: (B, P, 2) contiguous, stride_pb = 2 * P
+    TRANSPOSED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -86,8 +89,18 @@ def _convex_update_kernel(
 
     k_base = k_ptr + batch * stride_kb
     c_base = c_ptr + batch * stride_cb
-    a_ptrs = k_base + rows * stride_km + offs_k[None, :] * stride_kn
-    b_ptrs = c_base + offs_k[:, None] * stride_cm + cols * stride_cn
+    if TRANSPOSED:
+        # (D K)[m, n] = sum_k D[m, k] K[n, k] (K symmetric): both operands read along k.
+        a_ptrs = c_base + rows * stride_cm + offs_k[None, :] * stride_cn
+        b_ptrs = k_base + cols * stride_km + offs_k[:, None] * stride_kn
+        a_step = BLOCK_K * stride_cn
+        b_step = BLOCK_K * stride_kn
+    else:
+        # (K C)[m, n] = sum_k K[m, k] C[k, n].
+        a_ptrs = k_base + rows * stride_km + offs_k[None, :] * stride_kn
+        b_ptrs = c_base + offs_k[:, None] * stride_cm + cols * stride_cn
+        a_step = BLOCK_K * stride_kn
+        b_step = BLOCK_K * stride_cm
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
@@ -95,10 +108,11 @@ def _convex_update_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_kn
-        b_ptrs += BLOCK_K * stride_cm
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     # Fused epilogue. Out-of-range lanes load 0 for K and C and contribute 0 to the sums.
+    # (TRANSPOSED: c is D and K[m, n] = K[n, m], so the same formula gives D_new.)
     in_bounds = mask_m[:, None] & mask_n[None, :]
     k_tile = tl.load(k_base + rows * stride_km + cols * stride_kn, mask=in_bounds, other=0.0)
     c_tile = tl.load(c_base + rows * stride_cm + cols * stride_cn, mask=in_bounds, other=0.0)
@@ -115,18 +129,10 @@ def _convex_update_kernel(
     tl.store(p + 1, mass_part)
 
 
-def _is_interpreted(fn: object) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(fn, InterpretedFunction)
-
-
-INTERPRETED = _is_interpreted(_convex_update_kernel)
+INTERPRETED = is_interpreted(_convex_update_kernel)
 
 _convex_update_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["N", "INPUT_PRECISION"], reset_to_zero=["part_ptr"]
+    configs=_GPU_CONFIGS, key=["N", "INPUT_PRECISION", "TRANSPOSED"], reset_to_zero=["part_ptr"]
 )(_convex_update_kernel)
 
 
@@ -144,6 +150,31 @@ def convex_update(
     BLOCK_K, GROUP_M); by default a GPU autotunes and the interpreter uses
     :data:`INTERPRET_CONFIG`.
     """
+    with device_guard(K.device):
+        return _launch(K, C, precision, config, transposed=False)
+
+
+def convex_update_transposed(
+    K: torch.Tensor,
+    D: torch.Tensor,
+    precision: str,
+    *,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step on D = C^T for an exactly symmetric K: D_new = D * sqrt(K / (D K)).
+
+    Transposing C_new = C * sqrt(K / (K C)) gives C_new^T = C^T * sqrt(K^T / (C^T K^T)), and
+    K^T = K, so D_new = C_new^T exactly (only the float summation order of the product may
+    differ); delta and mass are sums over all entries, unchanged by the transpose. Both
+    operands of D K are read along k (row i of D, row j of K), where K C reads C across its
+    columns. The caller guarantees K is symmetric (the solver checks it once).
+    Returns D_new (B, n, n), delta (B,), mass (B,).
+    """
+    with device_guard(K.device):
+        return _launch(K, D, precision, config, transposed=True)
+
+
+def _launch(K, C, precision, config, *, transposed):
     batch, n, _ = K.shape
     out = torch.empty((batch, n, n), device=K.device, dtype=torch.float32)
     if config is None and INTERPRETED:
@@ -169,8 +200,10 @@ def convex_update(
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     if config is not None:
-        _convex_update_kernel[grid](*args, INPUT_PRECISION=precision, **config)
+        _convex_update_kernel[grid](
+            *args, TRANSPOSED=transposed, INPUT_PRECISION=precision, **config
+        )
     else:
-        _convex_update_tuned[grid](*args, INPUT_PRECISION=precision)
+        _convex_update_tuned[grid](*args, TRANSPOSED=transposed, INPUT_PRECISION=precision)
     sums = partials.sum(dim=1)
     return out, sums[:, 0].contiguous(), sums[:, 1].contiguous()
