@@ -98,6 +98,9 @@ def test_goals_from_records():
         _rec("convex_update", "n=3072,tf32", "torch-mm", 2.0, ours=False),
         _rec("solver", "bert-base-like,L=12,n=3072,tf32", "kcm[triton]", 450.0),
         _rec("prune_e2e", "bert-base,N=2048,T=128,c=0.6", "kcm-prune[cuda]", 31000.0),
+        {"op": "goal", "case": "r2 L=12 n=3072 auto", "peer": "x", "status": "ok",
+         "median_ms": None, "info": {"value": 0.41, "comparison": "<", "target": 0.5,
+                                     "unit": "s", "passed": True}},
     ]
     goals = {g["goal"]: g for g in gpu_check.evaluate_goals(records)}
     rbf = goals["RBF (3072, 768) vs torch.cdist+exp"]
@@ -109,6 +112,18 @@ def test_goals_from_records():
     assert goals["R2 solve 12 x 3072 (tf32)"]["status"] == "PASS"
     assert goals["R2 solve 12 x 3072 (ieee)"]["status"] == "UNMEASURED"
     assert goals["BERT-base prune end to end"]["status"] == "FAIL"
+    measured = goals["r2 L=12 n=3072 auto"]
+    assert measured["status"] == "PASS" and measured["from"] == "bench_goals"
+    assert measured["target"] == "< 0.5 s"
+
+
+def test_goal_records_survive_the_reader(tmp_path):
+    from benchmarks import harness
+
+    rec = harness.goal_record("prune c=0.6", 12.0, "<", 30.0, "s")
+    (tmp_path / "20260101T000000Z-bench-goals.json").write_text(json.dumps({"records": [rec]}))
+    goals = gpu_check.evaluate_goals(gpu_check._records(tmp_path))
+    assert goals[0]["goal"] == "prune c=0.6" and goals[0]["status"] == "PASS"
 
 
 def test_budget_skips_the_stages_it_cannot_fit(tmp_path):

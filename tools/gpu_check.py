@@ -14,10 +14,12 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
                triton backends; PyTorch's caching allocator off, so that out-of-bounds
                accesses inside a cached block are seen)
     racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) over the same shapes
-    bench-rbf, bench-update, bench-solver, bench-e2e
-               the benchmark suite (benchmarks/), one file per stage, JSON results
-    goals      the issue's timing goals read from the benchmark results, printed PASS / FAIL /
-               UNMEASURED (reported, never failing the check)
+    bench-rbf, bench-update, bench-solver, bench-e2e, bench-goals, bench-dispatch
+               the benchmark suite (benchmarks/), one file per stage, JSON results;
+               bench-goals measures the issue's goals, bench-dispatch the auto-dispatch table
+    goals      the issue's timing goals, PASS / FAIL / UNMEASURED (reported, never failing the
+               check): bench_goals.py's own goal records, plus ratios derived from the other
+               benchmarks' records (per precision)
 
 Results: <out>/<stamp>-gpu-check.json (device, versions, date, git, each stage's status and
 time, the test counts, the goals), <out>/<stamp>-gpu-check.log (every stage's output) and the
@@ -72,6 +74,8 @@ BENCH_FILES = {
     "bench-update": "benchmarks/bench_convex_update.py",
     "bench-solver": "benchmarks/bench_solver.py",
     "bench-e2e": "benchmarks/bench_prune_e2e.py",
+    "bench-goals": "benchmarks/bench_goals.py",
+    "bench-dispatch": "benchmarks/bench_dispatch.py",
 }
 STAGES = ["env", "build", "tests", "memcheck", "racecheck", *BENCH_FILES, "goals"]
 NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", *BENCH_FILES}
@@ -328,13 +332,16 @@ def _records(out: Path) -> list[dict[str, Any]]:
         found = sorted(out.glob(f"*-{name}.json"))
         if found:
             records += json.loads(found[-1].read_text()).get("records", [])
-    return [r for r in records if r.get("status") == "ok" and r.get("median_ms") is not None]
+    return [
+        r for r in records
+        if r.get("op") == "goal" or (r.get("status") == "ok" and r.get("median_ms") is not None)
+    ]  # fmt: skip
 
 
 def _best_ours(records, op: str, case_prefix: str) -> dict[str, Any] | None:
     mine = [
         r for r in records
-        if r["op"] == op and r["case"].startswith(case_prefix) and r.get("ours")
+        if r["op"] == op and str(r["case"]).startswith(case_prefix) and r.get("ours")
         and str(r["peer"]).startswith(("kcm[", "kcm-prune["))
     ]  # fmt: skip
     return min(mine, key=lambda r: r["median_ms"]) if mine else None
@@ -357,6 +364,12 @@ def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {"goal": name, "value": value, "target": target, "status": status, "from": how}
         )
 
+    for r in records:  # measured by benchmarks/bench_goals.py
+        g = r.get("info") or {}
+        if r.get("op") == "goal" and "passed" in g:
+            add(r["case"], g["value"], f"{g['comparison']} {g['target']:g} {g['unit']}",
+                bool(g["passed"]), "bench_goals")  # fmt: skip
+    # Derived from the per-op benchmarks (best of our backends against the peer).
     best = _best_ours(records, "rbf", "n=3072,d=768,tf32")
     cdist = best and _peer(records, "rbf", best["case"], "torch-cdist")
     ratio = cdist["median_ms"] / best["median_ms"] if best and cdist else None
@@ -386,10 +399,10 @@ def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_goals(goals: list[dict[str, Any]]) -> None:
-    print(f"{'goal':<42} {'value':>10} {'target':>9}  status")
+    print(f"{'goal':<42} {'value':>10} {'target':>12}  status")
     for g in goals:
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
-        print(f"{g['goal']:<42} {value:>10} {g['target']:>9}  {g['status']}  ({g['from']})")
+        print(f"{g['goal']:<42} {value:>10} {g['target']:>12}  {g['status']}  ({g['from']})")
 
 
 # ---------------------------------------------------------------------------- runner
