@@ -8,9 +8,10 @@
 // 2. rbf_tile_block: the tiled x y^T product (gemm_tile.cuh, both operands K-major) with the
 //    distance and exp fused in the epilogue. Symmetric mode (y = x): only block tiles with
 //    bi <= bj run; of each tile only elements i < j are computed and written to (i, j) and
-//    (j, i) with the same value, and i == j is written as exactly 1.0: the result is exactly
+//    (j, i) with the same value, and i == j is written as exactly 1.0 (NaN for a NaN point):
+//    the result is exactly
 //    symmetric whatever the order of accumulation inside the tile.
-// NaN in a row of x or y gives NaN in that row / column of K (the diagonal stays 1).
+// NaN in a row of x or y gives NaN in that row / column of K, the diagonal element included.
 #pragma once
 
 #include <cstdint>
@@ -83,7 +84,9 @@ struct RbfEpilogue {
     for (int q = 0; q < 4; ++q) {
       const int j = j0 + q;
       if (j < m && i <= j) {
-        const float k = (i == j) ? 1.0f : value(xi_sq, j, v[q]);
+        // The diagonal is exactly 1, or NaN for a NaN point (xi_sq != xi_sq), as in the torch
+        // and Triton backends.
+        const float k = (i == j) ? (xi_sq != xi_sq ? xi_sq : 1.0f) : value(xi_sq, j, v[q]);
         row[j] = k;
         if (i != j) out[static_cast<int64_t>(j) * m + i] = k;
       }

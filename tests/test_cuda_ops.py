@@ -269,6 +269,7 @@ def test_rbf_nan_propagates():
     K = torch.ops.kcm.rbf_kernel(x, None, 1.0, "ieee")
     want = torch_backend.rbf_kernel(x, None, 1.0, "ieee")
     assert torch.equal(torch.isnan(K), torch.isnan(want)) and bool(torch.isnan(K[3, 0]))
+    assert bool(torch.isnan(K[3, 3])) and float(K[0, 0]) == 1.0
 
 
 @needs_gpu
