@@ -135,3 +135,23 @@ def test_budget_skips_the_stages_it_cannot_fit(tmp_path):
     assert summary["stages"]["build"] == {"status": "SKIPPED", "detail": "budget spent"}
     assert summary["ok"] is True and summary["complete"] is False
     assert "PASSED (incomplete)" in proc.stdout
+
+
+def test_goals_only_run_over_saved_results(tmp_path):
+    """The goals of results fetched from a GPU machine, evaluated here: the summary names the
+    GPU of the results, not this machine."""
+    from benchmarks import harness
+
+    rec = harness.goal_record("rbf vs cdist", 2.4, ">=", 2.0, "x")
+    meta = {"device": {"name": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3"},
+            "versions": {"torch": "2.11.0"}, "git": {"sha": None}}  # fmt: skip
+    (tmp_path / "20260101T000000Z-bench-goals.json").write_text(
+        json.dumps({"meta": meta, "records": [rec]})
+    )
+    proc = _run([sys.executable, "tools/gpu_check.py", "--stages", "goals", "--out",
+                 str(tmp_path)])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (summary_file,) = tmp_path.glob("*-gpu-check.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["device"]["name"] == "NVIDIA H100 80GB HBM3"
+    assert summary["goals"][0]["status"] == "PASS" and "rbf vs cdist" in proc.stdout

@@ -465,6 +465,21 @@ def _device_meta() -> dict[str, Any]:
     return {"device": device, "versions": harness.versions(), "git": harness.git_info()}
 
 
+def _meta_from_results(out: Path) -> dict[str, Any]:
+    """Device, versions and git of the newest benchmark result in ``out`` (for a goals-only
+    run over results fetched from a GPU machine)."""
+    found = sorted(out.glob("*-bench-*.json"))
+    if not found:
+        raise SystemExit(f"gpu-check: no *-bench-*.json in {out} to evaluate")
+    meta = json.loads(found[-1].read_text()).get("meta", {})
+    return {
+        "device": meta.get("device", {}),
+        "versions": meta.get("versions", {}),
+        "git": meta.get("git", {}),
+        "evaluated_from": [p.name for p in found],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
@@ -492,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "<device-slug>"
         return dry_run([s for s in plan(out, stamp, None) if s.name in names], out)
 
-    meta = _device_meta()
+    # goals alone over a folder: re-evaluating saved results, e.g. fetched from a GPU machine.
+    saved = names == ["goals"] and args.out is not None
+    meta = _meta_from_results(Path(args.out)) if saved else _device_meta()
     arch = meta["device"].get("capability")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / meta["device"]["slug"]
     out.mkdir(parents=True, exist_ok=True)
@@ -538,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
                 record["counts"] = counts
                 if counts["cuda_ops_passed"] == 0:
                     record.update(status="FAIL", detail="no CUDA-op test ran (all skipped?)")
+            table = ROOT / "benchmarks" / "results" / str(meta["device"].get("slug")) / (
+                "dispatch_table.json"
+            )
+            if name == "bench-dispatch" and table.is_file() and table.parent != out:
+                shutil.copy(table, out / f"{stamp}-dispatch_table.json")
             if name == "build" and status != "PASS":
                 built = False
                 print("\n!!! gpu-check: THE CUDA EXTENSION DID NOT BUILD (see above) !!!\n")
