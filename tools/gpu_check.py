@@ -14,6 +14,11 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
                triton backends; PyTorch's caching allocator off, so that out-of-bounds
                accesses inside a cached block are seen)
     racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) over the same shapes
+               (a hazard reported inside a cuBLAS kernel is the library's, not this project's)
+    cuda-paths the cuda backend's own paths timed against bare torch: the convex update by
+               cuBLAS + fused pass and by the single fused FMA kernel (KCM_CUDA_CONVEX=fused)
+               against torch.bmm, the RBF kernel against torch.cdist + exp (CUDA events,
+               median of 20); decides whether the fused kernel should be the default anywhere
     bench-rbf, bench-update, bench-solver, bench-e2e, bench-goals, bench-dispatch
                the benchmark suite (benchmarks/), one file per stage, JSON results;
                bench-goals measures the issue's goals, bench-dispatch the auto-dispatch table
@@ -77,8 +82,8 @@ BENCH_FILES = {
     "bench-goals": "benchmarks/bench_goals.py",
     "bench-dispatch": "benchmarks/bench_dispatch.py",
 }
-STAGES = ["env", "build", "tests", "memcheck", "racecheck", *BENCH_FILES, "goals"]
-NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", *BENCH_FILES}
+STAGES = ["env", "build", "tests", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES, "goals"]
+NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES}
 STAGE_TIMEOUT_S = 540  # each stage ends well inside the device tool's 10 minutes
 
 
@@ -155,6 +160,16 @@ def plan(out: Path, stamp: str, arch: str | None) -> list[Stage]:
             modules=["torch"],
         ),
     ]
+    stages.append(
+        Stage(
+            "cuda-paths",
+            "time the cuda backend's paths against bare torch (convex update, RBF)",
+            [[PY, "tools/gpu_check.py", "--cuda-paths", str(out / f"{stamp}-cuda-paths.json")]],
+            env={"TRITON_INTERPRET": None},
+            files=["tools/gpu_check.py"],
+            modules=["torch"],
+        )
+    )
     for name, path in BENCH_FILES.items():
         result = out / f"{stamp}-{name}.json"
         stages.append(
@@ -295,6 +310,75 @@ def workload() -> int:
             triton_backend.convex_update(K, K.clone(), precision)
     torch.cuda.synchronize()
     print("workload OK")
+    return 0
+
+
+def cuda_paths(result: Path) -> int:
+    """Median times (ms) of the cuda backend's paths and their bare-torch counterparts."""
+    import statistics
+
+    import torch
+
+    from kcm_cuda.kernels import cuda
+
+    assert cuda.is_available(), cuda.EXTENSION_ERROR
+
+    def timed(fn, reps: int = 20) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def with_path(path: str, fn):
+        def run():
+            os.environ["KCM_CUDA_CONVEX"] = path
+            try:
+                return fn()
+            finally:
+                os.environ.pop("KCM_CUDA_CONVEX", None)
+
+        return run
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for layers, n in ((12, 3072), (1, 3072)):
+        K = torch.rand(layers, n, n, generator=g, device="cuda")
+        C = torch.rand(layers, n, n, generator=g, device="cuda") / n
+        for precision in ("ieee", "tf32"):
+            allow = precision == "tf32"
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            try:
+                bare = timed(lambda K=K, C=C: torch.bmm(K, C))
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+            row = {"op": "convex_update", "layers": layers, "n": n, "precision": precision,
+                   "torch_bmm_ms": bare}  # fmt: skip
+            for path in ("cublas", "fused"):
+                if path == "fused" and precision != "ieee":
+                    continue  # the fused kernel is fp32 for every precision
+                op = with_path(path, lambda K=K, C=C, p=precision: cuda.convex_update(K, C, p))
+                ms = timed(op)
+                row[f"{path}_ms"] = ms
+                row[f"{path}_over_bmm"] = ms / bare
+            rows.append(row)
+        del K, C
+    for n, d in ((3072, 768), (1536, 384)):
+        x = torch.randn(n, d, generator=g, device="cuda") / d**0.5
+        ours = timed(lambda x=x: cuda.rbf_kernel(x, None, 1.0, "ieee"))
+        peer = timed(lambda x=x: torch.exp(-torch.cdist(x, x).square() / 2.0))
+        rows.append({"op": "rbf", "n": n, "d": d, "precision": "ieee", "cuda_ms": ours,
+                     "cdist_exp_ms": peer, "speedup_vs_cdist": peer / ours})  # fmt: skip
+    for row in rows:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    result.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0
 
 
@@ -491,12 +575,16 @@ def main(argv: list[str] | None = None) -> int:
                         "this call (later stages are skipped when it is spent)")  # fmt: skip
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cuda-paths", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         return probe()
     if args.workload:
         sys.path.insert(0, str(ROOT))
         return workload()
+    if args.cuda_paths:
+        sys.path.insert(0, str(ROOT))
+        return cuda_paths(Path(args.cuda_paths))
 
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
