@@ -29,7 +29,8 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
 Results: <out>/<stamp>-gpu-check.json (device, versions, date, git, each stage's status and
 time, the test counts, the goals), <out>/<stamp>-gpu-check.log (every stage's output) and the
 benchmark JSONs <out>/<stamp>-bench-*.json; <out> defaults to benchmarks/results/<device
-slug>/. At most 8 files: the device tool brings back 8 files from $OUT. The goals stage reads
+slug>/. The device tool brings back at most 8 files from $OUT: the three calls that
+benchmarks/README.md gives return 3, 5 and 6. The goals stage reads
 the newest bench JSON of each benchmark in <out>, whichever call wrote it.
 
     python tools/gpu_check.py                          # every stage
@@ -304,10 +305,15 @@ def workload() -> int:
         x = torch.randn(129, 33, generator=g, device=dev)
         y = torch.randn(70, 33, generator=g, device=dev)
         K = torch.rand(2, 129, 129, generator=g, device=dev)
+        K = (K + K.transpose(1, 2)).contiguous()  # symmetric, for the transposed form
+        C = torch.rand(2, 129, 129, generator=g, device=dev)
         for precision in ("ieee", "tf32x3", "tf32"):
             triton_backend.rbf_kernel(x, None, 1.0, precision)
             triton_backend.rbf_kernel(x, y, 1.0, precision)
-            triton_backend.convex_update(K, K.clone(), precision)
+            triton_backend.convex_update(K, C, precision)
+            transposed = getattr(triton_backend, "convex_update_transposed", None)
+            if transposed is not None:
+                transposed(K, C, precision)
     torch.cuda.synchronize()
     print("workload OK")
     return 0
