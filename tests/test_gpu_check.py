@@ -155,3 +155,10 @@ def test_goals_only_run_over_saved_results(tmp_path):
     summary = json.loads(summary_file.read_text())
     assert summary["device"]["name"] == "NVIDIA H100 80GB HBM3"
     assert summary["goals"][0]["status"] == "PASS" and "rbf vs cdist" in proc.stdout
+
+
+def test_sanitizer_workload_calls_are_valid(capsys):
+    """The workload's calls, on the ops' CPU kernels (and the Triton interpreter when on):
+    wrong arguments would fail here, not on a lent GPU under compute-sanitizer."""
+    assert gpu_check.workload("cpu") == 0
+    assert "workload OK" in capsys.readouterr().out

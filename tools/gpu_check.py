@@ -270,15 +270,16 @@ def probe() -> int:
     return 0
 
 
-def workload() -> int:
-    """Small shapes of every kernel, for compute-sanitizer (odd sizes: the bounds checks)."""
+def workload(dev: str = "cuda") -> int:
+    """Small shapes of every kernel, for compute-sanitizer (odd sizes: the bounds checks).
+    ``dev="cpu"`` (tests only) runs the same calls on the ops' CPU kernels."""
     import torch
 
     from kcm_cuda.kernels import cuda
 
-    assert cuda.is_available(), cuda.EXTENSION_ERROR
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dev = "cuda"
+    if dev == "cuda":
+        assert cuda.is_available(), cuda.EXTENSION_ERROR
+    g = torch.Generator(device=dev).manual_seed(0)
     for n, m, d in ((1, 1, 1), (5, 3, 7), (129, 131, 33), (257, 130, 20)):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             x = torch.randn(n, d, generator=g, device=dev).to(dtype)
@@ -314,7 +315,8 @@ def workload() -> int:
             transposed = getattr(triton_backend, "convex_update_transposed", None)
             if transposed is not None:
                 transposed(K, C, precision)
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     print("workload OK")
     return 0
 
