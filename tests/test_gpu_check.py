@@ -162,3 +162,17 @@ def test_sanitizer_workload_calls_are_valid(capsys):
     wrong arguments would fail here, not on a lent GPU under compute-sanitizer."""
     assert gpu_check.workload("cpu") == 0
     assert "workload OK" in capsys.readouterr().out
+
+
+def test_cuda_paths_timing_code_runs(tmp_path):
+    """The cuda-paths stage's code on the CPU kernels (tiny sizes): the rows it writes."""
+    out = tmp_path / "paths.json"
+    assert gpu_check.cuda_paths(out, "cpu") == 0
+    rows = json.loads(out.read_text())["rows"]
+    update = [r for r in rows if r["op"] == "convex_update"]
+    assert {r["precision"] for r in update} == {"ieee", "tf32"}
+    ieee = next(r for r in update if r["precision"] == "ieee")
+    assert ieee["cublas_ms"] > 0 and ieee["fused_ms"] > 0 and ieee["torch_bmm_ms"] > 0
+    assert "fused_ms" not in next(r for r in update if r["precision"] == "tf32")
+    rbf = next(r for r in rows if r["op"] == "rbf")
+    assert rbf["speedup_vs_cdist"] > 0

@@ -321,21 +321,29 @@ def workload(dev: str = "cuda") -> int:
     return 0
 
 
-def cuda_paths(result: Path) -> int:
-    """Median times (ms) of the cuda backend's paths and their bare-torch counterparts."""
+def cuda_paths(result: Path, dev: str = "cuda") -> int:
+    """Median times (ms) of the cuda backend's paths and their bare-torch counterparts.
+    ``dev="cpu"`` (tests only): tiny sizes, host timer, the ops' CPU kernels."""
     import statistics
 
     import torch
 
     from kcm_cuda.kernels import cuda
 
-    assert cuda.is_available(), cuda.EXTENSION_ERROR
+    on_gpu = dev == "cuda"
+    if on_gpu:
+        assert cuda.is_available(), cuda.EXTENSION_ERROR
 
-    def timed(fn, reps: int = 20) -> float:
-        for _ in range(3):
+    def timed(fn, reps: int = 20 if on_gpu else 2) -> float:
+        for _ in range(3 if on_gpu else 1):
             fn()
         times = []
         for _ in range(reps):
+            if not on_gpu:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1000)
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -354,11 +362,11 @@ def cuda_paths(result: Path) -> int:
 
         return run
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     rows: list[dict[str, Any]] = []
-    for layers, n in ((12, 3072), (1, 3072)):
-        K = torch.rand(layers, n, n, generator=g, device="cuda")
-        C = torch.rand(layers, n, n, generator=g, device="cuda") / n
+    for layers, n in ((12, 3072), (1, 3072)) if on_gpu else ((2, 40),):
+        K = torch.rand(layers, n, n, generator=g, device=dev)
+        C = torch.rand(layers, n, n, generator=g, device=dev) / n
         for precision in ("ieee", "tf32"):
             allow = precision == "tf32"
             previous = torch.backends.cuda.matmul.allow_tf32
@@ -378,8 +386,8 @@ def cuda_paths(result: Path) -> int:
                 row[f"{path}_over_bmm"] = ms / bare
             rows.append(row)
         del K, C
-    for n, d in ((3072, 768), (1536, 384)):
-        x = torch.randn(n, d, generator=g, device="cuda") / d**0.5
+    for n, d in ((3072, 768), (1536, 384)) if on_gpu else ((50, 8),):
+        x = torch.randn(n, d, generator=g, device=dev) / d**0.5
         ours = timed(lambda x=x: cuda.rbf_kernel(x, None, 1.0, "ieee"))
         peer = timed(lambda x=x: torch.exp(-torch.cdist(x, x).square() / 2.0))
         rows.append({"op": "rbf", "n": n, "d": d, "precision": "ieee", "cuda_ms": ours,
