@@ -372,3 +372,97 @@ def test_arch_flags_without_gpu(monkeypatch):
     ]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert kcm_cuda_build.arch_flags(_FakeTorch(), "/nonexistent") == []
+
+
+# ---------------------------------------------------------------- sm_70 (V100) device code
+
+_NVRTC_STUBS = {
+    # NVRTC has no C++ standard library headers and declares cudaError_t / cudaStream_t itself.
+    "cstdint": "#pragma once\ntypedef int int32_t; typedef long long int64_t; "
+    "typedef unsigned int uint32_t; typedef unsigned long long uint64_t; "
+    "typedef unsigned long uintptr_t;\nnamespace std { using ::int32_t; using ::int64_t; "
+    "using ::uint32_t; using ::uint64_t; using ::uintptr_t; }\n",
+    "cuda_runtime.h": "#pragma once\n",
+}
+DRIVER = ROOT / "tests" / "csrc_emulator" / "nvrtc_sm70_driver.cu"
+
+
+def _cuda12_tools() -> tuple[Path, Path, Path] | None:
+    """(libnvrtc.so.12, ptxas, runtime include dir) of the nvidia-*-cu12 wheels, found as
+    installed packages or under $KCM_CU12_SITE (a folder the wheels were unpacked into)."""
+    roots = []
+    if os.environ.get("KCM_CU12_SITE"):
+        roots.append(Path(os.environ["KCM_CU12_SITE"]) / "nvidia")
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+
+        roots += [Path(p) for p in nvidia.__path__]
+    except ImportError:
+        pass
+    for root in roots:
+        nvrtc = root / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
+        ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
+        include = root / "cuda_runtime" / "include"
+        if nvrtc.exists() and ptxas.exists() and (include / "cuda_fp16.h").exists():
+            return nvrtc, ptxas, include
+    return None
+
+
+def _nvrtc_ptx(nvrtc: Path, include: Path, arch: str) -> str:
+    import ctypes
+
+    lib = ctypes.CDLL(str(nvrtc))
+    prog = ctypes.c_void_p()
+    names = (ctypes.c_char_p * len(_NVRTC_STUBS))(*(k.encode() for k in _NVRTC_STUBS))
+    bodies = (ctypes.c_char_p * len(_NVRTC_STUBS))(*(v.encode() for v in _NVRTC_STUBS.values()))
+    rc = lib.nvrtcCreateProgram(
+        ctypes.byref(prog), DRIVER.read_bytes(), b"driver.cu", len(_NVRTC_STUBS), bodies, names
+    )
+    assert rc == 0, f"nvrtcCreateProgram: {rc}"
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "-default-device", f"-I{CSRC}",
+            f"-I{include}"]  # fmt: skip
+    arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, f"NVRTC failed ({rc}):\n{log.value.decode()[-4000:]}"
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode()
+
+
+def _global_kernels(text: str) -> set[str]:
+    return set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\(", text))
+
+
+def test_sm70_driver_has_every_kernel():
+    in_csrc = set().union(*(_global_kernels(p.read_text()) for p in CU_SOURCES))
+    assert in_csrc and _global_kernels(DRIVER.read_text()) == in_csrc
+
+
+def test_sm70_device_code(tmp_path: Path):
+    """V100: the kernels through CUDA 12's NVRTC (compute_70 PTX) and ptxas (sm_70 SASS):
+    no stack frame or spills, the GEMM kernels within their 128 registers."""
+    tools = _cuda12_tools()
+    if tools is None:
+        pytest.skip("nvidia-cuda-nvrtc-cu12 / nvidia-cuda-nvcc-cu12 / nvidia-cuda-runtime-cu12 "
+                    "not installed (or KCM_CU12_SITE unset)")  # fmt: skip
+    nvrtc, ptxas, include = tools
+    ptx = tmp_path / "k70.ptx"
+    ptx.write_text(_nvrtc_ptx(nvrtc, include, "compute_70"))
+    proc = _run([str(ptxas), "-arch=sm_70", "-O3", "-v", "-warn-spills", "-warn-lmem-usage",
+                 str(ptx), "-o", str(tmp_path / "k70.cubin")])  # fmt: skip
+    report = _ptxas_report(proc.stderr)
+    assert {arch for _, arch in report} == {"sm_70"}
+    assert len(report) == 9, sorted(report)  # 3 row norms, 3 RBF tiles, 3 convex kernels
+    for (kernel, _), usage in report.items():
+        assert usage["stack"] == 0 and usage["spill_stores"] == 0, (kernel, usage)
+        if any(name in kernel for name in GEMM_KERNELS):
+            assert usage["registers"] <= MAX_GEMM_REGISTERS, (kernel, usage)
+    for name in GEMM_KERNELS:
+        assert re.search(rf"\.entry\s+\w*{name}\w*\([^)]*\)\s*\.maxntid 256, 1, 1\s*"
+                         rf"\.minnctapersm 2", ptx.read_text()), name  # fmt: skip
