@@ -34,3 +34,14 @@ run: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# make gpu-check: build the CUDA extension for the present GPU, run the GPU tests (no
+# interpreter), compute-sanitizer memcheck/racecheck, the benchmarks and the timing goals;
+# results under benchmarks/results/<device>/ (see tools/gpu_check.py, benchmarks/README.md).
+# Runs with the GPU machine's own python (its CUDA torch), not the CPU venv:
+#   make gpu-check [STAGES=env,build,tests] [GPU_CHECK_OUT=dir] [BUDGET=seconds] [GPU_PYTHON=python3]
+#   make gpu-check DRY_RUN=1     the plan and a check that its files exist (no GPU needed)
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(STAGES),--stages $(STAGES)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(BUDGET),--budget $(BUDGET))

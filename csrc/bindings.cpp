@@ -9,9 +9,20 @@
 // Strides: rbf_kernel reads x and y in place when their column stride is 1 (any row stride,
 // including row slices and expanded rows); other layouts are copied with .contiguous().
 // convex_update takes K and C as given when contiguous, else copies them with .contiguous().
+//
+// convex_update: KC = K C by cuBLAS (at::bmm; TF32 tensor cores for "tf32" only, fp32 SGEMM
+// for "ieee" and "tf32x3"), written into C_new's buffer, then one fused element-wise +
+// reduction pass (launch_convex_epilogue). KCM_CUDA_CONVEX=fused selects the single tiled FMA
+// kernel instead (launch_convex_update_fused, fp32 for every precision).
+// rbf_kernel: the tiled fp32 FMA kernel for every precision (at least as accurate as TF32;
+// "auto" dispatch sends tf32 on sm_80+ to the Triton backend).
+//
+// The string arguments are taken as std::string: the kernel signatures that torch >= 2.4's
+// TORCH_LIBRARY accepts for "str" (std::string_view only from much newer torch).
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -19,9 +30,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
-#include <string_view>
+#include <string>
 #include <tuple>
 
 #include "kcm_kernels.h"
@@ -30,12 +43,12 @@ namespace {
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
-kcm::Precision parse_precision(std::string_view precision, const char* op) {
+kcm::Precision parse_precision(const std::string& precision, const char* op) {
   if (precision == "ieee") return kcm::Precision::kIeee;
   if (precision == "tf32") return kcm::Precision::kTf32;
   if (precision == "tf32x3") return kcm::Precision::kTf32x3;
   TORCH_CHECK_VALUE(false, op, ": precision must be one of 'ieee', 'tf32x3', 'tf32', got '",
-                    std::string(precision), "'");
+                    precision, "'");
   return kcm::Precision::kIeee;  // unreachable
 }
 
@@ -84,7 +97,7 @@ void check_points(const at::Tensor& t, const char* name) {
 }
 
 at::Tensor rbf_kernel_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& y_in,
-                           double sigma, std::string_view precision_name) {
+                           double sigma, std::string precision_name) {
   constexpr const char* op = "kcm::rbf_kernel";
   check_points(x_in, "x");
   const bool symmetric = !y_in.has_value();
@@ -99,7 +112,7 @@ at::Tensor rbf_kernel_cuda(const at::Tensor& x_in, const std::optional<at::Tenso
   }
   TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0.0, op,
                     ": sigma must be a finite number > 0, got ", sigma);
-  const kcm::Precision precision = parse_precision(precision_name, op);
+  parse_precision(precision_name, op);  // validated; every precision runs the fp32 FMA kernel
 
   const int64_t n = x_in.size(0);
   const int64_t m = symmetric ? n : y_in->size(0);
@@ -139,14 +152,54 @@ at::Tensor rbf_kernel_cuda(const at::Tensor& x_in, const std::optional<at::Tenso
   const float scale = static_cast<float>(-0.5 / (sigma * sigma));
   check_launch(kcm::launch_rbf_kernel(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), type,
                                       n, m, d, x_sq.data_ptr<float>(), y_sq.data_ptr<float>(),
-                                      scale, symmetric, precision, out.data_ptr<float>(), stream),
+                                      scale, symmetric, out.data_ptr<float>(), stream),
                op);
   return out;
 }
 
+// Pins cuBLAS's TF32 switch for the products in its scope and restores the caller's
+// float32 matmul precision ("highest" / "high" / "medium") after. It flips global state only
+// when the setting differs (the default, TF32 off, is never touched for "ieee").
+class CublasTf32Scope {
+ public:
+  explicit CublasTf32Scope(bool allow) {
+    auto& ctx = at::globalContext();
+    if (ctx.allowTF32CuBLAS() == allow) return;
+    switch (ctx.float32MatmulPrecision()) {
+      case at::Float32MatmulPrecision::HIGHEST:
+        previous_ = "highest";
+        break;
+      case at::Float32MatmulPrecision::HIGH:
+        previous_ = "high";
+        break;
+      case at::Float32MatmulPrecision::MEDIUM:
+        previous_ = "medium";
+        break;
+    }
+    ctx.setAllowTF32CuBLAS(allow);
+  }
+  ~CublasTf32Scope() {
+    if (previous_ != nullptr) at::globalContext().setFloat32MatmulPrecision(previous_);
+  }
+  CublasTf32Scope(const CublasTf32Scope&) = delete;
+  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
+
+ private:
+  const char* previous_ = nullptr;
+};
+
+// KCM_CUDA_CONVEX: "cublas" (default) or "fused"; anything else is an error.
+bool use_fused_convex_kernel() {
+  const char* v = std::getenv("KCM_CUDA_CONVEX");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "cublas") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0,
+                    "KCM_CUDA_CONVEX must be 'cublas' or 'fused', got '", v, "'");
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convex_update_cuda(const at::Tensor& K_in,
                                                                   const at::Tensor& C_in,
-                                                                  std::string_view precision_name) {
+                                                                  std::string precision_name) {
   constexpr const char* op = "kcm::convex_update";
   TORCH_CHECK_VALUE(K_in.dim() == 3 && K_in.size(1) == K_in.size(2), op,
                     ": K must be a stack (B, n, n) of square matrices, got shape ", K_in.sizes());
@@ -164,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convex_update_cuda(const at::Tens
   const int64_t n = K_in.size(1);
   TORCH_CHECK_VALUE(batch <= 65535, op, ": at most 65535 matrices per call, got ", batch);
   TORCH_CHECK_VALUE(n <= kcm::kMaxRowsPerGrid, op, ": n too large (", n, ")");
+  const bool fused = use_fused_convex_kernel();
 
   const c10::cuda::CUDAGuard guard(K_in.device());
   const at::Tensor K = K_in.contiguous();
@@ -172,15 +226,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convex_update_cuda(const at::Tens
   at::Tensor delta = at::empty({batch}, K.options());
   at::Tensor mass = at::empty({batch}, K.options());
   if (batch == 0) return {C_new, delta, mass};
-
-  at::Tensor workspace =
-      at::empty({std::max<int64_t>(kcm::convex_update_workspace_floats(batch, n), 1)},
-                K.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(K.device().index()).stream();
-  check_launch(kcm::launch_convex_update(K.data_ptr<float>(), C.data_ptr<float>(), batch, n,
-                                         precision, C_new.data_ptr<float>(),
-                                         workspace.data_ptr<float>(), delta.data_ptr<float>(),
-                                         mass.data_ptr<float>(), stream),
+
+  if (fused) {
+    at::Tensor workspace =
+        at::empty({std::max<int64_t>(kcm::convex_update_workspace_floats(batch, n), 1)},
+                  K.options());
+    check_launch(kcm::launch_convex_update_fused(K.data_ptr<float>(), C.data_ptr<float>(), batch,
+                                                 n, C_new.data_ptr<float>(),
+                                                 workspace.data_ptr<float>(),
+                                                 delta.data_ptr<float>(), mass.data_ptr<float>(),
+                                                 stream),
+                 op);
+    return {C_new, delta, mass};
+  }
+  if (n > 0) {  // KC = K C into C_new's buffer (on the current stream, like the kernels)
+    const CublasTf32Scope tf32(precision == kcm::Precision::kTf32);
+    at::bmm_out(C_new, K, C);
+  }
+  at::Tensor workspace =
+      at::empty({std::max<int64_t>(kcm::convex_epilogue_workspace_floats(batch, n), 1)},
+                K.options());
+  float* kc = C_new.data_ptr<float>();  // updated in place
+  check_launch(kcm::launch_convex_epilogue(K.data_ptr<float>(), C.data_ptr<float>(), kc, batch, n,
+                                           kc, workspace.data_ptr<float>(),
+                                           delta.data_ptr<float>(), mass.data_ptr<float>(),
+                                           stream),
                op);
   return {C_new, delta, mass};
 }

@@ -13,12 +13,13 @@
 
 namespace kcm {
 
-// How the inner products are computed. kTf32 / kTf32x3 use tensor cores (WMMA m16n16k8 TF32)
-// on sm_80 and newer; code built for an older architecture runs the kIeee FMA path instead.
+// The precision the caller asked for (bindings.cpp). The hand-written GEMM kernels below
+// compute in fp32 FMA for every precision (at least as accurate as TF32); only the convex
+// update's cuBLAS product uses TF32 tensor cores, for kTf32.
 enum class Precision : int {
-  kIeee = 0,    // fp32 FMA, ascending k order per output element
-  kTf32 = 1,    // one TF32 product (inputs rounded to nearest TF32)
-  kTf32x3 = 2,  // hi*lo + lo*hi + hi*hi split TF32 (close to fp32 accuracy)
+  kIeee = 0,    // fp32
+  kTf32 = 1,    // one TF32 product allowed
+  kTf32x3 = 2,  // close to fp32 accuracy (computed in fp32)
 };
 
 // Element type of the point matrices given to the RBF launchers (read as raw bits).
@@ -43,19 +44,34 @@ cudaError_t launch_row_sqnorms(const void* x, InputType type, int64_t rows, int6
 cudaError_t launch_rbf_kernel(const void* x, int64_t ldx, const void* y, int64_t ldy,
                               InputType type, int64_t n, int64_t m, int64_t d, const float* x_sq,
                               const float* y_sq, float neg_half_inv_sigma_sq, bool symmetric,
-                              Precision precision, float* out, cudaStream_t stream);
+                              float* out, cudaStream_t stream);
 
-// Number of floats the partial-sum workspace of launch_convex_update must hold.
-int64_t convex_update_workspace_floats(int64_t batch, int64_t n);
-
-// For b < batch, with K_b, C_b the contiguous row-major n x n matrices at K + b n^2, C + b n^2:
-//   KC = K_b C_b;  C_new_b = (KC > 0) ? C_b * sqrt(K_b / KC) : 0
+// The convex update, for b < batch, with K_b, C_b the contiguous row-major n x n matrices at
+// K + b n^2, C + b n^2 (NaN propagates: a NaN product or K gives a NaN coefficient):
+//   KC = K_b C_b;  C_new_b = (KC <= 0) ? 0 : C_b * sqrt(K_b / KC)
 //   delta[b] = sum |C_new_b - C_b|,  mass[b] = sum |C_b|
 // Each thread block writes its two partial sums to `workspace` (no atomics), a second kernel
 // reduces them in double in a fixed order: the results are deterministic.
-// C_new must not overlap K or C.
-cudaError_t launch_convex_update(const float* K, const float* C, int64_t batch, int64_t n,
-                                 Precision precision, float* C_new, float* workspace,
-                                 float* delta, float* mass, cudaStream_t stream);
+
+// Number of floats the workspace of launch_convex_epilogue must hold.
+int64_t convex_epilogue_workspace_floats(int64_t batch, int64_t n);
+
+// The element-wise part, given the product KC (computed by cuBLAS in bindings.cpp): one fused
+// pass reads K, C, KC, writes C_new and the per-block sums, then the fixed-order reduction.
+// KC may be C_new itself (in place: each element is read before it is written, by the same
+// thread); C_new must not overlap K or C.
+cudaError_t launch_convex_epilogue(const float* K, const float* C, const float* KC, int64_t batch,
+                                   int64_t n, float* C_new, float* workspace, float* delta,
+                                   float* mass, cudaStream_t stream);
+
+// Number of floats the workspace of launch_convex_update_fused must hold.
+int64_t convex_update_workspace_floats(int64_t batch, int64_t n);
+
+// The whole update in one tiled fp32 FMA GEMM kernel with the update fused in its epilogue (no
+// KC in memory), then the reduction. Kept as an alternative (KCM_CUDA_CONVEX=fused) for GPUs
+// where cuBLAS SGEMM would lose. C_new must not overlap K or C.
+cudaError_t launch_convex_update_fused(const float* K, const float* C, int64_t batch, int64_t n,
+                                       float* C_new, float* workspace, float* delta, float* mass,
+                                       cudaStream_t stream);
 
 }  // namespace kcm

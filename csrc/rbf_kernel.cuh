@@ -8,8 +8,10 @@
 // 2. rbf_tile_block: the tiled x y^T product (gemm_tile.cuh, both operands K-major) with the
 //    distance and exp fused in the epilogue. Symmetric mode (y = x): only block tiles with
 //    bi <= bj run; of each tile only elements i < j are computed and written to (i, j) and
-//    (j, i) with the same value, and i == j is written as exactly 1.0: the result is exactly
+//    (j, i) with the same value, and i == j is written as exactly 1.0 (NaN for a NaN point):
+//    the result is exactly
 //    symmetric whatever the order of accumulation inside the tile.
+// NaN in a row of x or y gives NaN in that row / column of K, the diagonal element included.
 #pragma once
 
 #include <cstdint>
@@ -49,7 +51,10 @@ struct RbfEpilogue {
   bool vec4;  // m % 4 == 0 and out 16-byte aligned: float4 row stores allowed
 
   __device__ __forceinline__ float value(float xi_sq, int j, float dot) const {
-    const float sq_dist = fmaxf(fmaf(-2.0f, dot, xi_sq + y_sq[j]), 0.0f);
+    // Clamp the cancellation error below 0, but let NaN through (fmaxf would turn a NaN
+    // distance into 0, i.e. K = 1): NaN inputs give NaN, as in the torch backend.
+    const float raw = fmaf(-2.0f, dot, xi_sq + y_sq[j]);
+    const float sq_dist = raw < 0.0f ? 0.0f : raw;
     return expf(sq_dist * scale);
   }
 
@@ -79,7 +84,9 @@ struct RbfEpilogue {
     for (int q = 0; q < 4; ++q) {
       const int j = j0 + q;
       if (j < m && i <= j) {
-        const float k = (i == j) ? 1.0f : value(xi_sq, j, v[q]);
+        // The diagonal is exactly 1, or NaN for a NaN point (xi_sq != xi_sq), as in the torch
+        // and Triton backends.
+        const float k = (i == j) ? (xi_sq != xi_sq ? xi_sq : 1.0f) : value(xi_sq, j, v[q]);
         row[j] = k;
         if (i != j) out[static_cast<int64_t>(j) * m + i] = k;
       }
@@ -88,7 +95,7 @@ struct RbfEpilogue {
 };
 
 // Grid (ceil(m / 128), ceil(n / 128)); block (bj, bi) computes rows 128 bi.., columns 128 bj..
-template <class In, int kPrecision>
+template <class In>
 __device__ __forceinline__ void rbf_tile_block(const typename In::T* __restrict__ x, int64_t ldx,
                                                const typename In::T* __restrict__ y, int64_t ldy,
                                                int n, int m, int d, const float* __restrict__ x_sq,
@@ -105,7 +112,7 @@ __device__ __forceinline__ void rbf_tile_block(const typename In::T* __restrict_
   KMajorTile<In> la(x + row0 * ldx, ldx, min(BM, n - row0), d, tid);
   KMajorTile<In> lb(y + col0 * ldy, ldy, min(BN, m - col0), d, tid);
   RbfEpilogue epi{out, x_sq, y_sq, n, m, scale, symmetric, vec4};
-  gemm_tile<kPrecision>(la, lb, d, smem, row0, col0, epi);
+  gemm_tile(la, lb, d, smem, row0, col0, epi);
 }
 
 }  // namespace detail

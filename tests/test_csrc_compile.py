@@ -2,10 +2,15 @@
 
 * every csrc/*.cu compiles with nvcc (-c, no link) for sm_75, sm_80 and sm_90 in one nvcc call
   per file, with all warnings as errors and register spills / local memory reported as errors;
-* the PTX for sm_75 has no tensor-core instruction (the TF32 precisions fall back to FMA there)
-  and the PTX for sm_80 has the TF32 WMMA path; division and square root are IEEE (no
-  approximate or flush-to-zero forms: no fast math);
-* csrc/bindings.cpp compiles against the installed torch headers;
+  ptxas's resource report, per architecture: the tiled GEMM kernels fit their launch bounds
+  (256 threads, 2 blocks per SM: <= 128 registers), no kernel has a stack frame or spills;
+* the PTX of every architecture declares .maxntid 256 / .minnctapersm 2 on the GEMM kernels
+  (the old tf32 variants asked for 1 block per SM even on sm_70/75, where they compiled to the
+  same FMA code), has no tensor-core instruction (the WMMA path is retired), and IEEE division
+  and square root only (no approximate or flush-to-zero forms: no fast math);
+* csrc/bindings.cpp compiles against the installed torch headers, takes its "str" arguments
+  as std::string (torch >= 2.4; std::string_view needs a much newer torch) and guards the
+  device (c10::cuda::CUDAGuard) in every CUDA operator;
 * bindings.cpp defines the schemas that kcm_cuda/kernels/cuda.py defines, and its
   TORCH_LIBRARY block built alone (CPU, no CUDA kernels) as kcm_cuda._C works with cuda.py's
   Python registrations (the path of a machine with the extension; opcheck passes);
@@ -67,6 +72,32 @@ def test_sources_present():
     assert {"rbf_kernel.cu", "convex_update.cu", "kcm_kernels.h", "bindings.cpp"} <= names
 
 
+# The tiled GEMM kernels (launch bounds 256 threads x 2 blocks per SM).
+GEMM_KERNELS = ("rbf_tile_kernel", "convex_update_kernel")
+MAX_GEMM_REGISTERS = 65536 // (256 * 2)
+
+
+def _ptxas_report(stderr: str) -> dict[tuple[str, str], dict[str, int]]:
+    """{(mangled kernel, sm_xx): {registers, stack, spill_stores, spill_loads}} from -Xptxas -v."""
+    report: dict[tuple[str, str], dict[str, int]] = {}
+    key = None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            key = (m.group(1), m.group(2))
+            report[key] = {}
+            continue
+        if key is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill", line)
+        if m:
+            report[key].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            report[key]["registers"] = int(m[1])
+    return report
+
+
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
 def test_cu_compiles_for_sm75_sm80_sm90(source: Path, tmp_path: Path):
@@ -74,15 +105,25 @@ def test_cu_compiles_for_sm75_sm80_sm90(source: Path, tmp_path: Path):
     if not archs:
         pytest.skip(f"this nvcc supports none of sm_{ARCHS}")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    _run(
+    proc = _run(
         [
             NVCC, "-c", "-std=c++17", "-O3", *gencode,
             "-Werror", "all-warnings",
             "-Xcompiler", "-Wall,-Wextra",
-            "-Xptxas", "-warn-spills,-warn-lmem-usage",
+            "-Xptxas", "-v,-warn-spills,-warn-lmem-usage",
             "-o", str(tmp_path / (source.stem + ".o")), str(source),
         ]
     )  # fmt: skip
+    report = _ptxas_report(proc.stderr)
+    assert {arch for _, arch in report} == {f"sm_{a}" for a in archs}, proc.stderr[-3000:]
+    gemm_seen = set()
+    for (kernel, arch), usage in report.items():
+        assert usage.get("stack") == 0 and usage.get("spill_stores") == 0, (kernel, arch, usage)
+        assert usage.get("spill_loads") == 0, (kernel, arch, usage)
+        if any(name in kernel for name in GEMM_KERNELS):
+            gemm_seen.add(arch)
+            assert usage["registers"] <= MAX_GEMM_REGISTERS, (kernel, arch, usage)
+    assert gemm_seen == {f"sm_{a}" for a in archs}, "no GEMM kernel in the report"
 
 
 def _ptx(source: Path, arch: int, tmp_path: Path) -> str:
@@ -93,19 +134,33 @@ def _ptx(source: Path, arch: int, tmp_path: Path) -> str:
     return out.read_text()
 
 
+def _entries(ptx: str) -> dict[str, str]:
+    """{kernel name: its PTX header (from .entry up to the opening brace)}."""
+    return {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"\.entry\s+(\w+)\s*\((?:[^)]*)\)([^{]*)", ptx)
+    }
+
+
 @needs_nvcc
-def test_tf32_path_only_from_sm80(tmp_path: Path):
-    source = CSRC / "convex_update.cu"
-    ptx75 = _ptx(source, 75, tmp_path)
-    ptx80 = _ptx(source, 80, tmp_path)
-    assert "mma.sync" not in ptx75 and "cvt.rna.tf32" not in ptx75
-    # 3 precisions x 2 k8 steps x 4 x 2 fragments: tf32 = 16 products, tf32x3 = 48.
-    assert len(re.findall(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\.m16n16k8\.f32\.tf32", ptx80)) == 64
-    assert "cvt.rna.tf32.f32" in ptx80
-    for ptx in (ptx75, ptx80):
-        assert "fma.rn.f32" in ptx
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
+def test_ptx_launch_bounds_and_ieee_math(source: Path, arch: int, tmp_path: Path):
+    ptx = _ptx(source, arch, tmp_path)
+    entries = _entries(ptx)
+    gemm = {k: v for k, v in entries.items() if any(name in k for name in GEMM_KERNELS)}
+    assert gemm, f"no GEMM kernel in {source.name}"
+    for name, header in gemm.items():
+        assert re.search(r"\.maxntid\s+256,\s*1,\s*1", header), (name, header)
+        assert re.search(r"\.minnctapersm\s+2\b", header), (name, header)
+    assert "mma.sync" not in ptx and "cvt.rna.tf32" not in ptx, "the WMMA path is retired"
+    assert "fma.rn.f32" in ptx
+    if source.name == "convex_update.cu":
         assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
-        assert not re.search(r"(div|sqrt|rcp)\.approx|\.ftz\.", ptx), "no fast math"
+    # expf's own (accurate) implementation uses ex2.approx.ftz internally; the arithmetic
+    # around it must be IEEE.
+    fast = re.search(r"\b(div|sqrt|rcp|add|sub|mul|fma)(\.\w+)*?\.(approx|ftz)\b", ptx)
+    assert fast is None, f"no fast math: {fast and fast.group(0)}"
 
 
 def _torch_include_flags() -> list[str] | None:
@@ -136,27 +191,76 @@ def _cuda_include() -> Path | None:
     return None
 
 
+# KCM_OLD_TORCH_INCLUDE=<torch/include of an old torch, e.g. 2.4.1 unpacked from its wheel>
+# adds a compile of bindings.cpp against those headers (the oldest torch pyproject allows).
+OLD_TORCH_INCLUDE = os.environ.get("KCM_OLD_TORCH_INCLUDE")
+
+
 @needs_nvcc
-def test_bindings_compile_against_torch_headers():
+@pytest.mark.parametrize("headers", ["installed", "old"])
+def test_bindings_compile_against_torch_headers(headers: str):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler found")
-    torch_flags = _torch_include_flags()
+    if headers == "old":
+        if not OLD_TORCH_INCLUDE:
+            pytest.skip("KCM_OLD_TORCH_INCLUDE not set")
+        inc = Path(OLD_TORCH_INCLUDE)
+        torch_flags = [f"-isystem{inc}", f"-isystem{inc / 'torch/csrc/api/include'}"]
+        abi = 0  # the PyPI wheels before torch 2.7 use the old C++ ABI
+        std = "-std=c++17"  # what torch 2.4 builds extensions with
+    else:
+        torch_flags = _torch_include_flags()
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        std = "-std=c++20"
     if torch_flags is None:
         pytest.skip("the installed torch has no C++ headers")
     cuda_include = _cuda_include()
     if cuda_include is None:
         pytest.skip("cuda_runtime_api.h of the CUDA toolkit not found")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     _run(
         [
-            cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror",
+            cxx, "-fsyntax-only", std, "-Wall", "-Wextra", "-Werror",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
             "-DTORCH_API_INCLUDE_EXTENSION_H", *torch_flags,
             f"-isystem{cuda_include}", f"-isystem{sysconfig.get_paths()['include']}",
             str(CSRC / "bindings.cpp"),
         ]
     )  # fmt: skip
+
+
+def _function_bodies(text: str, pattern: str) -> dict[str, str]:
+    """{name: body} of the C++ functions whose name matches ``pattern`` (brace matching)."""
+    bodies = {}
+    for m in re.finditer(rf"\b({pattern})\(", text):
+        start = text.index("{", m.end())
+        if text.rfind(";", m.end(), start) != -1:  # a declaration or a call, not a definition
+            continue
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+            if depth == 0:
+                break
+        bodies[m.group(1)] = text[start:i]
+    return bodies
+
+
+def test_bindings_portable_string_args_and_device_guards():
+    text = (CSRC / "bindings.cpp").read_text()
+    code = re.sub(r"//[^\n]*", "", text)
+    assert "string_view" not in code, "std::string_view kernel args need torch >= 2.13"
+    impls = re.findall(r'm\.impl\("\w+",\s*&(\w+)\)', code)
+    assert sorted(impls) == ["convex_update_cuda", "rbf_kernel_cuda"]
+    bodies = _function_bodies(code, "|".join(impls))
+    assert sorted(bodies) == sorted(impls)
+    for name, body in bodies.items():
+        guard = body.find("c10::cuda::CUDAGuard")
+        assert guard != -1, f"{name} has no device guard"
+        # The guard comes before the first allocation and the first launch.
+        for use in ("at::empty", "getCurrentCUDAStream", "launch_"):
+            assert body.find(use) == -1 or body.find(use) > guard, (name, use)
+        assert re.search(r"std::string \w+\)", text[text.index(name) :]), name
 
 
 def test_bindings_define_the_python_schemas():
@@ -268,3 +372,97 @@ def test_arch_flags_without_gpu(monkeypatch):
     ]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert kcm_cuda_build.arch_flags(_FakeTorch(), "/nonexistent") == []
+
+
+# ---------------------------------------------------------------- sm_70 (V100) device code
+
+_NVRTC_STUBS = {
+    # NVRTC has no C++ standard library headers and declares cudaError_t / cudaStream_t itself.
+    "cstdint": "#pragma once\ntypedef int int32_t; typedef long long int64_t; "
+    "typedef unsigned int uint32_t; typedef unsigned long long uint64_t; "
+    "typedef unsigned long uintptr_t;\nnamespace std { using ::int32_t; using ::int64_t; "
+    "using ::uint32_t; using ::uint64_t; using ::uintptr_t; }\n",
+    "cuda_runtime.h": "#pragma once\n",
+}
+DRIVER = ROOT / "tests" / "csrc_emulator" / "nvrtc_sm70_driver.cu"
+
+
+def _cuda12_tools() -> tuple[Path, Path, Path] | None:
+    """(libnvrtc.so.12, ptxas, runtime include dir) of the nvidia-*-cu12 wheels, found as
+    installed packages or under $KCM_CU12_SITE (a folder the wheels were unpacked into)."""
+    roots = []
+    if os.environ.get("KCM_CU12_SITE"):
+        roots.append(Path(os.environ["KCM_CU12_SITE"]) / "nvidia")
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+
+        roots += [Path(p) for p in nvidia.__path__]
+    except ImportError:
+        pass
+    for root in roots:
+        nvrtc = root / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
+        ptxas = root / "cuda_nvcc" / "bin" / "ptxas"
+        include = root / "cuda_runtime" / "include"
+        if nvrtc.exists() and ptxas.exists() and (include / "cuda_fp16.h").exists():
+            return nvrtc, ptxas, include
+    return None
+
+
+def _nvrtc_ptx(nvrtc: Path, include: Path, arch: str) -> str:
+    import ctypes
+
+    lib = ctypes.CDLL(str(nvrtc))
+    prog = ctypes.c_void_p()
+    names = (ctypes.c_char_p * len(_NVRTC_STUBS))(*(k.encode() for k in _NVRTC_STUBS))
+    bodies = (ctypes.c_char_p * len(_NVRTC_STUBS))(*(v.encode() for v in _NVRTC_STUBS.values()))
+    rc = lib.nvrtcCreateProgram(
+        ctypes.byref(prog), DRIVER.read_bytes(), b"driver.cu", len(_NVRTC_STUBS), bodies, names
+    )
+    assert rc == 0, f"nvrtcCreateProgram: {rc}"
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "-default-device", f"-I{CSRC}",
+            f"-I{include}"]  # fmt: skip
+    arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, f"NVRTC failed ({rc}):\n{log.value.decode()[-4000:]}"
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode()
+
+
+def _global_kernels(text: str) -> set[str]:
+    return set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\(", text))
+
+
+def test_sm70_driver_has_every_kernel():
+    in_csrc = set().union(*(_global_kernels(p.read_text()) for p in CU_SOURCES))
+    assert in_csrc and _global_kernels(DRIVER.read_text()) == in_csrc
+
+
+def test_sm70_device_code(tmp_path: Path):
+    """V100: the kernels through CUDA 12's NVRTC (compute_70 PTX) and ptxas (sm_70 SASS):
+    no stack frame or spills, the GEMM kernels within their 128 registers."""
+    tools = _cuda12_tools()
+    if tools is None:
+        pytest.skip("nvidia-cuda-nvrtc-cu12 / nvidia-cuda-nvcc-cu12 / nvidia-cuda-runtime-cu12 "
+                    "not installed (or KCM_CU12_SITE unset)")  # fmt: skip
+    nvrtc, ptxas, include = tools
+    ptx = tmp_path / "k70.ptx"
+    ptx.write_text(_nvrtc_ptx(nvrtc, include, "compute_70"))
+    proc = _run([str(ptxas), "-arch=sm_70", "-O3", "-v", "-warn-spills", "-warn-lmem-usage",
+                 str(ptx), "-o", str(tmp_path / "k70.cubin")])  # fmt: skip
+    report = _ptxas_report(proc.stderr)
+    assert {arch for _, arch in report} == {"sm_70"}
+    assert len(report) == 9, sorted(report)  # 3 row norms, 3 RBF tiles, 3 convex kernels
+    for (kernel, _), usage in report.items():
+        assert usage["stack"] == 0 and usage["spill_stores"] == 0, (kernel, usage)
+        if any(name in kernel for name in GEMM_KERNELS):
+            assert usage["registers"] <= MAX_GEMM_REGISTERS, (kernel, usage)
+    for name in GEMM_KERNELS:
+        assert re.search(rf"\.entry\s+\w*{name}\w*\([^)]*\)\s*\.maxntid 256, 1, 1\s*"
+                         rf"\.minnctapersm 2", ptx.read_text()), name  # fmt: skip

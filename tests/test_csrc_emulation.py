@@ -2,17 +2,19 @@
 
 tests/csrc_emulator/ compiles csrc/rbf_kernel.cuh and csrc/convex_update.cuh (the code that
 the __global__ kernels run) as plain C++, with one CPU thread per CUDA thread, a barrier per
-block for __syncthreads() and per warp for the shuffles. It runs the FMA path (the "ieee"
-precision, and every precision on GPUs older than sm_80) with the tile loaders, the
-bounds checks, the fused epilogues, the symmetric mirroring and the two-kernel reduction:
+block for __syncthreads() and per warp for the shuffles. It runs the kernels' only path (fp32
+FMA, every precision, every architecture) with the tile loaders, the bounds checks, the fused
+epilogues, the symmetric mirroring, the convex update's element-wise pass (the default path
+after cuBLAS's K C) and the two-kernel reductions:
 
 * under AddressSanitizer + UBSan: any read or write outside the inputs / outputs fails, on
   shapes that are not multiples of the tiles (1, 5, 7, 129, 257, 769 ...), strided rows and
   misaligned outputs; the results are compared with the float64 reference;
-* under ThreadSanitizer: a missing or misplaced __syncthreads() (shared-memory race) fails.
+* under ThreadSanitizer: a missing or misplaced __syncthreads() (shared-memory race) fails;
+* NaN inputs give NaN outputs in the same places as the torch backend.
 
-The TF32 tensor-core path (sm_80+ only) cannot run here; tests/test_cuda_ops.py covers it on
-a GPU. Skipped when no C++20 compiler with the sanitizers is available.
+cuBLAS and the launches themselves cannot run here; tests/test_cuda_ops.py covers them on a
+GPU (`make gpu-check`). Skipped when no C++20 compiler with the sanitizers is available.
 """
 
 from __future__ import annotations
@@ -100,29 +102,45 @@ def _dump(t: torch.Tensor, path: Path) -> int:
     return ld
 
 
-def emu_rbf(exe, tmp: Path, x, y, sigma=1.0, precision=0, offset=0) -> torch.Tensor:
+def emu_rbf(exe, tmp: Path, x, y, sigma=1.0, offset=0) -> torch.Tensor:
     n, d = x.shape
     m = n if y is None else y.shape[0]
     ldx = _dump(x, tmp / "x.bin")
     ldy = ldx if y is None else _dump(y, tmp / "y.bin")
     args = [
         "rbf", str(TYPE_CODES[x.dtype]), str(n), str(m), str(d), str(ldx), str(ldy),
-        str(int(y is None)), repr(float(sigma)), str(precision), str(offset),
+        str(int(y is None)), repr(float(sigma)), str(offset),
         str(tmp / "x.bin"), str(tmp / "y.bin"), str(tmp / "out.bin"),
     ]  # fmt: skip
     _run(exe, args)
     return torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32)).reshape(n, m)
 
 
-def emu_convex(exe, tmp: Path, K, C, precision=0, offset=0):
+def _read_update(path: Path, batch: int, n: int):
+    out = torch.from_numpy(np.fromfile(path, dtype=np.float32))
+    total = batch * n * n
+    return out[:total].reshape(batch, n, n), out[total : total + batch], out[total + batch :]
+
+
+def emu_convex(exe, tmp: Path, K, C, offset=0):
+    """The fused tiled kernel (KCM_CUDA_CONVEX=fused)."""
     batch, n, _ = K.shape
     K.numpy().tofile(tmp / "k.bin")
     C.numpy().tofile(tmp / "c.bin")
-    args = ["convex", str(batch), str(n), str(precision), str(offset)]
+    args = ["convex", str(batch), str(n), str(offset)]
     _run(exe, [*args, str(tmp / "k.bin"), str(tmp / "c.bin"), str(tmp / "o.bin")])
-    out = torch.from_numpy(np.fromfile(tmp / "o.bin", dtype=np.float32))
-    total = batch * n * n
-    return out[:total].reshape(batch, n, n), out[total : total + batch], out[total + batch :]
+    return _read_update(tmp / "o.bin", batch, n)
+
+
+def emu_epilogue(exe, tmp: Path, K, C, KC, offset=0, in_place=True):
+    """The default path's element-wise pass, given KC (cuBLAS's product on a GPU)."""
+    batch, n, _ = K.shape
+    for t, name in ((K, "k"), (C, "c"), (KC, "kc")):
+        t.contiguous().numpy().tofile(tmp / f"{name}.bin")
+    args = ["epilogue", str(batch), str(n), str(offset), str(int(in_place))]
+    files = [str(tmp / f"{name}.bin") for name in ("k", "c", "kc")]
+    _run(exe, [*args, *files, str(tmp / "o.bin")])
+    return _read_update(tmp / "o.bin", batch, n)
 
 
 def _points(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -168,13 +186,6 @@ def test_rbf_emulated(asan, tmp_path, n, m, d, dtype, ld, offset):
     y = None if m is None else _points(m, d, seed=m + 2 * d, dtype=dtype)
     K = emu_rbf(asan, tmp_path, x, y, sigma=0.9, offset=offset)
     check_rbf(K, x, y, sigma=0.9)
-
-
-def test_rbf_emulated_precisions_fall_back_to_fma(asan, tmp_path):
-    """Without tensor cores (code for < sm_80) every precision is the FMA path, bit for bit."""
-    x = _points(70, 24, seed=1)
-    results = [emu_rbf(asan, tmp_path, x, None, precision=p) for p in (0, 1, 2)]
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 def _stack(batch: int, n: int, seed: int):
@@ -225,3 +236,80 @@ def test_no_shared_memory_races(tsan, tmp_path):
     check_rbf(emu_rbf(tsan, tmp_path, x, None), x, None)
     K, C = _stack(2, 130, seed=4)
     check_convex(*emu_convex(tsan, tmp_path, K, C), K, C)
+    check_convex(*emu_epilogue(tsan, tmp_path, K, C, _product(K, C)), K, C)
+
+
+# ---------------------------------------------------------------- default convex path
+
+
+def _product(K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """K C correctly rounded to float32 (what a good SGEMM returns, up to a few ulps)."""
+    return (K.double() @ C.double()).float()
+
+
+def _ieee_formula(K, C, KC):
+    """The update's element-wise formula in float32 numpy (correctly rounded div, sqrt, mul;
+    torch's vectorised CPU sqrt is not always correctly rounded)."""
+    k, c, kc = K.numpy(), C.numpy(), KC.numpy()
+    zero = kc <= 0
+    out = c * np.sqrt(k / np.where(zero, np.float32(1.0), kc))
+    return torch.from_numpy(np.where(zero, np.float32(0.0), out).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "batch,n,offset,in_place",
+    [(1, 1, 0, True), (2, 5, 0, True), (3, 6, 0, False), (1, 128, 1, True), (2, 129, 0, True),
+     (1, 300, 0, False), (2, 64, 0, True)],
+)  # fmt: skip
+def test_convex_epilogue_emulated(asan, tmp_path, batch, n, offset, in_place):
+    K, C = _stack(batch, n, seed=batch * 7 + n)
+    KC = _product(K, C)
+    C_new, delta, mass = emu_epilogue(asan, tmp_path, K, C, KC, offset, in_place)
+    check_convex(C_new, delta, mass, K, C)
+    # Given the same KC, every element is exactly the float32 formula (IEEE div/sqrt/mul).
+    assert torch.equal(C_new, _ieee_formula(K, C, KC))
+    assert torch.allclose(mass.double(), C.double().abs().sum((1, 2)), rtol=1e-6)
+
+
+def test_convex_epilogue_many_blocks_deterministic(asan, tmp_path):
+    """n = 700: 490,000 elements per entry, 120 blocks of the element-wise pass, each thread
+    looping: same bits in place and out of place, and on a second run."""
+    K, C = _stack(1, 700, seed=11)
+    KC = _product(K, C)
+    first = emu_epilogue(asan, tmp_path, K, C, KC, in_place=True)
+    second = emu_epilogue(asan, tmp_path, K, C, KC, in_place=False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    check_convex(*first, K, C)
+
+
+# ---------------------------------------------------------------- NaN behaviour
+
+
+def test_nan_propagates_like_the_torch_backend(asan, tmp_path):
+    """The public API rejects NaN (kcm_cuda.validation); the raw ops must still not hide it:
+    NaN input gives NaN where the torch backend gives NaN (not K = 1, not C_new = 0)."""
+    from kcm_cuda.kernels import torch_backend
+
+    x = _points(20, 8, seed=3)
+    x[4, 2] = float("nan")
+    K = emu_rbf(asan, tmp_path, x, None)
+    ref = torch_backend.rbf_kernel(x, None, 1.0, "ieee")
+    assert torch.equal(torch.isnan(K), torch.isnan(ref)) and bool(torch.isnan(K[4, 0]))
+    diag = K.diagonal()
+    assert bool(torch.isnan(diag[4])) and bool((diag[torch.arange(20) != 4] == 1.0).all())
+    y = _points(9, 8, seed=4)
+    K = emu_rbf(asan, tmp_path, x, y)
+    assert torch.equal(torch.isnan(K), torch.isnan(torch_backend.rbf_kernel(x, y, 1.0, "ieee")))
+
+    Kc, C = _stack(2, 12, seed=6)
+    C[1, 3, 5] = float("nan")
+    KC = _product(Kc, C)
+    C_new, delta, mass = emu_epilogue(asan, tmp_path, Kc, C, KC)
+    ref_C, ref_delta, ref_mass = torch_backend.convex_update(Kc, C, "ieee")
+    assert torch.equal(torch.isnan(C_new), torch.isnan(ref_C)) and bool(torch.isnan(C_new).any())
+    assert torch.equal(torch.isnan(delta), torch.isnan(ref_delta)) and bool(torch.isnan(delta[1]))
+    assert torch.equal(torch.isnan(mass), torch.isnan(ref_mass))
+    C_fused, delta_fused, _ = emu_convex(asan, tmp_path, Kc, C)
+    assert torch.equal(torch.isnan(C_fused), torch.isnan(ref_C))
+    assert torch.equal(torch.isnan(delta_fused), torch.isnan(ref_delta))

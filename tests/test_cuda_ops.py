@@ -8,12 +8,18 @@ csrc/bindings.cpp: the same tests run either way.
 With a GPU and the extension: opcheck on CUDA tensors, exactness properties of the CUDA
 kernels (symmetry, unit diagonal, zero where K C == 0, determinism), edge shapes against the
 float64 reference, and parity at the sizes of real models (n = 3072, d = 768: BERT-base; n =
-11008, d = 4096: a 7B LLaMA FFN) against float64 products on the GPU.
+11008, d = 4096: a 7B LLaMA FFN) against float64 products on the GPU; both convex-update
+paths (cuBLAS + fused element-wise pass, and KCM_CUDA_CONVEX=fused), the TF32 switch left as
+the caller set it, NaN propagation, and tensors on a second GPU (device guard).
+
+KCM_REQUIRE_GPU=1 (set by `make gpu-check`) turns the GPU tests' skip into a failure: on a
+GPU machine they must run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -23,9 +29,21 @@ from kcm_cuda.kernels import cuda, torch_backend
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 ON_GPU = cuda.is_available()
-needs_gpu = pytest.mark.skipif(
-    not ON_GPU, reason="needs a CUDA GPU and the compiled extension kcm_cuda._C"
-)
+REQUIRE_GPU = os.environ.get("KCM_REQUIRE_GPU", "") == "1"
+
+
+@pytest.fixture
+def _gpu() -> None:
+    if ON_GPU:
+        return
+    reason = "needs a CUDA GPU and the compiled extension kcm_cuda._C"
+    detail = f" (torch.cuda.is_available()={torch.cuda.is_available()}, {cuda.EXTENSION_ERROR})"
+    if REQUIRE_GPU:
+        pytest.fail(f"KCM_REQUIRE_GPU=1 but this test {reason}{detail}")
+    pytest.skip(reason)
+
+
+needs_gpu = pytest.mark.usefixtures("_gpu")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -236,16 +254,42 @@ def test_rbf_mixed_dtypes_and_sigma():
 
 
 @needs_gpu
-def test_rbf_tensor_cores_used_from_sm80():
+def test_rbf_every_precision_is_the_fp32_kernel():
+    """The WMMA path is retired: the CUDA RBF computes every precision in fp32 FMA."""
     x = points(256, 512, seed=14, device="cuda")
     ieee = cuda.rbf_kernel(x, None, 1.0, "ieee")
-    tf32 = cuda.rbf_kernel(x, None, 1.0, "tf32")
-    if torch.cuda.get_device_capability() >= (8, 0):
-        assert not torch.equal(ieee, tf32), "tf32 must use the tensor cores on sm_80+"
-        assert float((ieee - tf32).abs().max()) < 5e-3
-    else:
-        assert torch.equal(ieee, tf32), "below sm_80 every precision is the FMA path"
+    for precision in ("tf32", "tf32x3"):
+        assert torch.equal(ieee, cuda.rbf_kernel(x, None, 1.0, precision))
 
+
+@needs_gpu
+def test_rbf_nan_propagates():
+    x = points(40, 16, seed=20, device="cuda")
+    x[3, 5] = float("nan")
+    K = torch.ops.kcm.rbf_kernel(x, None, 1.0, "ieee")
+    want = torch_backend.rbf_kernel(x, None, 1.0, "ieee")
+    assert torch.equal(torch.isnan(K), torch.isnan(want)) and bool(torch.isnan(K[3, 0]))
+    assert bool(torch.isnan(K[3, 3])) and float(K[0, 0]) == 1.0
+
+
+@needs_gpu
+def test_ops_on_a_second_gpu():
+    """The device guard: tensors on cuda:1 while cuda:0 is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = points(70, 9, seed=21, device="cuda:1")
+    K = cuda.rbf_kernel(x, None, 1.0, "ieee")
+    assert K.device == x.device
+    _assert_rbf_close(K, x, None, 1.0, "ieee", "cuda:1")
+    Kc, C = stack(2, 33, seed=22, device="cuda:1")
+    for mode in ("cublas", "fused"):
+        os.environ["KCM_CUDA_CONVEX"] = mode
+        try:
+            C_new, delta, mass = cuda.convex_update(Kc, C, "ieee")
+        finally:
+            os.environ.pop("KCM_CUDA_CONVEX")
+        assert C_new.device == Kc.device
+        _check_update(Kc.cpu(), C.cpu(), "ieee", C_new, delta, mass)
 
 @needs_gpu
 @pytest.mark.parametrize("n,d", [(3072, 768), (11008, 4096)])
@@ -283,17 +327,65 @@ def _check_update(K, C, precision, C_new, delta, mass, ref=None):
     assert bool(((delta.double() - ref_delta).abs() <= tol_delta).all()), (delta, ref_delta)
 
 
+@pytest.fixture(params=["cublas", "fused"])
+def convex_path(request, monkeypatch):
+    """Both CUDA convex-update paths (csrc/bindings.cpp reads KCM_CUDA_CONVEX per call)."""
+    monkeypatch.setenv("KCM_CUDA_CONVEX", request.param)
+    return request.param
+
+
 @needs_gpu
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n", [1, 5, 127, 128, 129, 300])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_convex_update_edge_shapes(batch, n, precision):
+def test_convex_update_edge_shapes(batch, n, precision, convex_path):
     K, C = stack(batch, n, seed=n * 7 + batch, device="cuda")
     C_new, delta, mass = cuda.convex_update(K, C, precision)
     assert C_new.shape == (batch, n, n) and delta.shape == (batch,) and mass.shape == (batch,)
     _check_update(K.cpu(), C.cpu(), precision, C_new, delta, mass)
     KC = K.double() @ C.double()
     assert bool((C_new[KC == 0] == 0).all()), "C_new must be exactly 0 where K C == 0"
+
+
+@needs_gpu
+def test_convex_update_path_switch_rejects_bad_values(monkeypatch):
+    K, C = stack(1, 8, seed=23, device="cuda")
+    monkeypatch.setenv("KCM_CUDA_CONVEX", "wmma")
+    with pytest.raises(ValueError, match="KCM_CUDA_CONVEX"):
+        torch.ops.kcm.convex_update(K, C, "ieee")
+
+
+@needs_gpu
+def test_convex_update_leaves_the_tf32_setting_alone():
+    """"ieee" must not use TF32 even where the caller enabled it, and the op must leave the
+    caller's setting (and float32 matmul precision) exactly as it found it."""
+    x = points(1024, 16, seed=24, device="cuda")
+    K = cuda.rbf_kernel(x, None, 1.0, "ieee")[None]
+    C = torch.full_like(K, 1.0 / 1024)
+    ref = reference.convex_update(K.cpu(), C.cpu())
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            allow = torch.backends.cuda.matmul.allow_tf32
+            got = cuda.convex_update(K, C, "ieee")
+            _check_update(None, None, "ieee", *got, ref=ref)
+            cuda.convex_update(K, C, "tf32")
+            assert torch.get_float32_matmul_precision() == setting
+            assert torch.backends.cuda.matmul.allow_tf32 == allow
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@needs_gpu
+def test_convex_update_nan_propagates(convex_path):
+    K, C = stack(2, 40, seed=25, device="cuda")
+    C[1, 7, 3] = float("nan")
+    C_new, delta, mass = torch.ops.kcm.convex_update(K, C, "ieee")
+    want = torch_backend.convex_update(K.cpu(), C.cpu(), "ieee")
+    for got, ref in zip((C_new, delta, mass), want, strict=True):
+        assert torch.equal(torch.isnan(got.cpu()), torch.isnan(ref))
+    assert bool(torch.isnan(delta[1])) and not bool(torch.isnan(delta[0]))
 
 
 @needs_gpu
@@ -315,7 +407,7 @@ def test_convex_update_zero_columns_unaligned_and_noncontiguous():
 
 @needs_gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_convex_update_deterministic(precision):
+def test_convex_update_deterministic(precision, convex_path):
     K, C = stack(3, 260, seed=16, device="cuda")
     first = cuda.convex_update(K, C, precision)
     second = cuda.convex_update(K, C, precision)

@@ -11,6 +11,20 @@ The schemas are defined exactly once, whichever side loads:
   ``torch.library``, so that the operators, their fake implementations and
   ``torch.library.opcheck`` work and are tested everywhere.
 
+What the CUDA kernels compute (csrc/bindings.cpp):
+
+* ``rbf_kernel``: the tiled fp32 FMA kernel for every precision ("tf32" / "tf32x3" are at
+  least as accurate as asked; on sm_80+ the ``auto`` dispatch sends them to the Triton
+  backend's tensor-core kernels, see :mod:`kcm_cuda.dispatch`);
+* ``convex_update``: K C by cuBLAS (``torch.bmm``: fp32 SGEMM for "ieee" and "tf32x3", TF32
+  tensor cores for "tf32", the caller's TF32 setting restored after), then one fused
+  element-wise + reduction kernel (deterministic two-stage sums, no atomics).
+  ``KCM_CUDA_CONVEX=fused`` runs the single tiled fp32 FMA kernel with the update in its
+  epilogue instead (an alternative for GPUs where it beats cuBLAS; ``make gpu-check``
+  measures both paths' correctness).
+* NaN inputs give NaN outputs where the torch backend gives them (the public API rejects
+  NaN before any kernel runs).
+
 In both cases this module registers the CPU kernels (built on
 :mod:`kcm_cuda.kernels.torch_backend`) and the fake implementations (shape inference for
 ``torch.compile`` / FakeTensor). The backend functions called by :mod:`kcm_cuda.dispatch` are

@@ -2,7 +2,7 @@
 // compiles as plain C++ and runs on CPU threads: one std::thread per CUDA thread, a
 // std::barrier per block for __syncthreads(), a std::barrier per warp for the shuffles, and
 // __shared__ arrays as function statics (the emulator runs one block at a time).
-// Only the FMA path exists here (no __CUDA_ARCH__: KCM_TF32_MMA is 0, as on sm_75).
+// The kernels have one path (fp32 FMA), the same on every architecture.
 #pragma once
 
 #ifndef KCM_HOST_EMULATION
