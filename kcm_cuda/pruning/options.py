@@ -17,7 +17,7 @@ from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
 from kcm_cuda.pruning.r2 import R2_POINTS
 
 # Reconstruction variants (kcm_cuda.pruning.reconstruct) and their modes.
-RECONSTRUCTIONS = ("none", "scale")
+RECONSTRUCTIONS = ("none", "bias", "scale", "ridge")
 RECONSTRUCT_MODES = ("sequential", "oneshot")
 # What scale=True (and reconstruct=None) runs, unless the method names its own default.
 DEFAULT_RECONSTRUCTION = "scale"
