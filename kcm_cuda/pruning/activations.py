@@ -27,6 +27,7 @@ from kcm_cuda.kernels import kcm_coefficients, rbf_kernel
 from kcm_cuda.pruning.adapters import FFNAdapter
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.r2 import median_sigma
 
 
 @dataclass
@@ -114,7 +115,7 @@ def collect_activation_stats(
     kcm_iters: list[list[int]] = [[] for _ in blocks]
     current: dict = {}
     opts = dict(kcm_options or {})
-    sigma = float(opts.pop("sigma", 1.0))
+    sigma = opts.pop("sigma", 1.0)  # a number, or "median" (per batch and layer)
 
     def make_hook(idx: int):
         def hook(_module, args):
@@ -126,7 +127,8 @@ def collect_activation_stats(
                 gram_acc[idx] = g if gram_acc[idx] is None else gram_acc[idx] + g
             if current["batch"] < kcm_batches:
                 points = a.t() / max(a.shape[0], 1) ** 0.5  # (n, tokens)
-                K = rbf_kernel(points.contiguous(), sigma=sigma, **_kernel_opts(opts))
+                sig = median_sigma(points) if sigma == "median" else float(sigma)
+                K = rbf_kernel(points.contiguous(), sigma=sig, **_kernel_opts(opts))
                 C, n_iter = kcm_coefficients(K, **opts)
                 kcm_diag[idx].append(torch.diagonal(C).double().cpu())
                 kcm_iters[idx].append(int(n_iter))

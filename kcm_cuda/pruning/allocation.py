@@ -204,3 +204,43 @@ def allocate(
             raise ValueError(f"counts {counts} do not fit k={k_total}, min_keep {keep_min}")
         return masks_from_counts(scores, counts)
     raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
+# Reconstructions that remove the pruned neurons' mean (so the error that is left is their
+# covariance); the others leave the full second moment.
+CENTERED_RECONSTRUCTIONS = ("bias", "ridge")
+
+
+def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+    """Masks under ``ctx.options.allocation`` for a method's ``scores``, and a JSON-able
+    summary for the report (the counts; with "error", each layer's predicted relative
+    error at its count)."""
+    from kcm_cuda.pruning.activations import token_means
+
+    o = ctx.options
+    info: dict = {"allocation": o.allocation}
+    if o.allocation != "error":
+        return allocate(scores, ctx.k_total, ctx.keep_min, o.allocation), info
+    stats = ctx.activation_stats()
+    if stats.grams is None or stats.input_sq is None or stats.sums is None:
+        raise ValueError("allocation='error' needs activation Grams (collected with grams=True)")
+    n = stats.n_tokens
+    w2 = [ctx.adapter.w2(b).weight.detach() for b in ctx.adapter.layers(ctx.teacher)]
+    centered = o.reconstruction() in CENTERED_RECONSTRUCTIONS
+    counts, curves = error_allocation(
+        scores,
+        stats.grams,
+        token_means(stats),
+        n,
+        w2,
+        [e / max(n, 1) for e in stats.input_sq],
+        ctx.k_total,
+        ctx.keep_min,
+        centered=centered,
+    )
+    masks = allocate(scores, ctx.k_total, ctx.keep_min, "error", counts=counts)
+    info["error_centered"] = centered
+    info["predicted_relative_error"] = [
+        float(c[n_l - k]) for c, n_l, k in zip(curves, ctx.sizes, counts, strict=True)
+    ]
+    return masks, info

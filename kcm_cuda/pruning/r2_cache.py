@@ -31,10 +31,16 @@ from kcm_cuda.pruning.cache import fingerprint
 FORMAT = 1
 
 
-def default_r2_cache_dir() -> Path:
+def r2_cache_dir_from_env() -> Path:
+    """``$KCM_CUDA_CACHE/r2`` when the variable is set, else ``~/.cache/kcm_cuda/r2``."""
     env = os.environ.get("KCM_CUDA_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "kcm_cuda"
     return root / "r2"
+
+
+def default_r2_cache_dir() -> Path:
+    """Where ``r2_cache=True`` stores entries (the test suite points it at a temp dir)."""
+    return r2_cache_dir_from_env()
 
 
 def resolve_r2_cache(r2_cache: object) -> Path | None:

@@ -215,3 +215,140 @@ def test_allocate_bad_input():
         allocate(s, 4, [0, 0], "error", counts=[3, 3])
     with pytest.raises(ValueError, match="NaN or Inf"):
         masks_from_counts([torch.tensor([float("nan"), 1.0])], [1])
+
+
+# -- through prune() ----------------------------------------------------------------------
+from kcm_cuda.pruning import prune  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp"])
+@pytest.mark.parametrize("c", [0.8, 0.6])
+def test_peer_methods_through_prune(method, c, bert, tokenizer, sentences):
+    r = prune(
+        bert,
+        sentences,
+        c,
+        method=method,
+        reconstruct="none",
+        tokenizer=tokenizer,
+        progress=False,
+        samples=64,
+    )
+    assert r.report["method"] == method
+    assert r.report["flops"]["ratio"] <= c
+    kept = [int(m.sum()) for m in r.masks.values()]
+    assert sum(kept) == r.report["flops"]["neurons_kept"]
+    assert all(m.numel() == 96 for m in r.masks.values())
+    # the masks are the global top-k of the method's own scores
+    from kcm_cuda.pruning.activations import collect_activation_stats
+
+    adapter = get_adapter(bert)
+    sample = prepare_sample(sentences, tokenizer, samples=64, max_length=128, seed=0)
+    stats = collect_activation_stats(
+        bert, adapter, sample, batch_size=32, device=torch.device("cpu"), progress=False
+    )
+    w2n = [adapter.w2(b).weight.detach().norm(dim=0) for b in adapter.layers(bert)]
+    fn = flap_scores if method == "flap" else wanda_sp_scores
+    scores = fn(stats, w2n)
+    flat = torch.cat(scores)
+    kept_scores = torch.cat([s[r.masks[i]] for i, s in enumerate(scores)])
+    dropped = torch.cat([s[~r.masks[i]] for i, s in enumerate(scores)])
+    assert float(kept_scores.min()) >= float(dropped.max()) - 1e-9 * float(flat.abs().max())
+    enc = tokenizer(sentences[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = r.model(**enc).logits
+    assert out.shape == (4, 2) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("method", ["wanda_sp", "kcm", "magnitude"])
+def test_allocation_option(allocation, method, distilbert, tokenizer, sentences):
+    r = prune(
+        distilbert,
+        sentences,
+        0.6,
+        method=method,
+        allocation=allocation,
+        reconstruct="none",
+        tokenizer=tokenizer,
+        progress=False,
+        samples=64,
+    )
+    assert r.report["options"]["allocation"] == allocation
+    assert r.report["flops"]["ratio"] <= 0.6
+    kept = r.report["kept_per_layer"]
+    assert sum(kept) == r.report["flops"]["neurons_kept"]
+    if allocation == "uniform":
+        assert kept == proportional_counts([64, 64], sum(kept), [1, 1])
+    if allocation == "error":
+        sel = r.report["selection"]
+        assert sel["allocation"] == "error" and sel["error_centered"] is False
+        assert len(sel["predicted_relative_error"]) == 2
+        assert all(e >= 0 for e in sel["predicted_relative_error"])
+
+
+def test_error_allocation_moves_neurons_to_the_layer_that_needs_them(tokenizer, sentences):
+    """Shrink layer 0's W2 a hundredfold: its neurons barely change the output, so the error
+    allocation prunes layer 0 first (global wanda_sp too: its scores scale with ‖W2‖, but the
+    standardised and uniform allocations do not see it)."""
+    from tests.pruning.conftest import tiny_bert
+
+    model = tiny_bert(vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.mul_(0.01)
+    kw = dict(method="wanda_sp", reconstruct="none", tokenizer=tokenizer, progress=False)
+    err = prune(model, sentences, 0.7, allocation="error", samples=64, **kw)
+    uni = prune(model, sentences, 0.7, allocation="uniform", samples=64, **kw)
+    assert err.report["kept_per_layer"][0] < min(err.report["kept_per_layer"][1:])
+    assert err.report["kept_per_layer"][0] < uni.report["kept_per_layer"][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"allocation": "fair"}, ValueError, "allocation must be one of"),
+        ({"allocation": 1}, ValueError, "allocation must be one of"),
+        ({"sigma": "mean"}, ValueError, "sigma must be one of"),
+        ({"r2_cache": 3}, TypeError, "r2_cache must be True, False or a directory"),
+        ({"r2_cache": ""}, ValueError, "r2_cache"),
+    ],
+)
+def test_new_options_bad_input(kwargs, exc, match, bert, tokenizer, sentences):
+    with pytest.raises(exc, match=match):
+        prune(bert, sentences, 0.7, tokenizer=tokenizer, progress=False, **kwargs)
+
+
+def test_r2_disk_cache_through_prune(bert, tokenizer, sentences, tmp_path):
+    kw = dict(tokenizer=tokenizer, progress=False, samples=64, reconstruct="none")
+    a = prune(bert, sentences, 0.7, **kw)
+    assert a.report["r2_disk_cache"]["hit"] is False
+    assert a.report["r2_disk_cache"]["dir"] == str(tmp_path / "r2_cache")
+    b = prune(bert, sentences, 0.6, seed=4, **kw)  # another budget and sample: same R2
+    assert b.report["r2_disk_cache"]["hit"] is True
+    assert "r2" in b.report["timings_s"]
+    off = prune(bert, sentences, 0.6, seed=4, r2_cache=False, **kw)
+    assert off.report["r2_disk_cache"] == {"dir": None, "hit": False}
+    for i in b.masks:
+        assert torch.equal(b.masks[i], off.masks[i])
+    own = prune(bert, sentences, 0.6, r2_cache=tmp_path / "mine", **kw)
+    assert own.report["options"]["r2_cache"] == str(tmp_path / "mine")
+    assert len(list((tmp_path / "mine").glob("*.pt"))) == 1
+    # a corrupt entry: a warning, the same masks as a fresh solve
+    entry = next((tmp_path / "mine").glob("*.pt"))
+    entry.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unusable"):
+        again = prune(bert, sentences, 0.6, r2_cache=tmp_path / "mine", **kw)
+    for i in own.masks:
+        assert torch.equal(own.masks[i], again.masks[i])
+
+
+def test_sigma_median_through_prune(bert, tokenizer, sentences):
+    kw = dict(tokenizer=tokenizer, progress=False, samples=64, reconstruct="none")
+    r = prune(bert, sentences, 0.7, method="r2", sigma="median", **kw)
+    assert r.report["options"]["sigma"] == "median"
+    one = prune(bert, sentences, 0.7, method="r2", sigma=1.0, **kw)
+    assert r.report["flops"]["ratio"] <= 0.7 and one.report["flops"]["ratio"] <= 0.7
+    d = prune(
+        bert, sentences, 0.7, method="d2", d2_mode="kcm", d2_kcm_batches=1, sigma="median", **kw
+    )
+    assert d.report["flops"]["ratio"] <= 0.7

@@ -11,7 +11,7 @@ from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.r2 import diag_coefficients, median_sigma, r2_scores, resolve_sigmas
 from kcm_cuda.pruning.r2_cache import (
     cached_r2_scores,
-    default_r2_cache_dir,
+    r2_cache_dir_from_env,
     r2_key,
     resolve_r2_cache,
 )
@@ -55,12 +55,13 @@ def test_median_sigma_equals_passing_it_explicitly():
 
 def test_resolve_r2_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KCM_CUDA_CACHE", str(tmp_path))
-    assert default_r2_cache_dir() == tmp_path / "r2"
-    assert resolve_r2_cache(True) == tmp_path / "r2"
+    assert r2_cache_dir_from_env() == tmp_path / "r2"
+    monkeypatch.delenv("KCM_CUDA_CACHE")
+    assert str(r2_cache_dir_from_env()).endswith(".cache/kcm_cuda/r2")
+    # the suite's conftest points the default at a per-test temp dir
+    assert resolve_r2_cache(True) == tmp_path.parent / tmp_path.name / "r2_cache"
     assert resolve_r2_cache(False) is None
     assert resolve_r2_cache(tmp_path / "x") == tmp_path / "x"
-    monkeypatch.delenv("KCM_CUDA_CACHE")
-    assert str(default_r2_cache_dir()).endswith(".cache/kcm_cuda/r2")
     with pytest.raises(TypeError, match="r2_cache must be True, False or a directory"):
         resolve_r2_cache(3)
     with pytest.raises(ValueError, match="got ''"):

@@ -15,6 +15,7 @@ import torch
 
 from kcm_cuda.pruning.activations import ActivationStats, token_variances
 from kcm_cuda.pruning.allocation import standardise
+from kcm_cuda.pruning.methods.base import ScoreMethod
 
 
 def fluctuation_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -34,3 +35,13 @@ def fluctuation_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> 
 def flap_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """FLAP's globally comparable scores: fluctuation standardised per layer."""
     return standardise(fluctuation_scores(stats, w2_norms))
+
+
+class FLAP(ScoreMethod):
+    name = "flap"
+    needs_activations = True
+    # FLAP's own reconstruction: bias compensation with the pruned neurons' mean activation
+    default_reconstruct = "bias"
+
+    def scores(self, ctx):
+        return flap_scores(ctx.activation_stats(), ctx.w2_norms)

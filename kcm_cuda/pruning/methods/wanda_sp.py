@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kcm_cuda.pruning.activations import ActivationStats, token_norms
+from kcm_cuda.pruning.methods.base import ScoreMethod
 
 
 def wanda_sp_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -25,3 +26,11 @@ def wanda_sp_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> lis
             raise ValueError(f"activation statistics of {a.numel()} neurons, W2 of {w.numel()}")
         out.append(a * w.double().cpu())
     return out
+
+
+class WandaSP(ScoreMethod):
+    name = "wanda_sp"
+    needs_activations = True
+
+    def scores(self, ctx):
+        return wanda_sp_scores(ctx.activation_stats(), ctx.w2_norms)
