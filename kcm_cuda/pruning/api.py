@@ -81,9 +81,12 @@ def prune(
     """Prune the FFN neurons of a BERT / DistilBERT (/ RoBERTa) model to keep ``flops`` of
     its FLOPs, using unlabeled ``data`` only.
 
-    method: "kcm" (R2D2, default), "r2", "d2", "magnitude" (||W1[i]||·||W2[:, i]||), "random"
-      (kcm_cuda.pruning.methods.METHODS).
-    scale: True runs the default reconstruction, False none (when reconstruct= is not given).
+    method: "flap" (default: FLAP's standardised fluctuation, one global sort), "kcm" (R2D2),
+      "kcm_paper" (mean-rank R2D2 + Scale), "d2", "r2", "wanda_sp", "magnitude"
+      (||W1[i]||·||W2[:, i]||), "random" (kcm_cuda.pruning.methods.METHODS).
+    scale: True runs the default reconstruction ("ridge"; kcm_paper: "scale"), False none
+      (when reconstruct= is not given). The default, flap + ridge, is the measured best
+      (benchmarks/results/cpu/accuracy/issue8/FINDINGS.md).
     reconstruct: "none", "bias" (FLAP bias compensation), "scale" (per-neuron rescaling) or
       "ridge" (least-squares refit of the kept W2 columns and b2) (kcm_cuda.pruning.reconstruct);
       reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";

@@ -22,8 +22,11 @@ from kcm_cuda.pruning.r2_cache import resolve_r2_cache
 # Reconstruction variants (kcm_cuda.pruning.reconstruct) and their modes.
 RECONSTRUCTIONS = ("none", "bias", "scale", "ridge")
 RECONSTRUCT_MODES = ("sequential", "oneshot")
+# The default pipeline (measured, benchmarks/results/cpu/accuracy/issue8/FINDINGS.md): FLAP's
+# selection (standardised fluctuation, one global sort) with the ridge refit of W2 and b2.
+DEFAULT_METHOD = "flap"
 # What scale=True (and reconstruct=None) runs, unless the method names its own default.
-DEFAULT_RECONSTRUCTION = "scale"
+DEFAULT_RECONSTRUCTION = "ridge"
 
 
 def check_int(name: str, value: object, lo: int) -> int:
@@ -61,7 +64,7 @@ class PruneOptions:
     """All options of ``prune()`` (see its docstring for each one's meaning)."""
 
     flops: float = 0.6
-    method: str = "kcm"
+    method: str = DEFAULT_METHOD
     scale: bool = True
     reconstruct: str | None = None  # None: scale=True → the default, scale=False → "none"
     reconstruct_mode: str = "sequential"

@@ -319,7 +319,7 @@ def test_new_options_bad_input(kwargs, exc, match, bert, tokenizer, sentences):
 
 
 def test_r2_disk_cache_through_prune(bert, tokenizer, sentences, tmp_path):
-    kw = dict(tokenizer=tokenizer, progress=False, samples=64, reconstruct="none")
+    kw = dict(method="kcm", tokenizer=tokenizer, progress=False, samples=64, reconstruct="none")
     a = prune(bert, sentences, 0.7, **kw)
     assert a.report["r2_disk_cache"]["hit"] is False
     assert a.report["r2_disk_cache"]["dir"] == str(tmp_path / "r2_cache")

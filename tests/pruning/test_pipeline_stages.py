@@ -9,12 +9,12 @@ from kcm_cuda.pruning import prune
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.context import build_context
 from kcm_cuda.pruning.methods import METHODS, Method, Selection
-from kcm_cuda.pruning.options import PruneOptions
+from kcm_cuda.pruning.options import DEFAULT_RECONSTRUCTION, PruneOptions
 
 
 def test_options_are_checked_in_one_place():
     o = PruneOptions(flops=0.5, method="d2", samples=10)
-    assert o.flops == 0.5 and o.reconstruction() == "scale"
+    assert o.flops == 0.5 and o.reconstruction() == DEFAULT_RECONSTRUCTION
     assert PruneOptions(scale=False).reconstruction() == "none"
     assert PruneOptions(scale=False, reconstruct="scale").reconstruction() == "scale"
     assert PruneOptions(reconstruct="none").reconstruction() == "none"
@@ -97,7 +97,7 @@ def test_a_registered_method_plugs_in(bert, tokenizer, sentences, monkeypatch):
     r = prune(
         bert, sentences, 0.7, method="keep_first", tokenizer=tokenizer, progress=False, samples=64
     )
-    assert r.report["reconstruct"] == "scale" and "reconstruct_notes" in r.report
+    assert r.report["reconstruct"] == DEFAULT_RECONSTRUCTION and "reconstruct_notes" in r.report
 
 
 def test_labels_are_drawn_with_the_sample(bert, tokenizer, sentences):

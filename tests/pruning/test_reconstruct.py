@@ -139,6 +139,7 @@ def test_scale_is_todays_scale(tokenizer, sentences, builders):
         sentences,
         0.6,
         method="d2",
+        reconstruct="scale",
         tokenizer=tokenizer,
         progress=False,
         samples=128,

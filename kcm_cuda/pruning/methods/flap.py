@@ -6,7 +6,9 @@ column: how much the layer's output would move if the neuron were replaced by it
 The scores are standardised per layer, (s − mean_layer) / std_layer, and sorted globally
 (FLAP's adaptive structure search), so layers with a flat profile give up more neurons.
 FLAP's bias compensation, b2 += W2[:, pruned] · mean(a_pruned), is the reconstruction
-``reconstruct="bias"`` (the method's default reconstruction).
+``reconstruct="bias"`` (FLAP as published: ``method="flap", reconstruct="bias"``). With
+``scale=True`` and no ``reconstruct=``, flap gets the project's default reconstruction (ridge):
+``prune(model, data)`` is flap + ridge, the measured default.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ def flap_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[to
 class FLAP(ScoreMethod):
     name = "flap"
     needs_activations = True
-    # FLAP's own reconstruction: bias compensation with the pruned neurons' mean activation
-    default_reconstruct = "bias"
 
     def scores(self, ctx):
         return flap_scores(ctx.activation_stats(), ctx.w2_norms)
