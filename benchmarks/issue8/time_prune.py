@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -32,7 +31,11 @@ def main() -> None:
     opts = {k: _value(v) for k, v in opts.items()}
     cache = default_cache_dir(None)
     task = get_task("vader-movie", cache)
-    enc_dirs = sorted((cache / "finetuned").glob("*/encoder"))
+    enc_dirs = [
+        d
+        for d in sorted((cache / "finetuned").glob("*/encoder"))
+        if json.loads((d.parent / "meta.json").read_text()).get("task") == "vader-movie"
+    ]
     model = AutoModel.from_pretrained(str(enc_dirs[0])).eval()
     tok = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
     print(f"torch threads {torch.get_num_threads()}; model {enc_dirs[0].parent.name}")
@@ -54,7 +57,6 @@ def main() -> None:
             }
         )
     )
-    Path("/tmp/pl").mkdir(exist_ok=True)
 
 
 if __name__ == "__main__":
