@@ -65,7 +65,7 @@ def test_merge_options(merge, distilbert, tokenizer, sentences):
 
 
 def test_same_seed_same_masks(bert, tokenizer, sentences):
-    kw = dict(scale=True, tokenizer=tokenizer, progress=False, samples=64)
+    kw = dict(reconstruct="scale", tokenizer=tokenizer, progress=False, samples=64)
     a = prune(bert, sentences, 0.6, seed=7, **kw)
     b = prune(bert, sentences, 0.6, seed=7, **kw)
     for i in a.masks:
@@ -115,6 +115,7 @@ def test_unsupported_architecture_names_class(sentences, tokenizer):
     ],
 )
 def test_bad_arguments(kwargs, exc, match, bert, tokenizer, sentences):
+    kwargs = {"method": "kcm", **kwargs}  # a method that runs the kernels checks backend=
     with pytest.raises(exc, match=match):
         prune(bert, sentences, 0.7, tokenizer=tokenizer, progress=False, **kwargs)
 
@@ -131,7 +132,7 @@ def test_feed_forward_chunking_model(builders, tokenizer, sentences):
 
 def test_cache_reuses_expensive_stages(bert, tokenizer, sentences):
     cache: dict = {}
-    kw = dict(tokenizer=tokenizer, progress=False, samples=64, scale=False)
+    kw = dict(method="kcm", tokenizer=tokenizer, progress=False, samples=64, scale=False)
     a = prune(bert, sentences, 0.7, cache=cache, **kw)
     assert a.report["cached_stages"] == [] and len(cache) == 2
     b = prune(bert, sentences, 0.6, cache=cache, merge="weighted", **kw)

@@ -81,7 +81,7 @@ def test_scale_lowers_heldout_error_each_layer(arch, request, tokenizer, sentenc
     train = make_sentences(300, seed=2)
     held = prepare_sample(make_sentences(150, seed=99), tokenizer, samples=150)
     kw = dict(method="d2", tokenizer=tokenizer, progress=False, scale_samples=300)
-    on = prune(model, train, 0.7, scale=True, **kw)
+    on = prune(model, train, 0.7, reconstruct="scale", **kw)
     off = prune(model, train, 0.7, scale=False, **kw)
     for i in on.masks:
         assert torch.equal(on.masks[i], off.masks[i])
@@ -106,7 +106,7 @@ def test_scale_first_layer_matches_direct_solve(bert, tokenizer, sentences):
         sentences,
         0.7,
         method="magnitude",
-        scale=True,
+        reconstruct="scale",
         tokenizer=tokenizer,
         progress=False,
         scale_lambda=0.0,
