@@ -97,7 +97,8 @@ def prune(
       off. Entries are written atomically, safe to delete; a corrupt one is recomputed with a
       warning (kcm_cuda.pruning.r2_cache). report["r2_disk_cache"] says whether it was a hit.
     scale: True runs the default reconstruction, False none (when reconstruct= is not given).
-    reconstruct: "none", or "scale" (per-neuron rescaling) (kcm_cuda.pruning.reconstruct);
+    reconstruct: "none", "bias" (FLAP bias compensation), "scale" (per-neuron rescaling) or
+      "ridge" (least-squares refit of the kept W2 columns and b2) (kcm_cuda.pruning.reconstruct);
       reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";
       ridge_lambda: the ridge refit's λ, relative to the mean diagonal of its Gram matrix.
     labels: for methods that use labels, one per row of ``data``. heads: prune attention

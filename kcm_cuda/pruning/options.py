@@ -20,7 +20,7 @@ from kcm_cuda.pruning.r2 import R2_POINTS, SIGMA_RULES
 from kcm_cuda.pruning.r2_cache import resolve_r2_cache
 
 # Reconstruction variants (kcm_cuda.pruning.reconstruct) and their modes.
-RECONSTRUCTIONS = ("none", "scale")
+RECONSTRUCTIONS = ("none", "bias", "scale", "ridge")
 RECONSTRUCT_MODES = ("sequential", "oneshot")
 # What scale=True (and reconstruct=None) runs, unless the method names its own default.
 DEFAULT_RECONSTRUCTION = "scale"
