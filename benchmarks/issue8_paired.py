@@ -5,9 +5,10 @@
 Every DIR holds report.json and predictions.npz (``kcm-eval --save-predictions``) on the
 same task and test split (checked: identical labels), or, for a grid still running, its
 runs.partial.jsonl (the finished runs, with their logits; at least one DIR must be
-finished). A method is named by its kcm-eval label plus "/on" when Scale was on (e.g. ``kcm:sigma=median``, ``kcm/on``). For each budget both
-methods have, d_i = (mean over seeds of A correct on test row i) − (same for B) and the
-difference is mean(d) ± sd(d)/sqrt(N) (the runner's paired standard error). Runs of the same
+finished). A method is named by its kcm-eval label plus "/on" when Scale was on (e.g.
+``kcm:sigma=median``, ``kcm/on``). For each budget both methods have,
+d_i = (mean over seeds of A correct on test row i) − (same for B), and the difference is
+mean(d) ± sd(d)/sqrt(N) (the runner's paired standard error). Runs of the same
 (budget, method, seed) found in several DIRs must have the same mask digest (else refused).
 """
 
