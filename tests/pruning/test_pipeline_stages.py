@@ -119,3 +119,14 @@ def test_labels_are_drawn_with_the_sample(bert, tokenizer, sentences):
         build_context(
             bert, get_adapter(bert), sentences, o, tokenizer=tokenizer, device=None, cache=None
         )
+
+
+def test_kcm_paper_is_mean_rank_with_scale(bert, tokenizer, sentences):
+    kw = dict(tokenizer=tokenizer, progress=False, samples=96)
+    paper = prune(bert, sentences, 0.7, method="kcm_paper", **kw)
+    assert paper.report["method"] == "kcm_paper" and paper.report["reconstruct"] == "scale"
+    ref = prune(bert, sentences, 0.7, method="kcm", merge="mean_rank", scale=False, **kw)
+    for i in ref.masks:
+        assert torch.equal(paper.masks[i], ref.masks[i])
+    off = prune(bert, sentences, 0.7, method="kcm_paper", scale=False, **kw)
+    assert off.report["reconstruct"] == "none"

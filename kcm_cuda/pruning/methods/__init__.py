@@ -8,13 +8,14 @@ from kcm_cuda.pruning.methods.base import Method, ScoreMethod, Selection, topk_s
 from kcm_cuda.pruning.methods.d2 import D2
 from kcm_cuda.pruning.methods.flap import FLAP
 from kcm_cuda.pruning.methods.kcm import KCM
+from kcm_cuda.pruning.methods.kcm_paper import KCMPaper
 from kcm_cuda.pruning.methods.magnitude import Magnitude
 from kcm_cuda.pruning.methods.r2 import R2
 from kcm_cuda.pruning.methods.random import Random
 from kcm_cuda.pruning.methods.wanda_sp import WandaSP
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP())
+    m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP(), KCMPaper())
 }
 
 __all__ = ["METHODS", "Method", "ScoreMethod", "Selection", "topk_selection"]
