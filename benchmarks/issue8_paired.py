@@ -22,7 +22,21 @@ from pathlib import Path
 import numpy as np
 
 
-def load(dirs: list[str]):
+def _task_labels(task: str) -> np.ndarray:
+    """Test labels of ``NAME`` or ``NAME@ROWS`` (the issue-8 grid's fixed test subset)."""
+    from kcm_cuda.evaluation.datasets import get_task
+
+    name, _, rows = task.partition("@")
+    t = get_task(name)
+    if rows:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "issue8"))
+        from grid import _subset
+
+        t = _subset(t, int(rows))
+    return np.array([int(e.label) for e in t.test])
+
+
+def load(dirs: list[str], task: str | None = None):
     labels = None
     runs: dict[tuple, tuple[str, np.ndarray]] = {}
     dense = None
@@ -40,8 +54,12 @@ def load(dirs: list[str]):
             key = f"run_{i}"
             if key in preds.files:
                 _add(runs, r, preds[key], y)
+    if labels is None and task is not None:
+        labels = _task_labels(task)
     if labels is None:
-        raise ValueError("no finished report.json among the directories (labels unknown)")
+        raise ValueError(
+            "no finished report.json among the directories: pass --task NAME[@ROWS] for the labels"
+        )
     for d in dirs:
         partial = Path(d) / "runs.partial.jsonl"
         if (Path(d) / "report.json").is_file() or not partial.is_file():
@@ -96,13 +114,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("dirs", nargs="+")
     p.add_argument("--pair", action="append", required=True, metavar="'A vs B'")
+    p.add_argument("--task", default=None, help="NAME[@ROWS]: labels when no report is finished")
     args = p.parse_args(argv)
     try:
-        labels, runs, dense = load(args.dirs)
+        labels, runs, dense = load(args.dirs, args.task)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"test rows {labels.size}; dense accuracy {100 * dense:.1f}")
+    dense_txt = "?" if dense is None else f"{100 * dense:.1f}"
+    print(f"test rows {labels.size}; dense accuracy {dense_txt}")
     print("| c | A | B | acc A | acc B | seeds | Δacc A − B (paired, pt) |")
     print("|---|---|---|---|---|---|---|")
     for pair in args.pair:
