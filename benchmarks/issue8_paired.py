@@ -8,7 +8,8 @@ runs.partial.jsonl (the finished runs, with their logits; at least one DIR must 
 finished). A method is named by its kcm-eval label plus "/on" when Scale was on (e.g.
 ``kcm:sigma=median``, ``kcm/on``). For each budget both methods have,
 d_i = (mean over seeds of A correct on test row i) − (same for B), and the difference is
-mean(d) ± sd(d)/sqrt(N) (the runner's paired standard error). Runs of the same
+mean(d) ± sd(d)/sqrt(N) (the runner's paired standard error), over the seeds both have.
+Runs of the same
 (budget, method, seed) found in several DIRs must have the same mask digest (else refused).
 """
 
@@ -90,8 +91,11 @@ def paired(runs, a: str, b: str):
     out = []
     budgets = sorted({k[0] for k in runs}, reverse=True)
     for c in budgets:
-        ra = [v[1] for k, v in sorted(runs.items()) if k[0] == c and k[1] == a]
-        rb = [v[1] for k, v in sorted(runs.items()) if k[0] == c and k[1] == b]
+        # the seeds both have (a grid cut short may have more of one than of the other)
+        seeds = {k[2] for k in runs if k[0] == c and k[1] == a}
+        seeds &= {k[2] for k in runs if k[0] == c and k[1] == b}
+        ra = [runs[(c, a, s)][1] for s in sorted(seeds)]
+        rb = [runs[(c, b, s)][1] for s in sorted(seeds)]
         if not ra or not rb:
             continue
         d = np.mean(ra, axis=0) - np.mean(rb, axis=0)
