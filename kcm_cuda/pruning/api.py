@@ -87,6 +87,17 @@ def prune(
     scale: True runs the default reconstruction ("ridge"; kcm_paper: "scale"), False none
       (when reconstruct= is not given). The default, flap + ridge, is the measured best
       (benchmarks/results/cpu/accuracy/issue8/FINDINGS.md).
+    seed: orders the unlabeled sample (which ``samples`` rows are drawn from ``data``, so the
+      activation statistics and D2's votes) and seeds method="random"'s scores; R2 does not
+      depend on it. Same seed, same data, same options → the same masks.
+    allocation: how the budget is split over layers (kcm_cuda.pruning.allocation):
+      "global" (default: one global sort of the method's scores), "standardised" (scores
+      standardised per layer, then one global sort), "uniform" (width-proportional), "error"
+      (each layer's measured output error per pruned neuron, from its activation Gram).
+    r2_cache: R2's scores depend only on the weights and R2's options, so they are cached on
+      disk by default: True → $KCM_CUDA_CACHE/r2 or ~/.cache/kcm_cuda/r2; a directory; False →
+      off. Entries are written atomically, safe to delete; a corrupt one is recomputed with a
+      warning (kcm_cuda.pruning.r2_cache). report["r2_disk_cache"] says whether it was a hit.
     reconstruct: "none", "bias" (FLAP bias compensation), "scale" (per-neuron rescaling) or
       "ridge" (least-squares refit of the kept W2 columns and b2) (kcm_cuda.pruning.reconstruct);
       reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";
@@ -103,7 +114,8 @@ def prune(
       r2_weight      R2's weight for merge="weighted"; merge_bins: for "r2_within_d2"
       d2_mode        "votes", "energy", or "kcm" (R2 on the activations of the first
                      ``d2_kcm_batches`` batches)
-      sigma, alpha, max_iter, precision   R2 kernel and solver (also d2_mode="kcm")
+      sigma, alpha, max_iter, precision   R2 kernel and solver (also d2_mode="kcm");
+                     sigma="median": per layer, the median pairwise distance of the points
       min_keep       neurons kept per layer at least: int, or a fraction of the layer
       scale_lambda   ridge towards m = 1, relative to the mean diagonal of the normal matrix
       scale_samples  sequences used by the reconstruction

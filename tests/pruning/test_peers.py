@@ -352,3 +352,63 @@ def test_sigma_median_through_prune(bert, tokenizer, sentences):
         bert, sentences, 0.7, method="d2", d2_mode="kcm", d2_kcm_batches=1, sigma="median", **kw
     )
     assert d.report["flops"]["ratio"] <= 0.7
+
+
+def test_flap_is_flap_as_published(bert, tokenizer, sentences):
+    """FLAP (An et al. 2024), FFN part: scores from the dense model's statistics, one global
+    sort of the per-layer standardised fluctuation, and b2 += W2[:, pruned]·mean(a_pruned)
+    with the dense model's means over the calibration sample (reconstruct="bias",
+    reconstruct_mode="oneshot", the whole sample)."""
+    from kcm_cuda.pruning.activations import collect_activation_stats
+
+    n = 64
+    r = prune(
+        bert,
+        sentences,
+        0.6,
+        method="flap",
+        reconstruct_mode="oneshot",
+        scale_samples=n,
+        tokenizer=tokenizer,
+        progress=False,
+        samples=n,
+    )
+    assert r.report["reconstruct"] == "bias"  # FLAP's default reconstruction
+    adapter = get_adapter(bert)
+    sample = prepare_sample(sentences, tokenizer, samples=n, max_length=128, seed=0)
+    stats = collect_activation_stats(
+        bert, adapter, sample, batch_size=32, device=torch.device("cpu"), progress=False
+    )
+    means = token_means(stats)
+    for i, (tb, pb) in enumerate(zip(adapter.layers(bert), adapter.layers(r.model), strict=True)):
+        keep = r.masks[i]
+        W2, b2 = adapter.w2(tb).weight.detach().double(), adapter.w2(tb).bias.detach().double()
+        expected_b = b2 + W2[:, ~keep] @ means[i][~keep]
+        got = adapter.w2(pb)
+        torch.testing.assert_close(got.weight.detach().double(), W2[:, keep], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-5)
+        w1 = adapter.w1(pb)
+        torch.testing.assert_close(w1.weight, adapter.w1(tb).weight[keep])
+    # scores → masks: the global top-k of FLAP's standardised scores
+    w2n = [adapter.w2(b).weight.detach().norm(dim=0) for b in adapter.layers(bert)]
+    scores = flap_scores(stats, w2n)
+    kept = torch.cat([s[r.masks[i]] for i, s in enumerate(scores)])
+    dropped = torch.cat([s[~r.masks[i]] for i, s in enumerate(scores)])
+    assert float(kept.min()) >= float(dropped.max()) - 1e-9
+
+
+def test_wanda_sp_with_and_without_bias_compensation(bert, tokenizer, sentences):
+    kw = dict(method="wanda_sp", tokenizer=tokenizer, progress=False, samples=64)
+    plain = prune(bert, sentences, 0.6, reconstruct="none", **kw)
+    comp = prune(bert, sentences, 0.6, reconstruct="bias", **kw)
+    assert plain.report["reconstruct"] == "none" and comp.report["reconstruct"] == "bias"
+    adapter = get_adapter(bert)
+    for i in plain.masks:
+        assert torch.equal(plain.masks[i], comp.masks[i])  # same selection
+    b_plain = [adapter.w2(b).bias for b in adapter.layers(plain.model)]
+    b_comp = [adapter.w2(b).bias for b in adapter.layers(comp.model)]
+    torch.testing.assert_close(b_plain[0], adapter.w2(adapter.layers(bert)[0]).bias)
+    assert any(not torch.allclose(a, b) for a, b in zip(b_plain, b_comp, strict=True))
+    # compensation lowers each layer's output error on the reconstruction sample
+    for row in comp.report["layers"]:
+        assert row["reconstruct_error_after"] <= row["reconstruct_error_before"] + 1e-9
