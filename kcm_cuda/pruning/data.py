@@ -43,6 +43,7 @@ class TokenizedSample:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     token_type_ids: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the drawn rows of the data (indices, in sample order)
 
     @property
     def n_sequences(self) -> int:
@@ -60,7 +61,8 @@ class TokenizedSample:
 
     def subset(self, n: int) -> TokenizedSample:
         tt = self.token_type_ids[:n] if self.token_type_ids is not None else None
-        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt)
+        rows = self.rows[:n] if self.rows is not None else None
+        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows)
 
     def batches(self, batch_size: int, device: torch.device | str) -> Iterator[dict]:
         """Model inputs, ``batch_size`` sequences each, trailing all-padding columns trimmed."""
@@ -215,7 +217,7 @@ def _pretokenized(data: dict, samples: int, seed: int) -> TokenizedSample:
         if tt.shape != ids.shape:
             raise ValueError("data['token_type_ids'] must have the shape of input_ids")
     idx = _draw(ids.shape[0], samples, seed)
-    return TokenizedSample(ids[idx], mask[idx], tt[idx] if tt is not None else None)
+    return TokenizedSample(ids[idx], mask[idx], tt[idx] if tt is not None else None, idx)
 
 
 def _check_texts(data: list) -> Texts:
@@ -257,7 +259,8 @@ def prepare_sample(
         raise ValueError(
             "a tokenizer is needed for text data: pass tokenizer= (or pre-tokenized data)"
         )
-    idx = _draw(len(texts), samples, seed).tolist()
+    drawn = _draw(len(texts), samples, seed)
+    idx = drawn.tolist()
     chosen = [texts[i] for i in idx]
     kwargs = dict(truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     if isinstance(chosen[0], tuple):
@@ -266,5 +269,8 @@ def prepare_sample(
         enc = tokenizer(chosen, **kwargs)  # type: ignore[operator]
     tt = enc.get("token_type_ids")
     return TokenizedSample(
-        enc["input_ids"].long(), enc["attention_mask"].long(), tt.long() if tt is not None else None
+        enc["input_ids"].long(),
+        enc["attention_mask"].long(),
+        tt.long() if tt is not None else None,
+        drawn,
     )
