@@ -32,6 +32,7 @@ a layer without heads). The neuron count then fills what the kept heads leave of
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -258,9 +259,7 @@ def split_budget(
     total_heads = sum(fm.heads)
     budget = c * fm.total() * (1 + 1e-12)
     if split == "proportional":
-        k_h = min(total_heads, max(floor_heads, round(c * total_heads)))
-        while k_h > floor_heads and fm.total_from_count(min_neurons, k_h) > budget:
-            k_h -= 1
+        return proportional_split(fm, c, min_heads, min_neurons)
     else:
         he = torch.cat([e.double().flatten() for e in head_energy])
         ne = torch.cat([e.double().flatten() for e in neuron_energy])
@@ -300,6 +299,30 @@ def split_budget(
     return k_h, k_n
 
 
+def proportional_split(
+    fm: FlopsModel, c: float, min_heads: int = 1, min_neurons: int = 0
+) -> tuple[int, int]:
+    """(heads, neurons) keeping the fraction ``c`` of the heads (at least ``min_heads`` per
+    layer, within the budget) and the neurons the rest of the budget pays for."""
+    if fm.heads is None:
+        raise ValueError("proportional_split needs a FlopsModel with heads and head_size")
+    if min_heads > min(fm.heads):
+        raise ValueError(f"min_heads={min_heads} exceeds a layer's {min(fm.heads)} heads")
+    floor_heads = min_heads * len(fm.heads)
+    floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
+    if c < floor:
+        raise ValueError(
+            f"flops={c:g} is below the joint floor {floor:.4f} ({min_heads} head(s) per layer"
+            f" and {min_neurons} neurons); use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
+        )
+    budget = c * fm.total() * (1 + 1e-12)
+    total_heads = sum(fm.heads)
+    k_h = min(total_heads, max(floor_heads, round(c * total_heads)))
+    while k_h > floor_heads and fm.total_from_count(min_neurons, k_h) > budget:
+        k_h -= 1
+    return k_h, fm.neuron_budget(c, min_neurons, kept_heads=k_h)
+
+
 def _zscore_log(x: torch.Tensor) -> torch.Tensor:
     y = torch.log(x.clamp_min(1e-30))
     sd = float(y.std()) if y.numel() > 1 else 0.0
@@ -318,3 +341,115 @@ def head_quotas(k_heads: int, heads: list[int] | tuple[int, ...]) -> list[int]:
     """Each layer's share of ``k_heads`` (for the votes), proportional to its head count."""
     total = sum(heads)
     return [max(1, round(k_heads * h / total)) for h in heads]
+
+
+# -- the heads stage of prune() ------------------------------------------------------------
+@dataclass
+class HeadPlan:
+    """What the heads stage decided: the kept heads (bool per layer over its heads), the
+    totals of the split, and how."""
+
+    head_masks: list[torch.Tensor]
+    k_heads: int
+    k_neurons: int
+    split: str
+    score: str
+    r2_iterations: list[int] | None = None
+
+    def as_report(self) -> dict:
+        return {
+            "split": self.split,
+            "score": self.score,
+            "heads_kept": self.k_heads,
+            "neurons_kept": self.k_neurons,
+            "heads_kept_per_layer": [int(m.sum()) for m in self.head_masks],
+            "head_r2_iterations": self.r2_iterations,
+        }
+
+
+def context_head_stats(ctx) -> HeadStats:
+    """The teacher's head energies on ``ctx.sample`` (memoised; in ``ctx.cache`` when given):
+    recorded during the D2 activation pass when that pass still has to run, else one pass
+    of their own (``api.collect_head_stats``, which evaluation tools may memoise)."""
+    if "head_stats" in ctx._memo:
+        return ctx._memo["head_stats"]
+    from kcm_cuda.pruning import api
+    from kcm_cuda.pruning.cache import fingerprint
+
+    o = ctx.options
+    key = None
+    if ctx.cache is not None:
+        sample_fp = fingerprint([ctx.sample.input_ids, ctx.sample.attention_mask])
+        key = ("head_stats", ctx._model_fp(), sample_fp, o.batch_size)
+        if key in ctx.cache:
+            ctx.cache_hits.append("head_stats")
+            ctx._memo["head_stats"] = ctx.cache[key]
+            return ctx.cache[key]
+    stats = None
+    if "stats" not in ctx._memo:
+        rec = HeadEnergyRecorder(ctx.teacher, ctx.adapter)
+        try:
+            ctx.activation_stats()
+        finally:
+            shared = rec.detach()
+        if shared.n_batches == ctx.sample.n_batches(o.batch_size):
+            stats = shared
+    if stats is None:
+        t0 = time.perf_counter()
+        stats = api.collect_head_stats(
+            ctx.teacher,
+            ctx.adapter,
+            ctx.sample,
+            batch_size=o.batch_size,
+            device=ctx.device,
+            progress=o.progress,
+        )
+        ctx.timings["head_energies"] = time.perf_counter() - t0
+    if key is not None:
+        ctx.cache[key] = stats
+    ctx._memo["head_stats"] = stats
+    return stats
+
+
+def plan_heads(ctx) -> HeadPlan:
+    """The heads stage (``heads=True``): split the FLOPs budget between heads and neurons
+    (``head_split``), pick the heads (``head_score``), and set the context's neuron budget
+    (``ctx.k_total``, ``ctx.quotas``) for the neuron method that runs next."""
+    from kcm_cuda.pruning.d2 import batch_energies
+
+    o = ctx.options
+    stats = context_head_stats(ctx)
+    if o.head_split == "proportional":
+        k_h, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
+    else:
+        neuron_energy = mean_square(batch_energies(ctx.activation_stats(), ctx.w2_norms))
+        k_h, k_n = split_budget(
+            ctx.fm,
+            o.flops,
+            mean_square(stats.energy),
+            neuron_energy,
+            split=o.head_split,
+            min_heads=o.min_heads,
+            min_neurons=sum(ctx.keep_min),
+        )
+    if k_n != ctx.k_total:
+        ctx.k_total = k_n
+        ctx.quotas = [round(k_n * n / sum(ctx.sizes)) for n in ctx.sizes]
+        ctx._memo.pop("d2", None)  # the D2 votes depend on the quotas
+    r2 = iters = None
+    if o.head_score in ("votes", "r2"):
+        r2, iters = head_r2_scores(
+            ctx.teacher,
+            ctx.adapter,
+            alpha=o.alpha,
+            max_iter=o.max_iter,
+            precision=o.precision,
+            backend=o.backend,
+            device=ctx.device,
+        )
+    heads = list(ctx.fm.heads)
+    scores = head_scores(stats, head_quotas(k_h, heads), mode=o.head_score, r2=r2)
+    plan = HeadPlan(select_heads(scores, k_h, o.min_heads), k_h, k_n, o.head_split, o.head_score)
+    plan.r2_iterations = iters
+    ctx.head_plan = plan
+    return plan

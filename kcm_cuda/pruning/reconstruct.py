@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.methods.base import Selection
-from kcm_cuda.pruning.physical import prune_in_place, record_sizes
+from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
 from kcm_cuda.pruning.scale import scale_and_prune
 
 
@@ -35,6 +35,7 @@ class ReconstructionResult:
     target_energy: list[float] = field(default_factory=list)
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    o_refit: object | None = None  # heads pruned + head_refit: attn_refit.ORefitResult
 
 
 def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionResult]:
@@ -45,10 +46,29 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     n_layers = len(masks)
     if name == "none":
         student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
+        if selection.head_masks is not None:
+            prune_heads_in_place(student, ctx.adapter, selection.head_masks)
         scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
         return student, ReconstructionResult("none", o.reconstruct_mode, scales)
     student = copy.deepcopy(ctx.teacher)
     sample = ctx.sample.subset(o.scale_samples)
+    o_refit = None
+    if selection.head_masks is not None:
+        # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
+        prune_heads_in_place(student, ctx.adapter, selection.head_masks)
+        if o.head_refit:
+            from kcm_cuda.pruning.attn_refit import refit_attention_output
+
+            o_refit = refit_attention_output(
+                ctx.teacher,
+                student,
+                ctx.adapter,
+                selection.head_masks,
+                sample,
+                lam=o.ridge_lambda,
+                batch_size=o.batch_size,
+                device=ctx.device,
+            )
     if name == "scale":
         info = scale_and_prune(
             ctx.teacher,
@@ -77,5 +97,6 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         )
         if selection.scales is not None:
             res.notes.append("the selection's own scales were replaced by the reconstruction")
+        res.o_refit = o_refit
         return student, res
     raise ValueError(f"unknown reconstruction {name!r}")
