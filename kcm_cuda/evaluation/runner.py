@@ -654,6 +654,7 @@ def _one_run(
         "prune_timings_s": rep.get("timings_s"),
         "flops_ratio": (rep.get("flops") or {}).get("ratio"),
         "kept_per_layer": rep.get("kept_per_layer"),
+        "heads_kept_per_layer": rep.get("heads_kept_per_layer"),
         "r2_iterations": rep.get("r2_iterations"),
         "mask_digest": digest,
     }

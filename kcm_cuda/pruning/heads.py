@@ -107,6 +107,8 @@ class HeadEnergyRecorder:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if not all(self.per_layer):  # no forward pass ran (e.g. statistics served from a memo)
+            return HeadStats([torch.zeros(0, 0, dtype=torch.float64) for _ in self.per_layer])
         return HeadStats([torch.stack(x) for x in self.per_layer])
 
 

@@ -183,3 +183,22 @@ def test_evaluation_digest_tells_head_masks_apart(bert, tokenizer, sentences):
     other.head_masks = {i: torch.ones_like(m) for i, m in r.head_masks.items()}
     assert _masks_digest(r) != _masks_digest(other)
     assert _masks_digest(r) == _masks_digest(copy.copy(r))
+
+
+def test_heads_after_memoised_activation_stats(bert, tokenizer, sentences):
+    # kcm-eval memoises the D2 pass: the heads stage must then run its own head pass
+    from kcm_cuda.evaluation.runner import score_memo
+
+    kw = dict(scale=False, tokenizer=tokenizer, progress=False, samples=96)
+    stats: dict = {}
+    with score_memo(stats):
+        prune(bert, sentences, 0.5, **kw)
+        r = prune(bert, sentences, 0.5, heads=True, **kw)
+        again = prune(bert, sentences, 0.5, heads=True, **kw)
+    assert stats.get("collect_activation_stats_hits", 0) >= 1
+    assert stats.get("collect_head_stats_hits", 0) >= 1
+    assert "head_energies" in r.report["timings_s"]
+    ref = prune(bert, sentences, 0.5, heads=True, **kw)  # shared pass, no memo
+    for i in ref.head_masks:
+        assert torch.equal(ref.head_masks[i], r.head_masks[i])
+        assert torch.equal(ref.head_masks[i], again.head_masks[i])
