@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         default="vader-movie",
-        help="vader-movie (default), vader-movie-rating, glue/<name> (needs the "
+        help="vader-movie (default), vader-movie-rating, vader-amazon, vader-nyt, "
+        "vader-tweets, glue/<name> (needs the "
         "`datasets` package and a network), or file:PATH",
     )
     p.add_argument(

@@ -9,6 +9,13 @@ and cache it. Two tasks come from it:
     vader-movie         binary sentiment, label = rating > 0 (49.4 % positive)
     vader-movie-rating  regression on the rating (Pearson / Spearman, like STS-B)
 
+The same sdist ships three more ground-truth files of the same format, each a binary task
+(label = rating > 0, same hash split):
+
+    vader-amazon        3,708 Amazon review snippets (57.4 % positive)
+    vader-nyt           5,190 New York Times editorial snippets (42.5 % positive)
+    vader-tweets        4,200 tweets (69.0 % positive)
+
 Split: by ``sha256(id) % 100`` -- < 60 train (labelled, fine-tuning), 60..79 unlabeled pool
 (the pruner's data: texts only, labels dropped), >= 80 test (2,131 sentences). Any pool or
 train sentence whose normalised text also occurs in the test split is dropped, so the pruner
@@ -59,6 +66,22 @@ VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 VADER_INNER_TAR = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
+# task name -> ground-truth file inside hutto_ICWSM_2014.tar.gz (all: id<TAB>rating<TAB>text)
+VADER_FILES = {
+    "vader-movie": VADER_MOVIE_FILE,
+    "vader-movie-rating": VADER_MOVIE_FILE,
+    "vader-amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "vader-nyt": "nytEditorialSnippets_GroundTruth.txt",
+    "vader-tweets": "tweets_GroundTruth.txt",
+}
+VADER_SOURCES = {
+    "vader-movie": "movie-review snippets",
+    "vader-movie-rating": "movie-review snippets",
+    "vader-amazon": "Amazon review snippets",
+    "vader-nyt": "New York Times editorial snippets",
+    "vader-tweets": "tweets",
+}
+VADER_TASKS = tuple(VADER_FILES)
 
 SPLIT_TRAIN = 60  # percent
 SPLIT_POOL = 20
@@ -221,7 +244,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 # --- VADER -------------------------------------------------------------------------------------
 
 
-def _extract_vader_movie(sdist: Path) -> bytes:
+def _extract_vader_files(sdist: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """The contents of the ground-truth files ``names`` inside the sdist's nested tarball."""
     with tarfile.open(sdist, "r:gz") as outer:
         inner_member = next(
             (m for m in outer.getmembers() if m.name.endswith(VADER_INNER_TAR)), None
@@ -229,19 +253,33 @@ def _extract_vader_movie(sdist: Path) -> bytes:
         if inner_member is None:
             raise RuntimeError(f"{sdist} does not contain {VADER_INNER_TAR}")
         inner_bytes = outer.extractfile(inner_member).read()  # type: ignore[union-attr]
+    out: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-        member = next(
-            (m for m in inner.getmembers() if m.name.endswith("/" + VADER_MOVIE_FILE)), None
-        )
-        if member is None:
-            raise RuntimeError(f"{VADER_INNER_TAR} does not contain {VADER_MOVIE_FILE}")
-        return inner.extractfile(member).read()  # type: ignore[union-attr]
+        members = inner.getmembers()
+        for name in names:
+            member = next((m for m in members if m.name.endswith("/" + name)), None)
+            if member is None:
+                raise RuntimeError(f"{VADER_INNER_TAR} does not contain {name}")
+            out[name] = inner.extractfile(member).read()  # type: ignore[union-attr]
+    return out
 
 
-def fetch_vader_file(cache_dir: str | os.PathLike | None = None, *, quiet: bool = True) -> Path:
-    """Path of the cached movieReviewSnippets_GroundTruth.txt; fetched once with
-    ``pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` when absent."""
-    target = default_cache_dir(cache_dir) / "data" / "vader" / VADER_MOVIE_FILE
+def _extract_vader_movie(sdist: Path) -> bytes:
+    return _extract_vader_files(sdist, [VADER_MOVIE_FILE])[VADER_MOVIE_FILE]
+
+
+def fetch_vader_file(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    quiet: bool = True,
+    file: str = VADER_MOVIE_FILE,
+) -> Path:
+    """Path of the cached VADER ground-truth ``file`` (default: the movie snippets); fetched
+    once with ``pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` when absent
+    (every ground-truth file of the sdist is cached then)."""
+    if file not in set(VADER_FILES.values()):
+        raise ValueError(f"not a VADER ground-truth file: {file!r}")
+    target = default_cache_dir(cache_dir) / "data" / "vader" / file
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="kcm_vader_") as tmp:
@@ -269,16 +307,20 @@ def fetch_vader_file(cache_dir: str | os.PathLike | None = None, *, quiet: bool 
                     f"could not fetch {VADER_PACKAGE} from PyPI (pip exit {proc.returncode}):\n"
                     f"{proc.stderr.strip()[-2000:]}\n"
                     f"Offline? Put {VADER_SDIST} somewhere and set KCM_CUDA_VADER_SDIST to it, "
-                    f"or copy {VADER_MOVIE_FILE} to {target}."
+                    f"or copy {file} to {target}."
                 )
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != VADER_SDIST_SHA256:
             raise RuntimeError(
                 f"{sdist} has SHA-256 {digest}, expected {VADER_SDIST_SHA256}: refusing to use it"
             )
-        _atomic_write_bytes(target, _extract_vader_movie(sdist))
+        names = sorted(set(VADER_FILES.values()))
+        for name, data in _extract_vader_files(sdist, names).items():
+            dest = target.parent / name
+            if not dest.is_file():
+                _atomic_write_bytes(dest, data)
     if not quiet:
-        print(f"cached {VADER_MOVIE_FILE} at {target}", file=sys.stderr)
+        print(f"cached {file} at {target}", file=sys.stderr)
     return target
 
 
@@ -324,23 +366,29 @@ def load_vader_task(
     *,
     path: str | os.PathLike | None = None,
 ) -> TaskData:
-    """``vader-movie`` (label = rating > 0) or ``vader-movie-rating`` (the rating)."""
-    if name not in ("vader-movie", "vader-movie-rating"):
-        raise ValueError(f"not a VADER task: {name!r}")
-    file = Path(path) if path is not None else fetch_vader_file(cache_dir)
+    """``vader-movie`` / ``vader-amazon`` / ``vader-nyt`` / ``vader-tweets`` (binary,
+    label = rating > 0) or ``vader-movie-rating`` (regression on the rating). ``path``: a
+    local ground-truth file to use instead of the cached one."""
+    if name not in VADER_FILES:
+        raise ValueError(f"not a VADER task: {name!r}; known: {list(VADER_TASKS)}")
+    file_name = VADER_FILES[name]
+    file = Path(path) if path is not None else fetch_vader_file(cache_dir, file=file_name)
     rows = parse_vader(file)
-    if name == "vader-movie":
-        examples = [Example(i, t, int(r > 0)) for i, r, t in rows]
-        kind, num_labels = "classification", 2
-    else:
+    if name == "vader-movie-rating":
         examples = [Example(i, t, r) for i, r, t in rows]
         kind, num_labels = "regression", 1
+    else:
+        examples = [Example(i, t, int(r > 0)) for i, r, t in rows]
+        kind, num_labels = "classification", 2
     return split_examples(
         name,
         examples,
         kind=kind,
         num_labels=num_labels,
-        source=f"{VADER_MOVIE_FILE} from the sdist of {VADER_PACKAGE} (Hutto & Gilbert 2014)",
+        source=(
+            f"{file_name} ({VADER_SOURCES[name]}) from the sdist of {VADER_PACKAGE} "
+            "(Hutto & Gilbert 2014)"
+        ),
     )
 
 
@@ -611,7 +659,7 @@ def load_squad(split: str = "validation") -> list[dict]:
 
 # --- registry ----------------------------------------------------------------------------------
 
-TASKS = ("vader-movie", "vader-movie-rating", *(f"glue/{n}" for n in GLUE_TASKS))
+TASKS = (*VADER_TASKS, *(f"glue/{n}" for n in GLUE_TASKS))
 
 
 def get_task(name: str, cache_dir: str | os.PathLike | None = None) -> TaskData:
@@ -619,7 +667,7 @@ def get_task(name: str, cache_dir: str | os.PathLike | None = None) -> TaskData:
     (columns ``sentence`` and ``label``; hash-split 60/20/20)."""
     if not isinstance(name, str):
         raise TypeError(f"task must be a string, got {type(name).__name__}")
-    if name in ("vader-movie", "vader-movie-rating"):
+    if name in VADER_FILES:
         return load_vader_task(name, cache_dir)
     if name.startswith("glue/"):
         return load_glue(name.split("/", 1)[1])

@@ -1,8 +1,13 @@
 """One forward pass of the unpruned model over the unlabeled sample, with forward hooks.
 
-Per layer and per batch we keep only what D2 needs: the sum over the batch's real tokens of
-each neuron's squared activation (the input of W2), so memory is (batches × neurons), never
+Per layer and per batch we keep the sums over the batch's real tokens of each neuron's
+activation (the input of W2) and of its square: Σa (bias compensation, FLAP's mean) and Σa²
+(D2's energies, Wanda-sp's ‖a_i‖₂, FLAP's variance), so memory is (batches × neurons), never
 (tokens × neurons). Padding tokens are excluded with the batch's attention mask.
+``token_means`` / ``token_variances`` / ``token_norms`` turn them into per-neuron statistics
+over all real tokens. With ``grams=True`` the pass also accumulates each layer's (n × n)
+second-moment matrix Σ_tokens a aᵀ (float64) and the energy Σ_tokens ‖x‖² of the FFN's
+input x (used by the error-driven layer allocation).
 
 Optionally (``kcm_batches`` > 0, D2's "kcm" mode) the first batches also run the R2 procedure
 on the activations, inside the hook: points = the columns of the batch's (tokens × n)
@@ -22,6 +27,7 @@ from kcm_cuda.kernels import kcm_coefficients, rbf_kernel
 from kcm_cuda.pruning.adapters import FFNAdapter
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.r2 import median_sigma
 
 
 @dataclass
@@ -30,10 +36,47 @@ class ActivationStats:
     tokens: torch.Tensor  # (n_batches,) real tokens per batch
     kcm_diag: list[torch.Tensor] | None = None  # per layer: (kcm_batches, n) diag(C)
     kcm_iterations: list[list[int]] | None = None  # per layer, per batch
+    sums: list[torch.Tensor] | None = None  # per layer: (n_batches, n) float64, Σ_tokens a_i
+    grams: list[torch.Tensor] | None = None  # per layer: (n, n) float64, Σ_tokens a aᵀ
+    input_sq: list[float] | None = None  # per layer (with grams): Σ_tokens ‖x‖², x = W1's input
 
     @property
     def n_batches(self) -> int:
         return int(self.tokens.numel())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.sum())
+
+
+def _need_sums(stats: ActivationStats) -> list[torch.Tensor]:
+    if stats.sums is None:
+        raise ValueError("these activation statistics carry no Σa (collected without sums)")
+    return stats.sums
+
+
+def token_means(stats: ActivationStats) -> list[torch.Tensor]:
+    """Per layer (n,) float64: mean of a_i over all real tokens."""
+    n = max(stats.n_tokens, 1)
+    return [s.sum(dim=0) / n for s in _need_sums(stats)]
+
+
+def token_variances(stats: ActivationStats) -> list[torch.Tensor]:
+    """Per layer (n,) float64: the unbiased variance of a_i over all real tokens
+    (Σa² − (Σa)²/N) / (N − 1), clamped at 0 against rounding."""
+    n = stats.n_tokens
+    if n < 2:
+        raise ValueError(f"a variance over tokens needs at least 2 real tokens, got {n}")
+    out = []
+    for s1, s2 in zip(_need_sums(stats), stats.sq_sums, strict=True):
+        t1, t2 = s1.sum(dim=0), s2.sum(dim=0)
+        out.append(((t2 - t1 * t1 / n) / (n - 1)).clamp_min(0.0))
+    return out
+
+
+def token_norms(stats: ActivationStats) -> list[torch.Tensor]:
+    """Per layer (n,) float64: ‖a_i‖₂ over all real tokens."""
+    return [s.sum(dim=0).clamp_min(0.0).sqrt() for s in stats.sq_sums]
 
 
 def model_inputs(model: nn.Module, batch: dict) -> dict:
@@ -61,29 +104,50 @@ def collect_activation_stats(
     progress: bool = True,
     kcm_batches: int = 0,
     kcm_options: dict | None = None,
+    grams: bool = False,
 ) -> ActivationStats:
     blocks = adapter.layers(model)
     per_layer: list[list[torch.Tensor]] = [[] for _ in blocks]
+    per_layer_sum: list[list[torch.Tensor]] = [[] for _ in blocks]
+    gram_acc: list[torch.Tensor | None] = [None for _ in blocks]
+    input_sq = [0.0 for _ in blocks]
     kcm_diag: list[list[torch.Tensor]] = [[] for _ in blocks]
     kcm_iters: list[list[int]] = [[] for _ in blocks]
     current: dict = {}
     opts = dict(kcm_options or {})
-    sigma = float(opts.pop("sigma", 1.0))
+    sigma = opts.pop("sigma", 1.0)  # a number, or "median" (per batch and layer)
 
     def make_hook(idx: int):
         def hook(_module, args):
             a = real_tokens(args[0], current["mask"]).float()
             per_layer[idx].append((a * a).sum(dim=0, dtype=torch.float64).cpu())
+            per_layer_sum[idx].append(a.sum(dim=0, dtype=torch.float64).cpu())
+            if grams:
+                g = (a.t() @ a).double().cpu()
+                gram_acc[idx] = g if gram_acc[idx] is None else gram_acc[idx] + g
             if current["batch"] < kcm_batches:
                 points = a.t() / max(a.shape[0], 1) ** 0.5  # (n, tokens)
-                K = rbf_kernel(points.contiguous(), sigma=sigma, **_kernel_opts(opts))
+                sig = median_sigma(points) if sigma == "median" else float(sigma)
+                K = rbf_kernel(points.contiguous(), sigma=sig, **_kernel_opts(opts))
                 C, n_iter = kcm_coefficients(K, **opts)
                 kcm_diag[idx].append(torch.diagonal(C).double().cpu())
                 kcm_iters[idx].append(int(n_iter))
 
         return hook
 
+    def make_input_hook(idx: int):
+        def hook(_module, args):
+            x = real_tokens(args[0], current["mask"]).double()
+            input_sq[idx] += float((x * x).sum())
+
+        return hook
+
     handles = [adapter.w2(b).register_forward_pre_hook(make_hook(i)) for i, b in enumerate(blocks)]
+    if grams:
+        handles += [
+            adapter.w1(b).register_forward_pre_hook(make_input_hook(i))
+            for i, b in enumerate(blocks)
+        ]
     tokens = []
     try:
         bar = progress_bar(
@@ -106,6 +170,9 @@ def collect_activation_stats(
         tokens=torch.tensor(tokens, dtype=torch.long),
         kcm_diag=[torch.stack(x) for x in kcm_diag] if kcm_batches > 0 else None,
         kcm_iterations=kcm_iters if kcm_batches > 0 else None,
+        sums=[torch.stack(x) for x in per_layer_sum],
+        grams=[g for g in gram_acc if g is not None] if grams else None,
+        input_sq=input_sq if grams else None,
     )
 
 

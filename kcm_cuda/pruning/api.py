@@ -93,7 +93,8 @@ def prune(
     method: "kcm" (R2D2, default), "r2", "d2", "magnitude" (||W1[i]||·||W2[:, i]||), "random"
       (kcm_cuda.pruning.methods.METHODS).
     scale: True runs the default reconstruction, False none (when reconstruct= is not given).
-    reconstruct: "none", or "scale" (per-neuron rescaling) (kcm_cuda.pruning.reconstruct);
+    reconstruct: "none", "bias" (FLAP bias compensation), "scale" (per-neuron rescaling) or
+      "ridge" (least-squares refit of the kept W2 columns and b2) (kcm_cuda.pruning.reconstruct);
       reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";
       ridge_lambda: the ridge refit's λ, relative to the mean diagonal of its Gram matrix.
     labels: for methods that use labels, one per row of ``data``.

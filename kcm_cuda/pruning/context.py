@@ -24,6 +24,7 @@ from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
 from kcm_cuda.pruning.flops import FlopsModel
 from kcm_cuda.pruning.masks import resolve_min_keep
 from kcm_cuda.pruning.options import PruneOptions
+from kcm_cuda.pruning.r2_cache import cached_r2_scores, resolve_r2_cache
 
 
 @dataclass
@@ -50,9 +51,14 @@ class PruneContext:
     r2_iterations: list[int] | None = None
     head_plan: object | None = None  # heads=True: heads.HeadPlan (set by heads.plan_heads)
     d2_kcm_iterations: list[list[int]] | None = None
+    r2_disk: dict | None = None  # R2's on-disk cache: its directory and whether it was a hit
     _memo: dict = field(default_factory=dict, repr=False)
 
     # -- lazily computed statistics ------------------------------------------------------
+    def needs_grams(self) -> bool:
+        """The error-driven allocation reads each layer's activation Gram."""
+        return self.options.allocation == "error"
+
     def _model_fp(self) -> str:
         if "model_fp" not in self._memo:
             self._memo["model_fp"] = model_fingerprint(self.teacher)
@@ -73,6 +79,8 @@ class PruneContext:
         if self.cache is not None:
             sample_fp = fingerprint([self.sample.input_ids, self.sample.attention_mask])
             key = ("activations", self._model_fp(), sample_fp, o.batch_size)
+            if self.needs_grams():
+                key += ("grams",)
             if o.d2_mode == "kcm":
                 key += (o.d2_kcm_batches, o.sigma, o.alpha, o.max_iter, o.precision)
                 key += (self.backend_name,)
@@ -95,6 +103,7 @@ class PruneContext:
                     precision=o.precision,
                     backend=o.backend,
                 ),
+                **({"grams": True} if self.needs_grams() else {}),
             )
             if key is not None:
                 self.cache[key] = stats
@@ -127,18 +136,38 @@ class PruneContext:
             r2, iters = self.cache[key]
             self.cache_hits.append("r2")
         else:
-            r2, iters = api.r2_scores(
+
+            def compute():
+                return api.r2_scores(
+                    self.teacher,
+                    self.adapter,
+                    points=o.r2_points,
+                    sigma=o.sigma,
+                    alpha=o.alpha,
+                    max_iter=o.max_iter,
+                    precision=o.precision,
+                    backend=o.backend,
+                    device=self.device,
+                    progress=o.progress,
+                )
+
+            directory = resolve_r2_cache(o.r2_cache)
+            r2, iters, on_disk = cached_r2_scores(
                 self.teacher,
                 self.adapter,
+                directory,
+                compute,
                 points=o.r2_points,
                 sigma=o.sigma,
                 alpha=o.alpha,
                 max_iter=o.max_iter,
                 precision=o.precision,
-                backend=o.backend,
-                device=self.device,
-                progress=o.progress,
+                backend_name=self.backend_name,
             )
+            self.r2_disk = {
+                "dir": None if directory is None else str(directory),
+                "hit": on_disk,
+            }
             if self.cache is not None:
                 self.cache[key] = (r2, iters)
         if self.device.type == "cuda":

@@ -8,16 +8,19 @@ result and never re-check. ``as_report()`` is the ``options`` block of the repor
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from kcm_cuda.pruning.allocation import ALLOCATIONS
 from kcm_cuda.pruning.d2 import D2_MODES
 from kcm_cuda.pruning.flops import check_flops
 from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
-from kcm_cuda.pruning.r2 import R2_POINTS
+from kcm_cuda.pruning.r2 import R2_POINTS, SIGMA_RULES
+from kcm_cuda.pruning.r2_cache import resolve_r2_cache
 
 # Reconstruction variants (kcm_cuda.pruning.reconstruct) and their modes.
-RECONSTRUCTIONS = ("none", "scale")
+RECONSTRUCTIONS = ("none", "bias", "scale", "ridge")
 RECONSTRUCT_MODES = ("sequential", "oneshot")
 # What scale=True (and reconstruct=None) runs, unless the method names its own default.
 DEFAULT_RECONSTRUCTION = "scale"
@@ -91,6 +94,8 @@ class PruneOptions:
     scale_retries: int = 2
     text_column: str | None = None
     text_pair_column: str | None = None
+    allocation: str = "global"  # per-layer widths (kcm_cuda.pruning.allocation.ALLOCATIONS)
+    r2_cache: bool | str | os.PathLike = True  # R2 scores on disk (kcm_cuda.pruning.r2_cache)
 
     def __post_init__(self) -> None:
         from kcm_cuda.pruning.methods import METHODS
@@ -123,7 +128,12 @@ class PruneOptions:
         self.r2_weight = check_float("r2_weight", self.r2_weight, 0.0)
         if self.r2_weight > 1:
             raise ValueError(f"r2_weight must be in [0, 1], got {self.r2_weight}")
-        self.sigma = check_float("sigma", self.sigma, 0.0, lo_open=True)
+        if isinstance(self.sigma, str):
+            self.sigma = check_choice("sigma", self.sigma, SIGMA_RULES)
+        else:
+            self.sigma = check_float("sigma", self.sigma, 0.0, lo_open=True)
+        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        resolve_r2_cache(self.r2_cache)  # type / emptiness check
         self.alpha = check_float("alpha", self.alpha, 0.0, lo_open=True)
         self.max_iter = check_int("max_iter", self.max_iter, 1)
         self.scale_lambda = check_float("scale_lambda", self.scale_lambda, 0.0)
@@ -152,4 +162,6 @@ class PruneOptions:
         skip = {"flops", "method", "scale", "labels", "progress", "text_column", "text_pair_column"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["labels"] = None if self.labels is None else len(self.labels)
+        if isinstance(self.r2_cache, os.PathLike):
+            out["r2_cache"] = str(self.r2_cache)
         return out

@@ -4,10 +4,14 @@ Per layer, the neurons are points p_i (default: W2[:, i], the neuron's output ve
 alternative ``points="input"``: [W1[i], b1[i]]). K = rbf_kernel(P, sigma); C solves the
 kernelized convex-NMF problem (kcm_coefficients, all layers of equal width in one stacked
 solve); S_R2(i) = C_ii (a neuron the others cannot express keeps its weight on itself).
+
+``sigma``: a positive number, or "median": per layer, the median pairwise distance of its
+points (the usual data-driven bandwidth; see :func:`median_sigma`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +22,38 @@ from kcm_cuda.pruning.adapters import FFNAdapter
 from kcm_cuda.pruning.progress import progress_bar
 
 R2_POINTS = ("output", "input")
+SIGMA_RULES = ("median",)
+
+
+def median_sigma(points: torch.Tensor, max_points: int = 2048) -> float:
+    """The median Euclidean distance between distinct points (rows); at most ``max_points``
+    rows are used (evenly spaced, deterministic). Raises if it is 0 or not finite (all points
+    equal): no bandwidth can be read from such data."""
+    if points.dim() != 2 or points.shape[0] < 2:
+        raise ValueError(f"sigma='median' needs at least 2 points, got {tuple(points.shape)}")
+    x = points.detach().double().cpu()
+    if x.shape[0] > max_points:
+        x = x[torch.linspace(0, x.shape[0] - 1, max_points).round().long()]
+    d = torch.cdist(x, x)
+    iu = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    med = float(d[iu[0], iu[1]].median())
+    if not math.isfinite(med) or med <= 0:
+        raise ValueError(
+            f"sigma='median': the median pairwise distance of the points is {med}; pass a "
+            "positive number as sigma"
+        )
+    return med
+
+
+def resolve_sigmas(point_sets: Sequence[torch.Tensor], sigma: float | str) -> list[float]:
+    """One bandwidth per point set: ``sigma`` itself, or the median rule."""
+    if isinstance(sigma, str):
+        if sigma not in SIGMA_RULES:
+            raise ValueError(
+                f"sigma must be a positive number or one of {SIGMA_RULES}, got {sigma!r}"
+            )
+        return [median_sigma(p) for p in point_sets]
+    return [float(sigma)] * len(point_sets)
 
 
 def neuron_points(adapter: FFNAdapter, block: nn.Module, points: str) -> torch.Tensor:
@@ -47,7 +83,7 @@ def _chunk_layers(n: int, device: torch.device, max_bytes: int | None) -> int:
 def diag_coefficients(
     point_sets: Sequence[torch.Tensor],
     *,
-    sigma: float,
+    sigma: float | str | Sequence[float],
     alpha: float,
     max_iter: int,
     precision: str,
@@ -58,7 +94,14 @@ def diag_coefficients(
     desc: str = "R2",
 ) -> tuple[list[torch.Tensor], list[int]]:
     """diag(C) and solver iterations for each point set; sets of equal size share one
-    stacked solve (chunked to fit ``max_bytes``)."""
+    stacked solve (chunked to fit ``max_bytes``). ``sigma``: one bandwidth for all sets, one
+    per set, or "median" (see :func:`resolve_sigmas`)."""
+    if isinstance(sigma, (str, int, float)):
+        sigmas = resolve_sigmas(point_sets, sigma)
+    else:
+        sigmas = [float(x) for x in sigma]
+        if len(sigmas) != len(point_sets):
+            raise ValueError(f"{len(sigmas)} sigmas for {len(point_sets)} point sets")
     diags: list[torch.Tensor | None] = [None] * len(point_sets)
     iters: list[int] = [0] * len(point_sets)
     groups: dict[int, list[int]] = {}
@@ -73,7 +116,7 @@ def diag_coefficients(
         K = torch.stack(
             [
                 rbf_kernel(
-                    point_sets[i].to(device), sigma=sigma, precision=precision, backend=backend
+                    point_sets[i].to(device), sigma=sigmas[i], precision=precision, backend=backend
                 )
                 for i in chunk
             ]
@@ -94,7 +137,7 @@ def r2_scores(
     adapter: FFNAdapter,
     *,
     points: str = "output",
-    sigma: float = 1.0,
+    sigma: float | str = 1.0,
     alpha: float = 0.01,
     max_iter: int = 100,
     precision: str = "ieee",

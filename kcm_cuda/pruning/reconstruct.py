@@ -1,9 +1,33 @@
-"""The reconstruction stage: turn the teacher and a selection into the physically pruned
-student, optionally refitting what is kept so that each layer's output matches the teacher's
-(label-free, gradient-free, bottom-up).
+"""The reconstruction stage: the teacher (the unpruned model) and a selection → the physically
+pruned student, each layer's kept W2 (and b2) refitted so that the layer's output matches the
+teacher's. Label-free, gradient-free, bottom-up.
 
-Variants (``reconstruct=``): "none" (drop the pruned neurons; a selection's own scales are
-applied), "scale" (Scale: one factor per kept neuron, kcm_cuda.pruning.scale).
+For layer l, on the reconstruction sample's real tokens (T of them), with a = the student's
+activations (``reconstruct_mode="sequential"``: the student's own inputs, its lower layers
+already pruned and refitted; ``"oneshot"``: the teacher's, all layers at once), k the kept
+neurons, x the FFN's residual input:
+    Y = (teacher W2·a_t + x_t) − x_s          (Scale's residual-corrected target, bias-free)
+    find W2', b2' with W2' a_k + b2' ≈ Y + b2.
+Variants (``reconstruct=``):
+  "none"   W2' = W2ₖ, b2' = b2 (a selection's own per-neuron scales are applied)
+  "bias"   FLAP's bias compensation: b2' = b2 + W2[:, pruned]·mean_t(a_pruned)
+  "scale"  Scale: W2' = W2ₖ diag(m) (kcm_cuda.pruning.scale.solve_with_retries), b2' = b2
+  "ridge"  min Σ_t ||W2' a_k + b2' − (Y + b2)||² + λ'||W2' − W2ₖ||²  (b2 not penalised),
+           one (k+1)×(k+1) system on the augmented design [a_k, 1] shared by all d outputs,
+           λ' = ``ridge_lambda`` × mean(diag(A_kᵀA_k)).
+All variants read the same statistics, accumulated in float64 over token batches:
+G = ZᵀZ, C = ZᵀY (Z = [A_k, 1]) and ΣYᵀY — so each variant's in-sample error
+Σ_t ||ZΘ − Y||² (Θ = [W2'ᵀ; (b2' − b2)ᵀ]) is reported against plain pruning's.
+A solve that fails (not finite, or raising the in-sample error) falls back to plain pruning
+for that layer, and the report says so.
+
+:class:`LinearRefit` is the general piece: it refits any Linear from its kept input columns,
+its inputs and its target (also usable for an attention output projection).
+
+Heads (``Selection.head_masks``): the pruned heads are removed from the student first, so every
+variant reconstructs the FFNs on the heads-pruned attention; with ``head_refit`` (and a
+reconstruction other than "none") each layer's O is refit before, by
+kcm_cuda.pruning.attn_refit (a bottom-up pass of its own on the heads-pruned student).
 """
 
 from __future__ import annotations
@@ -14,9 +38,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.methods.base import Selection
 from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
-from kcm_cuda.pruning.scale import scale_and_prune
+from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.scale import (
+    capture_first_layer_calls,
+    run_block,
+    solve_with_retries,
+)
 
 
 @dataclass
@@ -38,20 +68,153 @@ class ReconstructionResult:
     o_refit: object | None = None  # heads pruned + head_refit: attn_refit.ORefitResult
 
 
+# -- the general refit of one Linear ------------------------------------------------------------
+class LinearRefit:
+    """Statistics for refitting a Linear ``y = W x + b`` from its kept input columns.
+
+    ``add(inputs, target)`` per token batch: inputs (t, k) = the kept input columns the
+    refitted layer will see, target (t, d) = what ``W' x_k + (b' − b)`` should produce
+    (i.e. the desired output minus the current bias). Then ``ridge(W0, lam)`` or
+    ``error(W, db)``. ``fit_bias=False``: no bias row (a Linear without bias).
+    """
+
+    def __init__(self, k: int, d: int, device: torch.device, fit_bias: bool = True):
+        self.k, self.d, self.fit_bias = k, d, fit_bias
+        m = k + 1 if fit_bias else k
+        self.G = torch.zeros(m, m, dtype=torch.float64, device=device)
+        self.C = torch.zeros(m, d, dtype=torch.float64, device=device)
+        self.yy = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
+        z = inputs.float()
+        if self.fit_bias:
+            z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+        y = target.float()
+        self.G += (z.t() @ z).double()
+        self.C += (z.t() @ y).double()
+        self.yy += (y * y).sum(dtype=torch.float64)
+        self.tokens += int(z.shape[0])
+
+    def theta(self, W: torch.Tensor, db: torch.Tensor | None = None) -> torch.Tensor:
+        """Θ = [Wᵀ; dbᵀ] ((k[+1]) × d, float64) for W (d, k) and a bias change db (d,)."""
+        t = W.t().double().to(self.G.device)
+        if self.fit_bias:
+            b = torch.zeros(self.d, dtype=torch.float64) if db is None else db.double()
+            t = torch.cat([t, b.to(t.device).unsqueeze(0)], dim=0)
+        return t
+
+    def error(self, W: torch.Tensor, db: torch.Tensor | None = None) -> float:
+        """Σ_t ||W x_k + db − target||² from the statistics."""
+        th = self.theta(W, db)
+        return float((th * (self.G @ th)).sum() - 2 * (th * self.C).sum() + self.yy)
+
+    def diag_scale(self) -> float:
+        k = self.k
+        return float(self.G[:k, :k].diagonal().mean()) if k else 0.0
+
+    def ridge(self, W0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """argmin Σ||W x_k + db − target||² + λ'||W − W0||², λ' = lam · mean diag(XₖᵀXₖ);
+        returns (W (d, k), db (d,), fallback). fallback: the solve failed or did not lower the
+        error, and (W0, 0) is returned."""
+        k = self.k
+        th0 = self.theta(W0)
+        pen = torch.zeros(self.G.shape[0], dtype=torch.float64, device=self.G.device)
+        pen[:k] = lam * self.diag_scale()
+        A = self.G + torch.diag(pen)
+        B = self.C + pen.unsqueeze(1) * th0
+        th = None
+        try:
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                th = torch.cholesky_solve(B, L)
+        except RuntimeError:
+            th = None
+        if th is None:
+            try:
+                th = torch.linalg.lstsq(A.cpu(), B.cpu()).solution.to(A.device)
+            except RuntimeError:
+                th = None
+        zero = torch.zeros(self.d, dtype=torch.float64)
+        if th is None or not bool(torch.isfinite(th).all()):
+            return W0.double(), zero, True
+        W, db = th[:k].t(), (th[k] if self.fit_bias else torch.zeros_like(th[0]))
+        err0 = self.error(W0)
+        if self.error(W, db) > err0 * (1 + 1e-6) + 1e-12:
+            return W0.double(), zero, True
+        return W.cpu(), db.cpu(), False
+
+
+def refit_linear(
+    linear: nn.Linear,
+    keep: torch.Tensor,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    lam: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Ridge refit of ``linear`` restricted to its input columns ``keep`` (bool): returns the
+    new (d, k) weight, the new bias (None without bias) and whether it fell back.
+    ``inputs``: (t, n) the full inputs (only the kept columns are used); ``target``: (t, d) the
+    outputs the refitted layer should produce (bias included)."""
+    W = linear.weight.detach()
+    b = linear.bias.detach() if linear.bias is not None else None
+    k = int(keep.sum())
+    fit = LinearRefit(k, W.shape[0], W.device, fit_bias=b is not None)
+    y = target.float() - (b.float() if b is not None else 0.0)
+    fit.add(inputs[:, keep], y)
+    W_new, db, fb = fit.ridge(W[:, keep], lam)
+    W_new = W_new.to(W.dtype)
+    b_new = (b.double() + db.to(b.device)).to(b.dtype) if b is not None else None
+    return W_new, b_new, fb
+
+
+# -- the stage ---------------------------------------------------------------------------------
+class _Tap:
+    """Hooks on one block, on the real tokens: x = W1's input (the FFN's residual input),
+    a = W2's input (the activations), and with ``output=True`` y = W2·a (W2's output minus its
+    bias, taken from the forward)."""
+
+    def __init__(self, adapter, block: nn.Module, output: bool = False):
+        self.x = self.a = self.y = self.mask = None
+        w2 = adapter.w2(block)
+        self.handles = [
+            adapter.w1(block).register_forward_pre_hook(self._on_w1),
+            w2.register_forward_pre_hook(self._on_w2),
+        ]
+        if output:
+            self.handles.append(w2.register_forward_hook(self._on_w2_out))
+
+    def _on_w1(self, _m, args):
+        self.x = real_tokens(args[0], self.mask).float()
+
+    def _on_w2(self, _m, args):
+        self.a = real_tokens(args[0], self.mask).float()
+
+    def _on_w2_out(self, module, _args, out):
+        y = real_tokens(out, self.mask).float()
+        self.y = y - module.bias.float() if module.bias is not None else y
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _plain(name: str, mode: str, selection: Selection, n_layers: int) -> ReconstructionResult:
+    scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
+    return ReconstructionResult(name, mode, scales)
+
+
 def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionResult]:
     """The pruned student (a new module) and what the reconstruction did."""
     o = ctx.options
     name = o.reconstruction()
     masks = selection.masks
-    n_layers = len(masks)
     if name == "none":
         student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
         if selection.head_masks is not None:
             prune_heads_in_place(student, ctx.adapter, selection.head_masks)
-        scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
-        return student, ReconstructionResult("none", o.reconstruct_mode, scales)
+        return student, _plain("none", o.reconstruct_mode, selection, len(masks))
     student = copy.deepcopy(ctx.teacher)
-    sample = ctx.sample.subset(o.scale_samples)
     o_refit = None
     if selection.head_masks is not None:
         # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
@@ -64,39 +227,146 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
                 student,
                 ctx.adapter,
                 selection.head_masks,
-                sample,
+                ctx.sample.subset(o.scale_samples),
                 lam=o.ridge_lambda,
                 batch_size=o.batch_size,
                 device=ctx.device,
             )
-    if name == "scale":
-        info = scale_and_prune(
-            ctx.teacher,
-            student,
-            ctx.adapter,
-            masks,
-            sample,
-            lam=o.scale_lambda,
-            retries=o.scale_retries,
-            batch_size=o.batch_size,
-            device=ctx.device,
-            progress=o.progress,
+    res = refit_layers(
+        ctx.teacher,
+        student,
+        ctx.adapter,
+        masks,
+        ctx.sample.subset(o.scale_samples),
+        variant=name,
+        mode=o.reconstruct_mode,
+        ridge_lambda=o.ridge_lambda,
+        scale_lambda=o.scale_lambda,
+        scale_retries=o.scale_retries,
+        batch_size=o.batch_size,
+        device=ctx.device,
+        progress=o.progress,
+    )
+    record_sizes(student, ctx.adapter)
+    if selection.scales is not None:
+        res.notes.append("the selection's own scales were replaced by the reconstruction")
+    res.o_refit = o_refit
+    return student, res
+
+
+@torch.no_grad()
+def refit_layers(
+    teacher: nn.Module,
+    student: nn.Module,
+    adapter,
+    masks: list[torch.Tensor],
+    sample,
+    *,
+    variant: str,
+    mode: str = "sequential",
+    ridge_lambda: float = 0.01,
+    scale_lambda: float = 0.01,
+    scale_retries: int = 2,
+    batch_size: int = 32,
+    device: torch.device,
+    progress: bool = True,
+) -> ReconstructionResult:
+    """Refit every layer (see the module docstring); ``student`` (a copy of ``teacher``) is
+    physically pruned in place. Sequential: three block passes per layer; one-shot: one."""
+    if variant not in ("bias", "scale", "ridge"):
+        raise ValueError(f"variant must be 'bias', 'scale' or 'ridge', got {variant!r}")
+    if mode not in ("sequential", "oneshot"):
+        raise ValueError(f"mode must be 'sequential' or 'oneshot', got {mode!r}")
+    seq = mode == "sequential"
+    calls = capture_first_layer_calls(teacher, adapter, sample, batch_size, device)
+    h_t = [c.args[0] if c.args else c.kwargs["hidden_states"] for c in calls]
+    h_s = [h.clone() for h in h_t] if seq else None
+    t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)
+    res = ReconstructionResult(variant, mode, [], tokens=sample.n_tokens)
+    updates = []
+    bar = progress_bar(
+        range(len(t_blocks)), total=len(t_blocks), desc=variant, enabled=progress, unit="layer"
+    )
+    for layer in bar:
+        tb, sb = t_blocks[layer], s_blocks[layer]
+        keep = masks[layer].to(device)
+        k = int(keep.sum())
+        w2 = adapter.w2(tb)
+        W2 = w2.weight.detach().float()
+        W2k = W2[:, keep]
+        fit = LinearRefit(k, W2.shape[0], device, fit_bias=True)
+        a_sum = torch.zeros(W2.shape[1], dtype=torch.float64, device=device)
+        t_tap = _Tap(adapter, tb, output=True)
+        s_tap = _Tap(adapter, sb) if seq else None
+        try:
+            for b, call in enumerate(calls):
+                t_tap.mask = call.mask
+                h_t[b] = run_block(tb, call, h_t[b])
+                if seq:
+                    s_tap.mask = call.mask
+                    run_block(sb, call, h_s[b])  # output unused: recomputed after the refit
+                    Y = t_tap.y + t_tap.x - s_tap.x
+                    a = s_tap.a
+                else:
+                    Y, a = t_tap.y, t_tap.a
+                fit.add(a[:, keep], Y)
+                a_sum += a.sum(dim=0, dtype=torch.float64)
+                t_tap.x = t_tap.y = t_tap.a = None
+                if seq:
+                    s_tap.x = s_tap.a = None
+        finally:
+            t_tap.remove()
+            if s_tap is not None:
+                s_tap.remove()
+        err0 = fit.error(W2k)
+        scales = None
+        fell_back, lam_used = False, float(ridge_lambda)
+        db = torch.zeros(W2.shape[0], dtype=torch.float64)
+        if variant == "ridge":
+            W_new, db, fell_back = fit.ridge(W2k, float(ridge_lambda))
+        elif variant == "bias":
+            lam_used = 0.0
+            mean_a = (a_sum / max(fit.tokens, 1)).float()
+            db = (W2[:, ~keep] @ mean_a[~keep]).double().cpu()
+            W_new = W2k.double()
+        else:  # scale
+            M = (W2k.t() @ W2k).double() * fit.G[:k, :k]
+            r = (fit.C[:k] * W2k.t().double()).sum(dim=1)
+            if k > 0:
+                lam = float(scale_lambda)
+                m, fell_back, lam_used = solve_with_retries(M, r, lam, scale_retries)
+            else:
+                m, lam_used = torch.ones(0, dtype=torch.float64, device=device), scale_lambda
+            scales = m.float().cpu()
+            W_new = W2k.double() * m.unsqueeze(0)
+        err1 = fit.error(W_new, db)
+        res.scales.append(scales)
+        res.fallback.append(bool(fell_back))
+        res.lambda_used.append(float(lam_used))
+        res.error_before.append(err0)
+        res.error_after.append(err1)
+        res.target_energy.append(float(fit.yy))
+        update = (keep, W_new, db)
+        if seq:
+            _apply(adapter, sb, *update)
+            for b, call in enumerate(calls):
+                h_s[b] = run_block(sb, call, h_s[b])
+        else:
+            updates.append(update)
+    for sb, update in zip(s_blocks, updates, strict=False):
+        _apply(adapter, sb, *update)
+    if any(res.fallback):
+        res.notes.append(
+            f"{variant}: plain pruning kept in layer(s) "
+            f"{[i for i, f in enumerate(res.fallback) if f]} (solve failed or did not help)"
         )
-        record_sizes(student, ctx.adapter)
-        res = ReconstructionResult(
-            "scale",
-            "sequential",
-            list(info.scales),
-            fallback=info.fallback,
-            lambda_used=info.lambda_used,
-            error_before=info.error_unscaled,
-            error_after=info.error_scaled,
-            target_energy=info.target_energy,
-            tokens=info.tokens,
-            notes=info.notes,
-        )
-        if selection.scales is not None:
-            res.notes.append("the selection's own scales were replaced by the reconstruction")
-        res.o_refit = o_refit
-        return student, res
-    raise ValueError(f"unknown reconstruction {name!r}")
+    return res
+
+
+def _apply(adapter, block: nn.Module, keep: torch.Tensor, W: torch.Tensor, db: torch.Tensor):
+    """Shrink the block's FFN to ``keep`` and write the refitted W2 and b2."""
+    adapter.shrink_ffn(block, keep)
+    w2 = adapter.w2(block)
+    w2.weight.copy_(W.to(w2.weight.device, w2.weight.dtype))
+    if w2.bias is not None:
+        w2.bias.add_(db.to(w2.bias.device, w2.bias.dtype))

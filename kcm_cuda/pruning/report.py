@@ -107,6 +107,8 @@ def build_report(ctx, selection: Selection, recon) -> dict:
         report["selection"] = selection.info
     if ctx.cache is not None:
         report["cached_stages"] = ctx.cache_hits
+    if ctx.r2_disk is not None:
+        report["r2_disk_cache"] = ctx.r2_disk
     if ctx.d2_kcm_iterations is not None:
         report["d2_kcm_iterations"] = ctx.d2_kcm_iterations
     report["versions"] = versions()

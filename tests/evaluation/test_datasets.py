@@ -199,3 +199,72 @@ def test_extract_from_nested_tarball(tmp_path):
     sdist = tmp_path / "s.tar.gz"
     _fake_sdist(sdist, b"1\t1.0\tx\n")
     assert D._extract_vader_movie(sdist) == b"1\t1.0\tx\n"
+
+
+def _fake_sdist_all(path, payloads: dict) -> None:
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as t:
+        for name, payload in payloads.items():
+            info = tarfile.TarInfo("hutto_ICWSM_2014/" + name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    with tarfile.open(path, "w:gz") as t:
+        data = inner.getvalue()
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/" + D.VADER_INNER_TAR)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("name", ["vader-amazon", "vader-nyt", "vader-tweets"])
+def test_further_vader_tasks_are_binary_and_hash_split(tmp_path, name):
+    # ids like the amazon / nyt files ("<doc>_<sentence>"), ratings with zeros (label 0)
+    lines = [f"{i // 7 + 1}_{i % 7 + 1}\t{((i * 13) % 17 - 8) / 2}\ttext {i}" for i in range(400)]
+    p = tmp_path / D.VADER_FILES[name]
+    p.write_bytes("\r\n".join(lines).encode("latin-1"))
+    task = D.load_vader_task(name, path=p)
+    assert task.kind == "classification" and task.num_labels == 2
+    assert sum(task.sizes().values()) == 400
+    ratings = {ln.split("\t")[0]: float(ln.split("\t")[1]) for ln in lines}
+    for e in task.train + task.dev + task.test:
+        assert e.label == int(ratings[e.id] > 0)
+    assert all(D.hash_bucket(e.id) >= 80 for e in task.test)
+    assert all(D.hash_bucket(e.id) < 60 for e in task.train + task.dev)
+    assert len(task.pool) > 0 and all(isinstance(x, str) for x in task.pool)
+    assert D.VADER_FILES[name] in task.source
+
+
+def test_further_vader_tasks_from_the_cache_and_registry(tmp_path, monkeypatch):
+    for name in ("vader-amazon", "vader-nyt", "vader-tweets"):
+        assert name in D.TASKS
+        target = tmp_path / "data" / "vader" / D.VADER_FILES[name]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(f"{i}\t{(i % 5) - 2}\tsentence {i}\n" for i in range(200)))
+    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: pytest.fail("no pip when cached"))
+    monkeypatch.setenv("KCM_CUDA_CACHE", str(tmp_path))
+    for name in ("vader-amazon", "vader-nyt", "vader-tweets"):
+        t = D.get_task(name)
+        assert t.name == name and len(t.test) > 0
+    with pytest.raises(ValueError, match="unknown task"):
+        D.get_task("vader-imdb")
+    with pytest.raises(ValueError, match="not a VADER task"):
+        D.load_vader_task("vader-imdb", path=tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="not a VADER ground-truth file"):
+        D.fetch_vader_file(tmp_path, file="../../etc/passwd")
+
+
+def test_fetch_caches_every_ground_truth_file(tmp_path, monkeypatch):
+    files = sorted(set(D.VADER_FILES.values()))
+    sdist = tmp_path / "s.tar.gz"
+    _fake_sdist_all(sdist, {f: f"1\t1.0\t{f}\n".encode() for f in files})
+    assert D._extract_vader_files(sdist, files)[files[0]] == f"1\t1.0\t{files[0]}\n".encode()
+    with pytest.raises(RuntimeError, match="does not contain nope.txt"):
+        D._extract_vader_files(sdist, ["nope.txt"])
+    # skip the SHA-256 check for the fake sdist: only the extraction and caching are tested here
+    monkeypatch.setattr(
+        D, "VADER_SDIST_SHA256", __import__("hashlib").sha256(sdist.read_bytes()).hexdigest()
+    )
+    monkeypatch.setenv("KCM_CUDA_VADER_SDIST", str(sdist))
+    got = D.fetch_vader_file(tmp_path / "cache", file=D.VADER_FILES["vader-nyt"])
+    assert got.read_text() == f"1\t1.0\t{D.VADER_FILES['vader-nyt']}\n"
+    for f in files:
+        assert (tmp_path / "cache" / "data" / "vader" / f).is_file()

@@ -202,3 +202,22 @@ def test_heads_after_memoised_activation_stats(bert, tokenizer, sentences):
     for i in ref.head_masks:
         assert torch.equal(ref.head_masks[i], r.head_masks[i])
         assert torch.equal(ref.head_masks[i], again.head_masks[i])
+
+
+@pytest.mark.parametrize("variant", ["bias", "ridge", "scale"])
+def test_heads_with_every_reconstruction(tmp_path, variant, bert, tokenizer, sentences):
+    r = prune(
+        bert,
+        sentences,
+        0.35,
+        heads=True,
+        reconstruct=variant,
+        tokenizer=tokenizer,
+        progress=False,
+        samples=96,
+    )
+    assert r.report["reconstruct"] == variant
+    assert r.report["flops"]["ratio"] <= 0.35 + 1e-9
+    inputs = _inputs(tokenizer, sentences)
+    loaded = load_pruned(r.save(tmp_path / "p"))
+    assert _max_diff(_out(r.model, inputs), _out(loaded, inputs)) <= 1e-4

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from kcm_cuda.pruning.methods.base import Method, ScoreMethod, Selection, topk_selection
 from kcm_cuda.pruning.methods.d2 import D2
+from kcm_cuda.pruning.methods.flap import FLAP
 from kcm_cuda.pruning.methods.kcm import KCM
 from kcm_cuda.pruning.methods.magnitude import Magnitude
 from kcm_cuda.pruning.methods.r2 import R2
 from kcm_cuda.pruning.methods.random import Random
+from kcm_cuda.pruning.methods.wanda_sp import WandaSP
 
-METHODS: dict[str, Method] = {m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP())
+}
 
 __all__ = ["METHODS", "Method", "ScoreMethod", "Selection", "topk_selection"]

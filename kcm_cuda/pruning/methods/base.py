@@ -59,8 +59,15 @@ class Method:
 
 
 def topk_selection(ctx: PruneContext, scores: list[torch.Tensor], info: dict | None = None):
-    """Scores → global top-k masks (ctx.k_total neurons, at least ctx.keep_min per layer)."""
-    return Selection(masks=global_topk(scores, ctx.k_total, ctx.keep_min), info=info or {})
+    """Scores → masks of ctx.k_total neurons (at least ctx.keep_min per layer), the per-layer
+    counts decided by ``allocation=`` (default "global": one global top-k of the scores;
+    see kcm_cuda.pruning.allocation)."""
+    if ctx.options.allocation == "global":
+        return Selection(masks=global_topk(scores, ctx.k_total, ctx.keep_min), info=info or {})
+    from kcm_cuda.pruning.allocation import allocate_for
+
+    masks, alloc_info = allocate_for(ctx, scores)
+    return Selection(masks=masks, info={**(info or {}), **alloc_info})
 
 
 class ScoreMethod(Method):

@@ -1,0 +1,47 @@
+"""flap (An et al., "Fluctuation-based Adaptive Structured Pruning", AAAI 2024), FFN neurons.
+
+Score of neuron i of a layer: its fluctuation Var_tokens(a_i) · ‖W2[:, i]‖² (the variance of
+the neuron's activation over the sample's real tokens, times the energy of its output
+column: how much the layer's output would move if the neuron were replaced by its mean).
+The scores are standardised per layer, (s − mean_layer) / std_layer, and sorted globally
+(FLAP's adaptive structure search), so layers with a flat profile give up more neurons.
+FLAP's bias compensation, b2 += W2[:, pruned] · mean(a_pruned), is the reconstruction
+``reconstruct="bias"`` (the method's default reconstruction).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kcm_cuda.pruning.activations import ActivationStats, token_variances
+from kcm_cuda.pruning.allocation import standardise
+from kcm_cuda.pruning.methods.base import ScoreMethod
+
+
+def fluctuation_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer (n,) float64: Var_tokens(a_i) · ‖W2[:, i]‖² (not standardised)."""
+    if len(w2_norms) != len(stats.sq_sums):
+        raise ValueError(
+            f"{len(w2_norms)} W2 norm vectors for {len(stats.sq_sums)} layers of statistics"
+        )
+    out = []
+    for var, w in zip(token_variances(stats), w2_norms, strict=True):
+        if var.shape != w.shape:
+            raise ValueError(f"activation statistics of {var.numel()} neurons, W2 of {w.numel()}")
+        out.append(var * w.double().cpu() ** 2)
+    return out
+
+
+def flap_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FLAP's globally comparable scores: fluctuation standardised per layer."""
+    return standardise(fluctuation_scores(stats, w2_norms))
+
+
+class FLAP(ScoreMethod):
+    name = "flap"
+    needs_activations = True
+    # FLAP's own reconstruction: bias compensation with the pruned neurons' mean activation
+    default_reconstruct = "bias"
+
+    def scores(self, ctx):
+        return flap_scores(ctx.activation_stats(), ctx.w2_norms)

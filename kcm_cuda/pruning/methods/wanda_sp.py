@@ -1,0 +1,36 @@
+"""wanda_sp: the structured Wanda score (as FLAP's baseline "Wanda-sp"), FFN neurons.
+
+Score of neuron i: ‖W2[:, i]‖₂ · ‖a_i‖₂, with ‖a_i‖₂ over the sample's real tokens (the
+energy of the neuron's contribution to the layer's output, by Cauchy-Schwarz an upper bound
+of it). All layers see the same tokens, so the scores are sorted globally as they are.
+Measured with and without bias compensation (``reconstruct="bias"`` / ``"none"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kcm_cuda.pruning.activations import ActivationStats, token_norms
+from kcm_cuda.pruning.methods.base import ScoreMethod
+
+
+def wanda_sp_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer (n,) float64: ‖W2[:, i]‖₂ · ‖a_i‖₂."""
+    if len(w2_norms) != len(stats.sq_sums):
+        raise ValueError(
+            f"{len(w2_norms)} W2 norm vectors for {len(stats.sq_sums)} layers of statistics"
+        )
+    out = []
+    for a, w in zip(token_norms(stats), w2_norms, strict=True):
+        if a.shape != w.shape:
+            raise ValueError(f"activation statistics of {a.numel()} neurons, W2 of {w.numel()}")
+        out.append(a * w.double().cpu())
+    return out
+
+
+class WandaSP(ScoreMethod):
+    name = "wanda_sp"
+    needs_activations = True
+
+    def scores(self, ctx):
+        return wanda_sp_scores(ctx.activation_stats(), ctx.w2_norms)
