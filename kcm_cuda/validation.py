@@ -77,9 +77,7 @@ def _square_stack_shape(name: str, t: object) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.dim() not in (2, 3):
-        raise ValueError(
-            f"{name} must be (n, n) or a stack (L, n, n), got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must be (n, n) or a stack (L, n, n), got shape {tuple(t.shape)}")
     if t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{name} must be square in its last two dims, got {tuple(t.shape)}")
     if t.numel() == 0:

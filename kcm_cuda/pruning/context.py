@@ -49,6 +49,7 @@ class PruneContext:
     cache_hits: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     r2_iterations: list[int] | None = None
+    head_plan: object | None = None  # heads=True: heads.HeadPlan (set by heads.plan_heads)
     d2_kcm_iterations: list[list[int]] | None = None
     r2_disk: dict | None = None  # R2's on-disk cache: its directory and whether it was a hit
     _memo: dict = field(default_factory=dict, repr=False)
@@ -266,8 +267,21 @@ def build_context(
         labels = _sampled_labels(o.labels, data, sample)
     data_s = time.perf_counter() - t0
 
-    fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
-    k_total = fm.neuron_budget(o.flops, sum(keep_min))
+    if o.heads:
+        from kcm_cuda.pruning.heads import proportional_split
+
+        fm = FlopsModel(
+            sample.mean_tokens,
+            adapter.hidden_size(model.config),
+            tuple(sizes),
+            heads=tuple(adapter.head_counts(model)),
+            head_size=adapter.head_size(model.config),
+        )
+        # provisional (the heads stage, heads.plan_heads, sets the final split)
+        k_total = proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
+    else:
+        fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
+        k_total = fm.neuron_budget(o.flops, sum(keep_min))
     quotas = [round(k_total * n / sum(sizes)) for n in sizes]
 
     teacher = copy.deepcopy(model).to(dev).eval()

@@ -23,6 +23,11 @@ for that layer, and the report says so.
 
 :class:`LinearRefit` is the general piece: it refits any Linear from its kept input columns,
 its inputs and its target (also usable for an attention output projection).
+
+Heads (``Selection.head_masks``): the pruned heads are removed from the student first, so every
+variant reconstructs the FFNs on the heads-pruned attention; with ``head_refit`` (and a
+reconstruction other than "none") each layer's O is refit before, by
+kcm_cuda.pruning.attn_refit (a bottom-up pass of its own on the heads-pruned student).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from torch import nn
 
 from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.methods.base import Selection
-from kcm_cuda.pruning.physical import prune_in_place, record_sizes
+from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
 from kcm_cuda.pruning.progress import progress_bar
 from kcm_cuda.pruning.scale import (
     capture_first_layer_calls,
@@ -60,6 +65,7 @@ class ReconstructionResult:
     target_energy: list[float] = field(default_factory=list)
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    o_refit: object | None = None  # heads pruned + head_refit: attn_refit.ORefitResult
 
 
 # -- the general refit of one Linear ------------------------------------------------------------
@@ -205,8 +211,27 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     masks = selection.masks
     if name == "none":
         student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
+        if selection.head_masks is not None:
+            prune_heads_in_place(student, ctx.adapter, selection.head_masks)
         return student, _plain("none", o.reconstruct_mode, selection, len(masks))
     student = copy.deepcopy(ctx.teacher)
+    o_refit = None
+    if selection.head_masks is not None:
+        # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
+        prune_heads_in_place(student, ctx.adapter, selection.head_masks)
+        if o.head_refit:
+            from kcm_cuda.pruning.attn_refit import refit_attention_output
+
+            o_refit = refit_attention_output(
+                ctx.teacher,
+                student,
+                ctx.adapter,
+                selection.head_masks,
+                ctx.sample.subset(o.scale_samples),
+                lam=o.ridge_lambda,
+                batch_size=o.batch_size,
+                device=ctx.device,
+            )
     res = refit_layers(
         ctx.teacher,
         student,
@@ -225,6 +250,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     record_sizes(student, ctx.adapter)
     if selection.scales is not None:
         res.notes.append("the selection's own scales were replaced by the reconstruction")
+    res.o_refit = o_refit
     return student, res
 
 

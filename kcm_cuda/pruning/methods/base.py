@@ -43,6 +43,9 @@ class Method:
     name: str = ""
     needs_activations: bool = False
     needs_labels: bool = False
+    # True: select() returns its own Selection.head_masks (e.g. kwon); with heads=True the
+    # shared heads stage (kcm_cuda.pruning.heads.plan_heads) is then skipped.
+    selects_heads: bool = False
     # The reconstruction run when scale=True and reconstruct= is not given (None: the global
     # default, kcm_cuda.pruning.options.DEFAULT_RECONSTRUCTION).
     default_reconstruct: str | None = None
