@@ -24,7 +24,9 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kcm_cuda.pruning.api import METHODS
+    from kcm_cuda.evaluation.runner import known_methods
+
+    METHODS = known_methods()  # noqa: N806 - the registry's names (issue 8), else the built-in
     from kcm_cuda.pruning.d2 import D2_MODES
     from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
     from kcm_cuda.pruning.r2 import R2_POINTS
@@ -64,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         default="kcm",
         choices=METHODS,
-        help="neuron scores: kcm (R2D2, default), r2, d2, magnitude, random",
+        help="neuron scores: kcm (R2D2, default), r2, d2, magnitude, random, and any method "
+        "of kcm_cuda.pruning.methods (one that needs labels is for the Python API: "
+        "prune(..., labels=))",
     )
     p.add_argument(
         "--samples",
@@ -83,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available, else cpu)"
     )
     p.add_argument("--no-scale", action="store_true", help="skip the Scale rescaling step")
+    p.add_argument(
+        "--reconstruct",
+        default=None,
+        metavar="R",
+        help="what runs after the selection: none, bias, scale, ridge (default: Scale, or none "
+        "with --no-scale); needs a prune() with reconstruct=",
+    )
+    p.add_argument(
+        "--heads", action="store_true", help="prune attention heads too (needs prune(heads=))"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
     p.add_argument("--text-column", default=None, help="JSONL/CSV field holding the text")
@@ -333,6 +347,45 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _prune_accepts(name: str) -> bool:
+    """Whether this build's prune() takes option ``name`` (issue 8 adds reconstruct=, heads=)."""
+    import dataclasses
+    import inspect
+
+    try:
+        from kcm_cuda.pruning.options import PruneOptions
+
+        if name in {f.name for f in dataclasses.fields(PruneOptions)}:
+            return True
+    except ImportError:
+        pass
+    from kcm_cuda.pruning import prune
+
+    return name in inspect.signature(prune).parameters
+
+
+def _new_options(args: argparse.Namespace) -> dict:
+    """--reconstruct / --heads, checked before the model loads; a method that needs labels is
+    refused (kcm-prune reads unlabeled text only)."""
+    from kcm_cuda.evaluation.runner import needs_labels
+
+    if needs_labels(args.method):
+        raise CLIError(
+            f"method {args.method} needs labels; kcm-prune reads unlabeled text only: use the "
+            "Python API, kcm_cuda.prune(model, texts, flops, method=..., labels=...)"
+        )
+    extra: dict = {}
+    if args.reconstruct is not None:
+        if not _prune_accepts("reconstruct"):
+            raise CLIError("--reconstruct needs a kcm_cuda whose prune() has reconstruct=")
+        extra["reconstruct"] = args.reconstruct
+    if args.heads:
+        if not _prune_accepts("heads"):
+            raise CLIError("--heads needs a kcm_cuda whose prune() has heads=")
+        extra["heads"] = True
+    return extra
+
+
 def run(args: argparse.Namespace) -> int:
     from kcm_cuda.pruning import prune
     from kcm_cuda.pruning.data import read_texts
@@ -353,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"data file not found: {args.data}")
     # the data is read and checked before anything is loaded (a model load takes seconds)
     texts = read_texts(data, args.text_column, args.pair_column)
+    extra = _new_options(args)
     src = ModelSource(args.model)
     config = load_config(src)
     if args.tokenizer:
@@ -393,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
         scale_retries=args.scale_retries,
         min_keep=int(args.min_keep) if args.min_keep >= 1 else args.min_keep,
         precision=args.precision,
+        **extra,
     )
     result.report["source_model"] = args.model
     result.report["data_file"] = str(data)

@@ -88,8 +88,17 @@ def needs_labels(name: str) -> bool:
 
 def default_method() -> str:
     """The project's default method: prune()'s default ``method=``."""
+    import dataclasses
     import inspect
 
+    try:  # issue 8's pruning: every option lives in the PruneOptions dataclass
+        from kcm_cuda.pruning.options import PruneOptions
+
+        for f in dataclasses.fields(PruneOptions):
+            if f.name == "method" and isinstance(f.default, str):
+                return f.default
+    except ImportError:
+        pass
     try:
         from kcm_cuda.pruning import prune
     except ImportError:  # pragma: no cover
