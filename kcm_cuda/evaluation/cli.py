@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="model directory or hub name (BERT/DistilBERT); default: the packaged "
+        help="model directory or hub name (BERT, DistilBERT or RoBERTa; a bare encoder gets "
+        "a new task head, a *ForSequenceClassification keeps its own); default: the packaged "
         "all-MiniLM-L6-v2",
     )
     p.add_argument(

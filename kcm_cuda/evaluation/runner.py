@@ -411,6 +411,9 @@ def run_grid(
     runs: list[dict] = []
     scored: dict[str, dict] = {}
     memo_stats: dict = {}
+    # prune()'s own cache (R2 scores, activation statistics by model + sample fingerprint),
+    # shared by the grid's runs: the stages survive a refactor that the memo's wrapping misses
+    prune_cache: dict | None = {} if _accepts(prune_fn, "cache") else None
     cells = _cells(config.budgets, methods, config.scales)
     total_runs = len(cells) * config.seeds
     grid_t0 = time.perf_counter()
@@ -476,6 +479,7 @@ def run_grid(
                     seed,
                     scored,
                     memo_stats,
+                    prune_cache,
                 )
                 runs.append(run)
                 ckpt.append(run)
@@ -667,6 +671,16 @@ def model_label(model: str | None) -> str:
     return "all-MiniLM-L6-v2 (packaged)" if model in (None, "default") else str(model)
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind != inspect.Parameter.VAR_POSITIONAL
+
+
 def _reconstruct_label(rep: dict, opts: dict, scale: bool) -> str:
     """The reconstruction that ran: the prune report's ``reconstruct`` when it has one, else the
     method's ``reconstruct=`` option, else Scale on/off as "scale" / "none"."""
@@ -695,6 +709,7 @@ def _one_run(
     seed,
     scored,
     memo_stats: dict | None = None,
+    prune_cache: dict | None = None,
 ) -> dict:
     opts = dict(config.prune_options)
     opts.update(dict(m.options))
@@ -706,6 +721,8 @@ def _one_run(
         data = pool
     if "reconstruct" not in opts:  # reconstruct= (issue 8) supersedes the scale alias
         opts["scale"] = s
+    if prune_cache is not None:
+        opts.setdefault("cache", prune_cache)
     progress = config.prune_progress
     if progress is None:
         import sys
@@ -734,7 +751,7 @@ def _one_run(
         for k, v in (memo_stats or {}).items()
         if k.endswith("_hits") and v > before.get(k, 0)
     )
-    reused += [f"{h} (prune cache)" for h in rep.get("cache_hits") or []]
+    reused += [f"{h} (prune cache)" for h in rep.get("cached_stages") or [] if h not in reused]
     run = {
         "budget": c,
         "method": m.label,
