@@ -223,9 +223,10 @@ def test_cli_degenerate_tokenizer_is_an_error(tmp_path, builders, data_file, cap
     from transformers import BertTokenizerFast
 
     d = tmp_path / "model"
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
+    # special tokens only: what transformers builds for a folder without tokenizer files
+    tok = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"])}
+    )
     builders["bert"]("seqcls", vocab_size=64).save_pretrained(d)
     tok.save_pretrained(d)
     out = tmp_path / "o"
