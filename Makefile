@@ -16,7 +16,9 @@ EVAL_ARGS ?=
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	# numpy with torch: the editable install's build imports torch, which warns "Failed to
+	# initialize NumPy" when numpy is not there yet
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" "numpy>=1.24"
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,eval]"
 	touch $(STAMP)
 

@@ -1,9 +1,12 @@
-"""``kcm-prune``: prune a BERT / DistilBERT model's FFN neurons with unlabeled data.
+"""``kcm-prune``: prune a BERT / DistilBERT / RoBERTa model's FFN neurons with unlabeled data.
 
     kcm-prune MODEL --data FILE --flops 0.6 --output DIR [options]
 
 Errors are reported as one line on stderr with exit status 2 (no traceback; set KCM_DEBUG=1
-to see one).
+to see one), and nothing is written. The order is: arguments, the data file (read and checked),
+the model's config and tokenizer (a model without tokenizer files, or a tokenizer that maps the
+data to mostly unknown tokens, is an error), then the weights. A path that looks local never
+goes to the hub; a hub name is looked up only when the hub answers within a few seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kcm_cuda.pruning.api import METHODS
+    from kcm_cuda.evaluation.runner import known_methods
+
+    METHODS = known_methods()  # noqa: N806 - the registry's names (issue 8), else the built-in
     from kcm_cuda.pruning.d2 import D2_MODES
     from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
     from kcm_cuda.pruning.r2 import R2_POINTS
@@ -30,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="kcm-prune",
         description=(
             "Gradient-free structured pruning (KCM, Nova et al. 2023) of the FFN neurons of a "
-            "Hugging Face BERT / DistilBERT model, using unlabeled text only. Keeps the fraction "
+            "Hugging Face BERT / DistilBERT / RoBERTa model (a base model or one with a task "
+            "head, e.g. *ForSequenceClassification), using unlabeled text only. Keeps the fraction "
             "C (--flops) of the encoder's FLOPs (attention + FFN; only FFN neurons are removed), "
             "saves the physically pruned model (load it back with "
             "kcm_cuda.load_pruned(DIR)) with its tokenizer and a JSON report."
@@ -60,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         default="kcm",
         choices=METHODS,
-        help="neuron scores: kcm (R2D2, default), r2, d2, magnitude, random",
+        help="neuron scores: kcm (R2D2, default), r2, d2, magnitude, random, and any method "
+        "of kcm_cuda.pruning.methods (one that needs labels is for the Python API: "
+        "prune(..., labels=))",
     )
     p.add_argument(
         "--samples",
@@ -79,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available, else cpu)"
     )
     p.add_argument("--no-scale", action="store_true", help="skip the Scale rescaling step")
+    p.add_argument(
+        "--reconstruct",
+        default=None,
+        metavar="R",
+        help="what runs after the selection: none, bias, scale, ridge (default: Scale, or none "
+        "with --no-scale); needs a prune() with reconstruct=",
+    )
+    p.add_argument(
+        "--heads", action="store_true", help="prune attention heads too (needs prune(heads=))"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
     p.add_argument("--text-column", default=None, help="JSONL/CSV field holding the text")
@@ -123,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         help="kernel precision for R2 (ieee)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the third-party (transformers) load reports and warnings, hidden by default",
+    )
     return p
 
 
@@ -130,50 +153,193 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no")
 
 
-def load_model(name: str):
-    """Model + tokenizer (or None) from a local directory or a hub name."""
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds (a hub
+    lookup without network otherwise retries for half a minute before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def looks_local(name: str) -> bool:
+    """A name that can only be a path: starts with . / ~, ends with a separator, has more than
+    one '/', uses a backslash, or ends in a file-like suffix. Hub names are NAME or ORG/NAME."""
+    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)):
+        return True
+    if "\\" in name or os.sep in name.replace("/", "", 1) or name.count("/") > 1:
+        return True
+    return Path(name).suffix.lower() in (".txt", ".json", ".bin", ".safetensors", ".pt")
+
+
+class ModelSource:
+    """Where MODEL (and the tokenizer) come from: a local directory, or a hub name that is
+    resolved from the local cache when the hub is unreachable or HF_HUB_OFFLINE is set."""
+
+    def __init__(self, name: str, what: str = "model") -> None:
+        self.name = name
+        path = Path(name).expanduser()
+        self.local = path.exists()
+        if self.local:
+            if not path.is_dir():
+                raise CLIError(
+                    f"{what} {name} is a file; expected a {what} directory or a hub name"
+                )
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise CLIError(f"{what} directory {name} is not readable (permission denied)")
+            if what == "model" and not (path / "config.json").is_file():
+                raise CLIError(f"model directory {name} has no config.json: not a saved model")
+            self.path: str = str(path)
+            self.cache_only = True
+            self.why_cache_only = ""
+            return
+        if looks_local(name):
+            raise CLIError(f"{what} directory not found: {name}")
+        self.path = name
+        if _offline():
+            self.cache_only, self.why_cache_only = True, "HF_HUB_OFFLINE is set"
+        elif not hub_reachable():
+            self.cache_only = True
+            self.why_cache_only = (
+                f"the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) did not answer "
+                f"within {HUB_PROBE_TIMEOUT_S:g}s"
+            )
+        else:
+            self.cache_only, self.why_cache_only = False, ""
+
+    @property
+    def kwargs(self) -> dict:
+        return {"local_files_only": True} if self.cache_only else {}
+
+    def not_found(self, what: str) -> CLIError:
+        return CLIError(
+            f"{what} {self.name!r} is not a local directory and not in the local hub cache, "
+            f"and {self.why_cache_only} (no download)"
+        )
+
+
+def load_config(src: ModelSource):
     import transformers
 
-    path = Path(name).expanduser()
-    local = path.exists()
-    if local:
-        if not path.is_dir():
-            raise CLIError(f"MODEL {name} is a file; expected a model directory or a hub name")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise CLIError(f"model directory {name} is not readable (permission denied)")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"model directory {name} has no config.json: not a saved model")
-    elif name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise CLIError(f"model directory not found: {name}")
-    kwargs = {"local_files_only": True} if (local or _offline()) else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(name, **kwargs)
+        return transformers.AutoConfig.from_pretrained(src.path, **src.kwargs)
     except (OSError, ValueError) as exc:
-        if not local and _offline():
-            raise CLIError(
-                f"model {name!r} is not a local directory and not in the cache, and "
-                "HF_HUB_OFFLINE is set (no download)"
-            ) from None
-        raise CLIError(f"cannot load model config from {name}: {_first_line(exc)}") from None
+        if not src.local and src.cache_only:
+            raise src.not_found("model") from None
+        raise CLIError(f"cannot load model config from {src.name}: {_first_line(exc)}") from None
+
+
+def load_model(name: str | ModelSource, config=None):
+    """The model (its architecture from config.json) from a local directory or a hub name."""
+    import transformers
+
+    src = name if isinstance(name, ModelSource) else ModelSource(name)
+    config = config if config is not None else load_config(src)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(name, **kwargs)
+        model = cls.from_pretrained(src.path, **src.kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CLIError(f"cannot load model weights from {name}: {_first_line(exc)}") from None
+        raise CLIError(f"cannot load model weights from {src.name}: {_first_line(exc)}") from None
     return model
 
 
-def load_tokenizer(name: str):
+# files one of which a saved tokenizer has (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(name: str | ModelSource, *, explicit: bool = False):
+    """The tokenizer of a local directory or hub name. A local directory without any tokenizer
+    file is an error (transformers would otherwise build a tokenizer with an empty vocabulary
+    from the config alone, and every word would become the unknown token)."""
     import transformers
 
-    kwargs = {"local_files_only": True} if (Path(name).exists() or _offline()) else {}
+    src = name if isinstance(name, ModelSource) else ModelSource(name)
+    flag = "--tokenizer" if explicit else "MODEL"
+    if src.local:
+        p = Path(src.path)
+        if not any((p / f).is_file() for f in TOKENIZER_FILES) and not any(p.glob("*.model")):
+            hint = "" if explicit else ": pass --tokenizer DIR (the directory it was saved with)"
+            raise CLIError(
+                f"{flag} {src.name} has no tokenizer files (none of "
+                f"{', '.join(TOKENIZER_FILES)}){hint}"
+            )
     try:
-        return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
-    except Exception:  # noqa: BLE001 - report "no tokenizer" as one line
-        return None
+        return transformers.AutoTokenizer.from_pretrained(src.path, **src.kwargs)
+    except Exception as exc:  # noqa: BLE001 - report "no tokenizer" as one line
+        if not src.local and src.cache_only:
+            raise src.not_found("tokenizer") from None
+        raise CLIError(
+            f"cannot load a tokenizer from {src.name} ({_first_line(exc)})"
+            + ("" if explicit else ": pass --tokenizer DIR")
+        ) from None
+
+
+MAX_UNKNOWN_FRACTION = 0.5
+
+
+def check_tokenizer(tok, texts: list, *, name: str, vocab_size: int | None = None) -> float:
+    """Tokenise up to 256 of ``texts``; an error when more than MAX_UNKNOWN_FRACTION of the
+    word tokens are the unknown token (a tokenizer that does not fit the model or the data),
+    or when a token id falls outside the model's vocabulary. Returns the unknown fraction."""
+    sample = texts[:256]
+    if isinstance(sample[0], tuple):
+        enc = tok([a for a, _ in sample], [b for _, b in sample], truncation=True, max_length=128)
+    else:
+        enc = tok(list(sample), truncation=True, max_length=128)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    unk = getattr(tok, "unk_token_id", None)
+    n = n_unk = top = 0
+    for ids in enc["input_ids"]:
+        for i in ids:
+            top = max(top, i)
+            if i == unk:
+                n_unk += 1
+                n += 1
+            elif i not in special:
+                n += 1
+    if n == 0:
+        raise CLIError(f"the tokenizer of {name} turns the data into no tokens at all")
+    frac = n_unk / n
+    if frac > MAX_UNKNOWN_FRACTION:
+        raise CLIError(
+            f"the tokenizer of {name} maps {100 * frac:.0f}% of the data's tokens to the unknown "
+            f"token {getattr(tok, 'unk_token', '?')!r} (vocabulary of {len(tok)}): it does not "
+            "fit this model or data; pass --tokenizer DIR with the model's own tokenizer"
+        )
+    if vocab_size is not None and top >= vocab_size:
+        raise CLIError(
+            f"the tokenizer of {name} produces token id {top}, outside the model's vocabulary "
+            f"of {vocab_size}: pass --tokenizer DIR with the model's own tokenizer"
+        )
+    return frac
+
+
+def _quiet_third_party() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -181,11 +347,53 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _prune_accepts(name: str) -> bool:
+    """Whether this build's prune() takes option ``name`` (issue 8 adds reconstruct=, heads=)."""
+    import dataclasses
+    import inspect
+
+    try:
+        from kcm_cuda.pruning.options import PruneOptions
+
+        if name in {f.name for f in dataclasses.fields(PruneOptions)}:
+            return True
+    except ImportError:
+        pass
+    from kcm_cuda.pruning import prune
+
+    return name in inspect.signature(prune).parameters
+
+
+def _new_options(args: argparse.Namespace) -> dict:
+    """--reconstruct / --heads, checked before the model loads; a method that needs labels is
+    refused (kcm-prune reads unlabeled text only)."""
+    from kcm_cuda.evaluation.runner import needs_labels
+
+    if needs_labels(args.method):
+        raise CLIError(
+            f"method {args.method} needs labels; kcm-prune reads unlabeled text only: use the "
+            "Python API, kcm_cuda.prune(model, texts, flops, method=..., labels=...)"
+        )
+    extra: dict = {}
+    if args.reconstruct is not None:
+        if not _prune_accepts("reconstruct"):
+            raise CLIError("--reconstruct needs a kcm_cuda whose prune() has reconstruct=")
+        extra["reconstruct"] = args.reconstruct
+    if args.heads:
+        if not _prune_accepts("heads"):
+            raise CLIError("--heads needs a kcm_cuda whose prune() has heads=")
+        extra["heads"] = True
+    return extra
+
+
 def run(args: argparse.Namespace) -> int:
     from kcm_cuda.pruning import prune
+    from kcm_cuda.pruning.data import read_texts
     from kcm_cuda.pruning.flops import check_flops
 
     check_flops(args.flops)  # fail fast, before loading anything
+    if not args.verbose:
+        _quiet_third_party()
     if args.quiet:
         import transformers
 
@@ -196,10 +404,22 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
     if not data.is_file():
         raise CLIError(f"data file not found: {args.data}")
-    model = load_model(args.model)
-    tok = load_tokenizer(args.tokenizer or args.model)
-    if tok is None:
-        raise CLIError(f"no tokenizer found for {args.tokenizer or args.model}: pass --tokenizer")
+    # the data is read and checked before anything is loaded (a model load takes seconds)
+    texts = read_texts(data, args.text_column, args.pair_column)
+    extra = _new_options(args)
+    src = ModelSource(args.model)
+    config = load_config(src)
+    if args.tokenizer:
+        tok = load_tokenizer(ModelSource(args.tokenizer, "tokenizer"), explicit=True)
+    else:
+        tok = load_tokenizer(src)
+    check_tokenizer(
+        tok,
+        texts,
+        name=args.tokenizer or args.model,
+        vocab_size=getattr(config, "vocab_size", None),
+    )
+    model = load_model(src, config)
     device = args.device
     if device is None:
         import torch
@@ -207,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     result = prune(
         model,
-        str(data),
+        texts,
         args.flops,
         method=args.method,
         scale=not args.no_scale,
@@ -227,10 +447,10 @@ def run(args: argparse.Namespace) -> int:
         scale_retries=args.scale_retries,
         min_keep=int(args.min_keep) if args.min_keep >= 1 else args.min_keep,
         precision=args.precision,
-        text_column=args.text_column,
-        text_pair_column=args.pair_column,
+        **extra,
     )
     result.report["source_model"] = args.model
+    result.report["data_file"] = str(data)
     saved = result.save(out, overwrite=args.overwrite)
     print(result.summary())
     print(f"saved to {saved}")

@@ -5,12 +5,17 @@ With no arguments: the packaged all-MiniLM-L6-v2 fine-tuned on the VADER movie-r
 whole test split; writes report.json, report.md and accuracy_vs_flops.png to --output.
 
 Profiles (explicit flags override them):
-  cpu   (default without a GPU) fits `make run` in 15 minutes on 2 cores: full fine-tune for
-        2 epochs (a 6-minute guard), budgets 0.7 0.6, all five methods without Scale and
-        kcm with Scale, 3 seeds of 512 unlabeled sentences, and an 11.5-minute guard on the
-        whole run (no seed round is started that would end past it; the report says so).
+  cpu   (default without a GPU; what `make run` does) a fixed, stated amount of work: full
+        fine-tune for 2 epochs (no time guard: progress and an ETA are printed inside each
+        epoch), then the grid CPU_GRID_BUDGETS x CPU_GRID_METHODS with 512 unlabeled sentences
+        per seed; the number of seeds (at most 3) is chosen UP FRONT from a per-run time
+        estimate so that the grid takes at most CPU_GRID_TARGET_MIN minutes on a slow 2-core
+        CPU (another process using one core), and printed before anything runs. Every planned
+        run is run (--seeds N: exactly N seeds, no sizing).
   full  (default with a GPU) the paper's protocol: full fine-tune, budgets 0.8 0.7 0.6 0.5,
         all methods with and without Scale, 10 seeds of 2048 sentences.
+
+kcm-eval exits with status 1 when the grid measured no pruned model (the report is written).
 """
 
 from __future__ import annotations
@@ -25,17 +30,35 @@ import torch
 
 __all__ = ["build_parser", "main"]
 
+# The cpu profile's grid (`make run`): edit these two constants to change what it runs.
+CPU_GRID_BUDGETS = (0.7, 0.6, 0.5)
+CPU_GRID_METHODS = ("random", "magnitude", "r2", "d2", "kcm", "kcm:scale=on")
+CPU_GRID_MAX_SEEDS = 3
+CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated up front
+# Seconds per run on an idle 2-core CPU (this project's machine) for the default model and
+# task (all-MiniLM-L6-v2, 512 sentences, 2,131 test sentences), from
+# benchmarks/results/cpu/accuracy/make_run_default (eval ~5.3 s, prune per method) and, for
+# methods not measured there, a conservative guess. One-off stage costs are paid once per grid
+# (R2 solve) or once per seed (activation statistics), then memoised.
+EST_EVAL_S = 5.5
+EST_PRUNE_S = {"random": 0.2, "magnitude": 0.2, "r2": 0.3, "d2": 0.3, "kcm": 0.4, "flap": 1.0}
+EST_PRUNE_OTHER_S = 10.0  # a method without a measurement (e.g. kwon's labelled passes)
+EST_SCALE_S = 5.5  # Scale / a reconstruction on top of the selection
+EST_ONCE_PER_GRID_S = 16.0  # R2's kernel solve
+EST_ONCE_PER_SEED_S = 4.0  # activation statistics of the seed's sample
+SLOW_FACTOR = 2.5  # a slow 2-core CPU with another process using one core, vs idle
+
 PROFILES = {
     "cpu": {
-        "budgets": (0.7, 0.6),
-        "methods": ("kcm", "kcm:scale=on", "d2", "r2", "magnitude", "random"),
+        "budgets": CPU_GRID_BUDGETS,
+        "methods": CPU_GRID_METHODS,
         "scale": "off",
-        "seeds": 3,
+        "seeds": None,  # sized up front (plan_cpu_grid)
         "samples": 512,
         "finetune": "full",
         "epochs": 2,
-        "finetune_budget": 6.0,
-        "time_limit": 11.5,
+        "finetune_budget": None,
+        "time_limit": None,
     },
     "full": {
         "budgets": (0.8, 0.7, 0.6, 0.5),
@@ -49,6 +72,49 @@ PROFILES = {
         "time_limit": None,
     },
 }
+
+
+def estimate_run_s(method: str, scale: bool) -> float:
+    """Idle-CPU seconds of one run (prune + test evaluation) of ``method``."""
+    from kcm_cuda.evaluation.runner import parse_method
+
+    spec = parse_method(method)
+    opts = dict(spec.options)
+    t = EST_EVAL_S + EST_PRUNE_S.get(spec.name, EST_PRUNE_OTHER_S)
+    rec = opts.get("reconstruct", "none")
+    if scale or opts.get("scale") in ("on", True) or rec not in ("none", None):
+        t += EST_SCALE_S
+    return t
+
+
+def plan_cpu_grid(
+    budgets,
+    methods,
+    scales,
+    max_seeds: int = CPU_GRID_MAX_SEEDS,
+    target_min: float = CPU_GRID_TARGET_MIN,
+) -> tuple[int, str]:
+    """(seeds, the plan as one line): the most seeds (1..max_seeds) whose estimated grid time
+    on a slow 2-core CPU fits ``target_min`` minutes (at least 1)."""
+    from kcm_cuda.evaluation.runner import _cells, parse_method
+
+    cells = _cells(budgets, [parse_method(m) for m in methods], scales)
+    per_seed = sum(estimate_run_s(m.label, s) for _, m, s in cells) + EST_ONCE_PER_SEED_S
+    seeds = 1
+    for n in range(max_seeds, 0, -1):
+        if (EST_ONCE_PER_GRID_S + n * per_seed) * SLOW_FACTOR <= 60 * target_min:
+            seeds = n
+            break
+    idle = EST_ONCE_PER_GRID_S + seeds * per_seed
+    plan = (
+        f"cpu grid: {len(budgets)} budget(s) x {len(cells) // max(1, len(budgets))} method "
+        f"variant(s) = {len(cells)} cells x {seeds} seed(s) = {len(cells) * seeds} runs, all "
+        f"of them run; estimated {idle / 60:.1f} min on an idle 2-core CPU, "
+        f"{SLOW_FACTOR * idle / 60:.1f} min on a slow one (seeds chosen up front to fit "
+        f"{target_min:g} min there, at most {max_seeds}; --seeds N overrides; estimate for "
+        "the default model and task)"
+    )
+    return seeds, plan
 
 
 def _budgets(text: str) -> tuple[float, ...]:
@@ -97,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="model directory or hub name (BERT/DistilBERT); default: the packaged "
+        help="model directory or hub name (BERT, DistilBERT or RoBERTa; a bare encoder gets "
+        "a new task head, a *ForSequenceClassification keeps its own); default: the packaged "
         "all-MiniLM-L6-v2",
     )
     p.add_argument(
@@ -123,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale", choices=("off", "on", "both"), default=None, help="cpu: off, full: both"
     )
-    p.add_argument("--seeds", type=int, default=None, help="unlabeled samples per cell")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="unlabeled samples per cell (cpu profile: sized up front, at most 3; full: 10)",
+    )
     p.add_argument("--samples", type=int, default=None, help="pool sentences per sample")
     p.add_argument(
         "--prune-option",
@@ -139,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="MINUTES",
-        help="no fine-tune epoch is started that would end past it (cpu profile: 6; 0: none)",
+        help="no fine-tune epoch is started that would end past it (default none); a "
+        "fine-tune it cuts short is used but never cached",
     )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--finetune-seed", type=int, default=0)
@@ -153,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MINUTES",
         help="wall-clock guard on the whole run: no seed round is started that would end "
-        "past it (cpu profile: 11.5; 0: no limit)",
+        "past it (default none: the cpu profile sizes its grid up front instead)",
     )
     p.add_argument("--no-cache", action="store_true", help="fine-tune again, do not cache")
     p.add_argument(
@@ -196,6 +269,11 @@ def config_from_args(args: argparse.Namespace):
     ft_budget = args.finetune_budget
     if ft_budget is None:
         ft_budget = prof["finetune_budget"]
+    seeds = args.seeds if args.seeds is not None else prof["seeds"]
+    budgets = args.budgets or prof["budgets"]
+    plan = None
+    if seeds is None:
+        seeds, plan = plan_cpu_grid(budgets, methods, scales)
     ft = FinetuneSettings(
         mode=ft_mode,
         seed=args.finetune_seed,
@@ -207,10 +285,10 @@ def config_from_args(args: argparse.Namespace):
     return GridConfig(
         task=args.task,
         model=args.model,
-        budgets=args.budgets or prof["budgets"],
+        budgets=budgets,
         methods=methods,
         scales=scales,
-        seeds=args.seeds if args.seeds is not None else prof["seeds"],
+        seeds=seeds,
         samples=args.samples if args.samples is not None else prof["samples"],
         max_length=args.max_length,
         device=str(dev),
@@ -223,6 +301,7 @@ def config_from_args(args: argparse.Namespace):
         save_predictions=args.save_predictions,
         use_cache=not args.no_cache,
         resume=args.resume,
+        plan=plan,
     )
 
 
@@ -255,11 +334,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"kcm-eval: profile {config.profile}, device {config.device}, "
             f"torch threads {torch.get_num_threads()}"
         )
+        if config.plan:
+            log(config.plan)
         report = run_grid(config, task=task, log=log)
         paths = write_report(report, config.output)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"kcm-eval: error: {e}", file=sys.stderr)
         return 2
+    if not report["runs"]:
+        print(
+            "kcm-eval: error: no pruned model was measured "
+            f"({report.get('stopped_early') or 'empty grid'}); "
+            f"the report ({paths['md'].resolve()}) has the dense model only",
+            file=sys.stderr,
+        )
+        return 1
     from kcm_cuda.evaluation.report import format_markdown
 
     md = format_markdown(report)

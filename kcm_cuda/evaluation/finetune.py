@@ -3,19 +3,29 @@
 Modes
     full   every weight trained (AdamW, linear warm-up/decay, dev loss checked every epoch, best
            epoch kept, early stop when the dev loss stops improving). The default: on the
-           2-core CPU, 2 epochs of all-MiniLM-L6-v2 on VADER take ~3 minutes and converge.
+           2-core CPU, 2 epochs of all-MiniLM-L6-v2 on VADER take ~3 minutes when the machine is
+           idle (progress with the loss and an ETA is logged inside every epoch).
     top:K  the top K encoder layers + head trained, the rest frozen (cheaper backward).
-    head   encoder frozen; the linear head on mean-pooled features fitted to convergence
+    head   encoder frozen; the head's last linear layer (on BERT's pooler output) fitted to
+           convergence
            (L-BFGS for classification, closed-form ridge for regression), the L2 strength
            chosen on dev. One forward pass over train: the fast option for slow machines or
            big models. A convex fit at its optimum is converged and, for logistic regression,
            calibrated by construction (what shared/EVALUATION.md §1 asks of the dense model),
-           but a frozen encoder is a weaker model (75.8 % vs 83.9 % on VADER).
+           but a frozen encoder is a weaker model.
     auto   full.
 
-The cache lives in <cache_dir>/finetuned/<key>/ (meta.json, head.pt and, unless mode is head,
-encoder/ in save_pretrained format); the key hashes the model fingerprint, the task's labelled
-splits, the mode, the seed and every hyper-parameter.
+The classifier is the model's standard ``AutoModelForSequenceClassification`` (BERT: pooler on
+[CLS] + linear head). Up to FINETUNE_VERSION 1 it was mean pooling + a linear head outside the
+model, which no standard loader could rebuild; the accuracies of the two differ (README gives
+the numbers measured with each).
+
+The cache lives in <cache_dir>/finetuned/<key>/: a standard Hugging Face directory
+(config.json, model.safetensors, the tokenizer files) that
+``AutoModelForSequenceClassification.from_pretrained`` and ``kcm-prune`` load as it is, plus
+kcm_finetune.json (settings, dev metrics, learning curve). The key hashes the model
+fingerprint, the task's labelled splits, the mode, the seed and every hyper-parameter. A
+fine-tune cut short by the time budget is never cached.
 """
 
 from __future__ import annotations
@@ -41,16 +51,20 @@ from kcm_cuda.evaluation.metrics import classification_metrics, regression_metri
 from kcm_cuda.evaluation.modeling import (
     Batches,
     SentenceClassifier,
-    load_encoder,
+    final_linear,
+    head_features,
+    load_classifier,
     model_fingerprint,
-    pooled_features,
     predict,
     tokenize,
 )
 
 __all__ = ["FINETUNE_MODES", "FinetuneSettings", "finetune", "resolve_mode"]
 
-FINETUNE_VERSION = 1  # bump when the training code changes what it produces
+FINETUNE_VERSION = 2  # bump when the training code changes what it produces (2: HF task head)
+META_FILE = "kcm_finetune.json"
+# progress inside an epoch: a line at the first step, then at most every PROGRESS_EVERY_S
+PROGRESS_EVERY_S = 30.0
 FINETUNE_MODES = ("auto", "full", "head", "top:K")
 
 
@@ -166,10 +180,10 @@ def _fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float):
     return w[:, None].float(), b.reshape(1).float(), 0.0
 
 
-def _train_head(task, encoder, train_b: Batches, dev_b: Batches, settings, device):
+def _train_head(task, clf: SentenceClassifier, train_b: Batches, dev_b: Batches, settings, device):
     t0 = time.perf_counter()
-    ftr = pooled_features(encoder, train_b, device)
-    fdev = pooled_features(encoder, dev_b, device)
+    ftr = head_features(clf, train_b, device)
+    fdev = head_features(clf, dev_b, device)
     feature_s = time.perf_counter() - t0
     ytr = _labels_tensor(task, task.train)
     ydev = _labels_tensor(task, task.dev)
@@ -190,10 +204,11 @@ def _train_head(task, encoder, train_b: Batches, dev_b: Batches, settings, devic
             best = (dev_loss, l2, w, b, grad)
     assert best is not None
     _, l2, w, b, grad = best
-    model = SentenceClassifier(encoder, task.num_labels)
+    model = clf
+    lin = final_linear(model.model)
     with torch.no_grad():
-        model.head.weight.copy_(w.T)
-        model.head.bias.copy_(b)
+        lin.weight.copy_(w.T)
+        lin.bias.copy_(b)
     info = {
         "head_l2": l2,
         "head_fits": tried,
@@ -236,6 +251,8 @@ def _train_batches(enc_ids, enc_tt, labels, batch_size, generator, pad_id):
 
 
 def _encoder_layers(encoder: nn.Module):
+    if hasattr(encoder, "base_model") and encoder.base_model is not encoder:
+        encoder = encoder.base_model
     if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "layer"):
         return encoder.encoder.layer
     if hasattr(encoder, "transformer") and hasattr(encoder.transformer, "layer"):
@@ -243,11 +260,9 @@ def _encoder_layers(encoder: nn.Module):
     raise ValueError("cannot find the encoder layers (BERT / DistilBERT expected)")
 
 
-def _train_gradient(task, encoder, tokenizer, dev_b: Batches, settings, device, mode, log=print):
+def _train_gradient(task, clf, tokenizer, dev_b: Batches, settings, device, mode, log=print):
     _seed_all(settings.seed)
-    model = SentenceClassifier(copy.deepcopy(encoder), task.num_labels)
-    nn.init.normal_(model.head.weight, std=0.02)
-    nn.init.zeros_(model.head.bias)
+    model = copy.deepcopy(clf)
     if mode.startswith("top:"):
         k = int(mode[4:])
         layers = _encoder_layers(model.encoder)
@@ -257,6 +272,10 @@ def _train_gradient(task, encoder, tokenizer, dev_b: Batches, settings, device, 
             p.requires_grad_(False)
         for layer in list(layers)[len(layers) - k :]:
             for p in layer.parameters():
+                p.requires_grad_(True)
+        pooler = getattr(model.encoder, "pooler", None)  # BERT's pooler belongs to the head
+        if pooler is not None:
+            for p in pooler.parameters():
                 p.requires_grad_(True)
     model.to(device)
     texts = [e.text for e in task.train]
@@ -295,11 +314,14 @@ def _train_gradient(task, encoder, tokenizer, dev_b: Batches, settings, device, 
     best_state, best_loss, best_epoch, bad = None, float("inf"), 0, 0
     stopped_by_time = False
     t_start = time.perf_counter()
+    step = 0
+    last_log = -float("inf")
     for epoch in range(1, settings.epochs + 1):
         t_epoch = time.perf_counter()
         model.train()
         running, seen = 0.0, 0
-        for batch, y in _train_batches(enc_ids, enc_tt, ytr, settings.batch_size, gen, pad_id):
+        batches = _train_batches(enc_ids, enc_tt, ytr, settings.batch_size, gen, pad_id)
+        for i, (batch, y) in enumerate(batches, 1):
             logits = model(**{k: v.to(device) for k, v in batch.items()})
             loss = _loss(task, logits, y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -309,6 +331,17 @@ def _train_gradient(task, encoder, tokenizer, dev_b: Batches, settings, device, 
             sched.step()
             running += loss.item() * len(y)
             seen += len(y)
+            step += 1
+            now = time.perf_counter()
+            if step == 1 or i == steps_per_epoch or now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                per_step = (now - t_start) / step
+                log(
+                    f"  epoch {epoch}/{settings.epochs} step {i}/{steps_per_epoch}: loss "
+                    f"{loss.item():.4f} (epoch mean {running / seen:.4f}), {per_step:.2f}s/step, "
+                    f"ETA epoch {_dur(per_step * (steps_per_epoch - i))}, "
+                    f"all epochs {_dur(per_step * (total - step))}"
+                )
         dev_logits = predict(model, dev_b, device)
         dev_loss = float(_loss(task, torch.from_numpy(dev_logits), ydev))
         point = {"epoch": epoch, "train_loss": running / seen, "dev_loss": dev_loss}
@@ -337,20 +370,39 @@ def _train_gradient(task, encoder, tokenizer, dev_b: Batches, settings, device, 
     assert best_state is not None
     model.load_state_dict(best_state)
     model.cpu().eval()
-    # converged: the dev loss stopped improving (best epoch before the last one run), or the
-    # last epoch improved it by less than 2 %
-    last = curve[-1]["dev_loss"]
-    prev = curve[-2]["dev_loss"] if len(curve) > 1 else float("inf")
-    converged = best_epoch < len(curve) or (prev - last) < 0.02 * prev
+    converged, why = _convergence(curve, best_epoch, settings.epochs, stopped_by_time)
     info = {
         "curve": curve,
         "best_epoch": best_epoch,
-        "converged": bool(converged),
-        "convergence": "best dev-loss epoch kept",
+        "converged": converged,
+        "convergence": why,
         "epochs_run": len(curve),
+        "epochs_planned": settings.epochs,
         "stopped_by_time_budget": stopped_by_time,
     }
     return model, info
+
+
+def _dur(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f}s"
+
+
+def _convergence(curve, best_epoch: int, planned: int, cut: bool) -> tuple[bool | None, str]:
+    """(converged?, what happened) from the dev-loss curve. Converged: the dev loss stopped
+    improving (best epoch before the last one run: early stop or overfitting), or the last
+    epoch improved it by less than 2 %. One epoch alone says nothing (None)."""
+    n = len(curve)
+    ran = f"{n} of {planned} epoch(s) run" + (", cut short by the time budget" if cut else "")
+    if n == 1:
+        return None, f"{ran}; one epoch: convergence unknown (no second dev loss to compare)"
+    last, prev = curve[-1]["dev_loss"], curve[-2]["dev_loss"]
+    if best_epoch < n:
+        return True, f"{ran}; dev loss stopped improving after epoch {best_epoch} (kept)"
+    drop = (prev - last) / prev if prev > 0 else 0.0
+    if drop < 0.02:
+        return True, f"{ran}; last epoch improved the dev loss by {100 * drop:.1f}% (< 2%)"
+    return False, f"{ran}; dev loss still falling ({100 * drop:.1f}% in the last epoch)"
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -388,17 +440,14 @@ def _cache_key(model_fp: str, task: TaskData, mode: str, settings: FinetuneSetti
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _save(dirpath: Path, model: SentenceClassifier, meta: dict, mode: str) -> None:
+def _save(dirpath: Path, model: SentenceClassifier, tokenizer, meta: dict) -> None:
+    """A standard Hugging Face classifier directory (weights, config, tokenizer) + meta."""
     dirpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=dirpath.name + ".tmp"))
     try:
-        torch.save(
-            {"weight": model.head.weight.detach().cpu(), "bias": model.head.bias.detach().cpu()},
-            tmp / "head.pt",
-        )
-        if mode != "head":
-            model.encoder.save_pretrained(tmp / "encoder")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+        model.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=float))
         if dirpath.exists():
             shutil.rmtree(dirpath)
         os.replace(tmp, dirpath)
@@ -407,19 +456,12 @@ def _save(dirpath: Path, model: SentenceClassifier, meta: dict, mode: str) -> No
         raise
 
 
-def _load(dirpath: Path, base_encoder: nn.Module, num_labels: int, mode: str):
-    meta = json.loads((dirpath / "meta.json").read_text())
-    if mode == "head":
-        encoder = base_encoder
-    else:
-        encoder, _ = load_encoder(dirpath / "encoder")
-    model = SentenceClassifier(encoder, num_labels)
-    head = torch.load(dirpath / "head.pt", map_location="cpu", weights_only=True)
-    with torch.no_grad():
-        model.head.weight.copy_(head["weight"])
-        model.head.bias.copy_(head["bias"])
-    model.eval()
-    return model, meta
+def _load(dirpath: Path, task: TaskData):
+    meta = json.loads((dirpath / META_FILE).read_text())
+    model, tokenizer = load_classifier(
+        dirpath, task.num_labels, regression=task.kind == "regression"
+    )
+    return model, meta, tokenizer
 
 
 def finetune(
@@ -435,13 +477,12 @@ def finetune(
     """(classifier on CPU, info dict, tokenizer). ``info['cached']`` says whether it was reused."""
     settings = settings or FinetuneSettings()
     mode = resolve_mode(settings.mode, device)
-    encoder, tokenizer = load_encoder(model_path)
     fp = model_fingerprint(model_path)
     key = _cache_key(fp, task, mode, settings)
     cdir = default_cache_dir(cache_dir) / "finetuned" / key
-    if use_cache and (cdir / "meta.json").is_file():
+    if use_cache and (cdir / META_FILE).is_file():
         try:
-            model, meta = _load(cdir, encoder, task.num_labels, mode)
+            model, meta, tokenizer = _load(cdir, task)
             meta["cached"] = True
             meta["cache_path"] = str(cdir)
             log(f"fine-tuned model reused from cache: {cdir}")
@@ -450,17 +491,21 @@ def finetune(
             log(f"cache entry {cdir} unusable ({e}); fine-tuning again")
     if len(task.dev) == 0:
         raise ValueError(f"task {task.name!r}: the dev split is empty (train too small)")
+    _seed_all(settings.seed)  # the new head's initialisation
+    clf, tokenizer = load_classifier(
+        model_path, task.num_labels, regression=task.kind == "regression"
+    )
     log(f"fine-tuning ({mode}) {task.name} on {len(task.train)} examples, device {device} ...")
     t0 = time.perf_counter()
     _seed_all(settings.seed)
     dev_b = tokenize(tokenizer, [e.text for e in task.dev], max_length=settings.max_length)
-    encoder.to(device)
+    clf.to(device)
     if mode == "head":
         train_b = tokenize(tokenizer, [e.text for e in task.train], max_length=settings.max_length)
-        model, info = _train_head(task, encoder, train_b, dev_b, settings, device)
+        model, info = _train_head(task, clf, train_b, dev_b, settings, device)
     else:
-        model, info = _train_gradient(task, encoder, tokenizer, dev_b, settings, device, mode, log)
-    encoder.cpu()
+        model, info = _train_gradient(task, clf, tokenizer, dev_b, settings, device, mode, log)
+        clf.cpu()
     model.cpu().eval()
     dev_logits = predict(model, dev_b, "cpu")
     dev = split_metrics(task, dev_logits, task.dev)
@@ -487,11 +532,20 @@ def finetune(
                 f"WARNING: dev predicted-positive rate {dev['positive_rate']:.3f} vs true "
                 f"{dev['true_positive_rate_of_labels']:.3f}: the dense model is biased"
             )
-    if not meta.get("converged", True):
-        log("WARNING: fine-tuning did not converge (dev loss still falling); raise --epochs")
-    if use_cache:
-        _save(cdir, model, meta, mode)
+    if mode != "head":
+        log(f"fine-tuning: {meta['convergence']}")
+        if meta.get("converged") is False and not meta.get("stopped_by_time_budget"):
+            log("WARNING: fine-tuning did not converge (dev loss still falling): raise --epochs")
+    if meta.get("stopped_by_time_budget"):
+        log(
+            f"WARNING: fine-tuning was cut short by the time budget after {meta['epochs_run']} "
+            f"of {settings.epochs} epochs: this model is used for this run but NOT cached "
+            "(raise --finetune-budget, or 0 for none)"
+        )
+    elif use_cache:
+        _save(cdir, model, tokenizer, meta)
         meta["cache_path"] = str(cdir)
+        log(f"fine-tuned classifier cached (a standard Hugging Face directory): {cdir}")
     meta["cached"] = False
     log(f"fine-tuned in {meta['seconds']:.1f}s; dev {_fmt(dev)}")
     return model, meta, tokenizer

@@ -1,10 +1,11 @@
-"""Model side of the evaluation: the packaged default model, a sentence classifier (encoder +
-mean pooling + linear head), tokenisation done once into length-sorted padded batches, and
-batched inference.
+"""Model side of the evaluation: the packaged default model, the sentence classifier (a standard
+Hugging Face ``AutoModelForSequenceClassification``: BERT's pooler + linear head on [CLS],
+DistilBERT's pre-classifier + head on the first token, RoBERTa's classification head),
+tokenisation done once into length-sorted padded batches, and batched inference.
 
-The pruner only ever sees the encoder (a transformers ``BertModel`` / ``DistilBertModel``);
-the classification head sits outside it, so the pruned encoder is simply put back under the
-same head.
+The pruner is given the whole classifier (task head included: it prunes the encoder's FFN
+neurons and leaves the head as it is), so that the pruned model is again a standard classifier
+that ``kcm_cuda.load_pruned`` / ``AutoModelForSequenceClassification`` can load.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ __all__ = [
     "Batches",
     "SentenceClassifier",
     "default_model_dir",
-    "load_encoder",
+    "final_linear",
+    "head_features",
+    "load_classifier",
     "model_fingerprint",
-    "pooled_features",
     "predict",
     "tokenize",
 ]
@@ -86,58 +88,65 @@ def _quiet_transformers() -> None:
         pass
 
 
-def load_encoder(path: Path | str):
-    """(encoder, tokenizer) from a model directory or hub name; BERT without its pooler."""
+SUPPORTED_TYPES = ("bert", "distilbert", "roberta")
+
+
+def load_classifier(path: Path | str, num_labels: int, *, regression: bool = False):
+    """(SentenceClassifier, tokenizer) from a model directory or hub name: a saved
+    ``*ForSequenceClassification`` keeps its head; a bare encoder (e.g. the packaged
+    all-MiniLM-L6-v2, a ``BertModel`` with its pooler) gets a new, randomly initialised head
+    (seed torch before calling for a reproducible one)."""
     _quiet_transformers()
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
-    if config.model_type == "bert":
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
-    elif config.model_type == "distilbert":
-        encoder = AutoModel.from_pretrained(path)
-    else:
+    if config.model_type not in SUPPORTED_TYPES:
         raise ValueError(
-            f"model type {config.model_type!r} is not supported (BERT or DistilBERT only)"
+            f"model type {config.model_type!r} is not supported (BERT, DistilBERT or RoBERTa)"
         )
+    kwargs = {"num_labels": num_labels}
+    if regression:
+        kwargs["problem_type"] = "regression"
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder.eval()
-    return encoder, tokenizer
+    model.eval()
+    return SentenceClassifier(model), tokenizer
 
 
-def _uses_token_types(encoder: nn.Module) -> bool:
-    return getattr(getattr(encoder, "config", None), "model_type", "") == "bert"
+def _uses_token_types(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", "") == "bert"
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The last linear layer of a sequence-classification head (the one ``head`` mode fits)."""
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        return head  # BERT, DistilBERT
+    out = getattr(head, "out_proj", None)
+    if isinstance(out, nn.Linear):
+        return out  # RoBERTa
+    raise ValueError(f"cannot find the classification head of {type(model).__name__}")
 
 
 class SentenceClassifier(nn.Module):
-    """Encoder → mean pooling over real tokens → dropout → linear head."""
+    """A Hugging Face ``*ForSequenceClassification`` model called the evaluation's way
+    (``forward(input_ids, attention_mask, token_type_ids) -> logits``). ``model`` is the HF
+    model itself (what is saved, pruned and loaded); ``encoder`` its base model."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.encoder = encoder
-        hidden = int(
-            encoder.config.hidden_size
-            if hasattr(encoder.config, "hidden_size")
-            else encoder.config.dim
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, num_labels)
-        self.num_labels = num_labels
+        self.model = model
+        self.num_labels = int(model.config.num_labels)
 
-    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and _uses_token_types(self.encoder):
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**kwargs).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.base_model
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        return self.head(self.dropout(self.features(input_ids, attention_mask, token_type_ids)))
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and _uses_token_types(self.model):
+            kwargs["token_type_ids"] = token_type_ids
+        return self.model(**kwargs).logits
 
 
 @dataclass
@@ -225,21 +234,24 @@ def predict(model: SentenceClassifier, batches: Batches, device: torch.device | 
 
 
 @torch.inference_mode()
-def pooled_features(encoder: nn.Module, batches: Batches, device: torch.device | str = "cpu"):
-    """Mean-pooled last hidden states (N, hidden) float32 tensor, original order."""
-    encoder.eval()
+def head_features(clf: SentenceClassifier, batches: Batches, device: torch.device | str = "cpu"):
+    """The inputs of the head's last linear layer (N, hidden) float32, original order: BERT's
+    pooler output, DistilBERT's ReLU(pre_classifier), RoBERTa's tanh(dense) on the first
+    token (eval mode: no dropout)."""
+    clf.eval()
+    lin = final_linear(clf.model)
     out = None
-    for idx, b in batches.batches:
-        kwargs = {
-            "input_ids": b["input_ids"].to(device),
-            "attention_mask": b["attention_mask"].to(device),
-        }
-        if _uses_token_types(encoder):
-            kwargs["token_type_ids"] = b["token_type_ids"].to(device)
-        h = encoder(**kwargs).last_hidden_state
-        f = mean_pool(h, kwargs["attention_mask"]).float().cpu()
-        if out is None:
-            out = torch.empty(batches.n, f.shape[1])
-        out[idx] = f
+    grabbed: list[torch.Tensor] = []
+    handle = lin.register_forward_hook(lambda _m, inp, _o: grabbed.append(inp[0]))
+    try:
+        for idx, b in batches.batches:
+            grabbed.clear()
+            clf(**{k: v.to(device) for k, v in b.items()})
+            f = grabbed[-1].float().cpu()
+            if out is None:
+                out = torch.empty(batches.n, f.shape[1])
+            out[idx] = f
+    finally:
+        handle.remove()
     assert out is not None
     return out

@@ -71,11 +71,58 @@ def _pm(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{m:.{digits}f}"
 
 
+def _converged(value) -> str:
+    return {True: "yes", False: "no", None: "unknown"}.get(value, str(value))
+
+
+def _grid_line(report: dict) -> str:
+    """What ran (from the runs), not only what was configured."""
+    cfg = report["config"]
+    ran = report.get("ran") or {}
+    counts = ran.get("seeds_per_cell") or []
+    if not counts:
+        seeds = f"no run finished (planned {cfg['seeds']} seed(s))"
+    elif len(counts) == 1:
+        seeds = f"{counts[0]} seed(s) per cell"
+    else:
+        seeds = f"{counts[0]}-{counts[-1]} seeds per cell"
+    if counts and (len(counts) > 1 or counts[0] != cfg["seeds"]):
+        seeds += f" (planned {cfg['seeds']})"
+    recs = ran.get("reconstructions")
+    if recs is None:
+        recs = ["scale" if s else "none" for s in cfg["scales"]]
+    parts = [
+        f"budgets {cfg['budgets']}, methods {cfg['methods']}",
+        f"reconstruction that ran: {', '.join(recs) or 'none'}",
+        f"{ran.get('runs', len(report.get('runs', [])))} runs in {ran.get('cells', '?')} cells, "
+        f"{seeds} (a seed = an unlabeled sample of {cfg['samples']} pool sentences; a method "
+        "that uses labels draws it from the labelled train split)",
+        f"max length {cfg['max_length']}, profile `{cfg['profile']}`",
+    ]
+    if ran.get("uses_labels"):
+        parts.append(f"methods that use labels: {', '.join(ran['uses_labels'])}")
+    if ran.get("runs_with_reused_stages"):
+        parts.append(
+            f"{ran['runs_with_reused_stages']} run(s) reused stages memoised by an earlier run "
+            "(their prune time excludes them; marked †)"
+        )
+    if ran.get("runs_with_reused_eval"):
+        parts.append(
+            f"{ran['runs_with_reused_eval']} run(s) gave a model identical to an earlier one "
+            "(scored once)"
+        )
+    if cfg.get("prune_options"):
+        parts.append(f"prune options {cfg['prune_options']}")
+    line = "; ".join(parts)
+    if cfg.get("plan"):
+        line += f". Plan: {cfg['plan']}"
+    return line
+
+
 def format_markdown(report: dict) -> str:
     kind = report["task"]["kind"]
     metrics = report["metrics"]
     dense = report["dense"]
-    cfg = report["config"]
     ft = report["finetune"]
     env = report["environment"]
     lines = [f"# {report['title']}", ""]
@@ -89,7 +136,7 @@ def format_markdown(report: dict) -> str:
         f"- **Fine-tune**: mode `{ft.get('mode')}`"
         + (f", head L2 {ft['head_l2']:g}" if "head_l2" in ft else "")
         + (f", best epoch {ft['best_epoch']}" if "best_epoch" in ft else "")
-        + f", converged: {ft.get('converged')} ({ft.get('convergence', '')})"
+        + f", converged: {_converged(ft.get('converged'))} ({ft.get('convergence', '')})"
         + (
             f", calibrated: {ft.get('calibrated')} (dev positive-rate gap "
             f"{100 * ft['calibration_gap']:.1f} pt)"
@@ -97,12 +144,13 @@ def format_markdown(report: dict) -> str:
             else ""
         )
         + f", {ft.get('seconds', 0):.0f}s"
-        + (" (reused from cache)" if ft.get("cached") else ""),
-        f"- **Pruning grid**: budgets {cfg['budgets']}, methods {cfg['methods']}, Scale "
-        f"{['on' if s else 'off' for s in cfg['scales']]}, {cfg['seeds']} seed(s) (= unlabeled "
-        f"samples of {cfg['samples']} pool sentences), max length {cfg['max_length']}, "
-        f"profile `{cfg['profile']}`"
-        + (f", prune options {cfg['prune_options']}" if cfg.get("prune_options") else ""),
+        + (" (reused from cache)" if ft.get("cached") else "")
+        + (
+            " (cut short by the time budget: not cached)"
+            if ft.get("stopped_by_time_budget")
+            else ""
+        ),
+        f"- **Pruning grid**: {_grid_line(report)}",
         f"- **Device**: {env['device']}"
         + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpu_count')} CPU cores")
         + (
@@ -138,9 +186,13 @@ def format_markdown(report: dict) -> str:
         "A difference below ~2 standard errors (of the seeds, and of the test set) is not a "
         "difference. Drop = dense − mean, in points. Always compare with `random`. "
         "Δacc vs X (paired): accuracy difference to method X (same budget, Scale off; `no "
-        "Scale`: the same method without Scale) with the standard error of the difference "
+        "Scale`: the same method without Scale; `best label-free peer`: the label-free method "
+        "other than the default "
+        f"(`{report['config'].get('default_method', 'kcm')}`) with the highest mean accuracy "
+        "at that budget, named under each table) with the standard error of the difference "
         "paired over test sentences (the test-set noise both share cancels; seeds are averaged "
-        "first).",
+        "first). Reconstruction: what ran after the selection (`none`, `scale`, ...). "
+        "A method marked *uses labels* saw the labelled train split: it is not label-free.",
         "",
     ]
     by_budget: dict = {}
@@ -150,14 +202,14 @@ def format_markdown(report: dict) -> str:
         rows = sorted(by_budget[c], key=_sort_key)
         lines.append(f"## FLOPs budget c = {c:g}")
         lines.append("")
-        head = ["method", "Scale", "FLOPs kept"]
+        head = ["method", "reconstruction", "FLOPs kept"]
         for name in metrics:
             head.append(NAMES[name])
             if name in ("accuracy", "pearson", "spearman", "roc_auc"):
                 head.append("drop")
         refs = [
             ref
-            for ref in ("random", "d2", "no Scale")
+            for ref in ("random", "d2", "no Scale", "best label-free peer")
             if any(ref in (r.get("paired_accuracy_diff") or {}) for r in rows)
         ]
         head += [f"Δacc vs {ref} (paired)" for ref in refs]
@@ -175,8 +227,8 @@ def format_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(dense_row) + " |")
         for row in rows:
             cells = [
-                f"`{row['method']}`",
-                "on" if row["scale"] else "off",
+                f"`{row['method']}`" + (" (uses labels)" if row.get("uses_labels") else ""),
+                row.get("reconstruct") or ("scale" if row["scale"] else "none"),
                 f"{row['flops_ratio']:.3f}" if row.get("flops_ratio") else "?",
             ]
             for name in metrics:
@@ -199,9 +251,14 @@ def format_markdown(report: dict) -> str:
                     else " (same mask)"
                 )
             )
-            cells.append(f"{row['prune_seconds']['mean']:.1f}")
+            cells.append(
+                f"{row['prune_seconds']['mean']:.1f}" + (" †" if row.get("reused_stages") else "")
+            )
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        peer = next((r.get("best_peer") for r in rows if r.get("best_peer")), None)
+        if peer:
+            lines += [f"Best label-free peer at c = {c:g}: `{peer}`.", ""]
     lines += ["![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
     return "\n".join(lines)
 

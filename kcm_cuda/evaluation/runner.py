@@ -2,10 +2,14 @@
 score the pruned model on the whole test split.
 
 Seeds change the unlabeled sample the pruner draws from the pool (as in the paper: results
-averaged over seeds). The loop runs seed-major (all cells for seed 0, then seed 1, ...), and a
-time limit (on the whole run, fine-tune included) is checked before each seed round against the
-duration of the previous round: when reached it leaves every cell with fewer seeds instead of
-leaving cells empty.
+averaged over seeds). A method that needs labels (``needs_labels``: e.g. kwon) is given the
+TRAIN split's labelled examples instead (texts or pairs, and ``labels=``), never the pool or the
+test split; its rows say "uses labels". The pruner gets the whole classifier (task head
+included) and returns a pruned classifier. The loop runs seed-major (all cells for seed 0,
+then seed 1, ...). An optional time limit (--time-limit; no profile sets one: the cpu profile
+sizes its grid up front instead) is checked before each seed round against the duration of the
+previous round: when reached it leaves every cell with fewer seeds instead of leaving cells
+empty, and the report and the exit status say so.
 
 Work reused across runs:
   * the test split is tokenised once into length-sorted padded batches;
@@ -50,7 +54,57 @@ __all__ = [
 
 DEFAULT_BUDGETS = (0.8, 0.7, 0.6, 0.5)
 ALL_METHODS = ("kcm", "r2", "d2", "magnitude", "random")
-BASE_METHODS = ALL_METHODS
+# methods known to need labels when the pruning registry (kcm_cuda.pruning.methods) is absent
+LABEL_METHODS_FALLBACK = frozenset({"kwon"})
+
+
+def _registry() -> dict | None:
+    try:
+        from kcm_cuda.pruning.methods import METHODS as registry  # noqa: N811
+    except ImportError:
+        return None
+    return registry if isinstance(registry, dict) else None
+
+
+def known_methods() -> tuple[str, ...]:
+    """The method names prune() accepts (the registry's, else kcm_cuda.pruning.api.METHODS)."""
+    reg = _registry()
+    if reg is not None:
+        return tuple(reg)
+    try:
+        from kcm_cuda.pruning.api import METHODS
+    except ImportError:  # pragma: no cover - pruning layer missing
+        return ALL_METHODS
+    return tuple(METHODS)
+
+
+def needs_labels(name: str) -> bool:
+    """Whether method ``name`` selects with labels (registry ``needs_labels``)."""
+    reg = _registry()
+    if reg is not None and name in reg:
+        return bool(getattr(reg[name], "needs_labels", False))
+    return name in LABEL_METHODS_FALLBACK
+
+
+def default_method() -> str:
+    """The project's default method: prune()'s default ``method=``."""
+    import dataclasses
+    import inspect
+
+    try:  # issue 8's pruning: every option lives in the PruneOptions dataclass
+        from kcm_cuda.pruning.options import PruneOptions
+
+        for f in dataclasses.fields(PruneOptions):
+            if f.name == "method" and isinstance(f.default, str):
+                return f.default
+    except ImportError:
+        pass
+    try:
+        from kcm_cuda.pruning import prune
+    except ImportError:  # pragma: no cover
+        return "kcm"
+    default = inspect.signature(prune).parameters.get("method")
+    return default.default if default is not None and isinstance(default.default, str) else "kcm"
 
 
 @dataclass(frozen=True)
@@ -85,8 +139,9 @@ def parse_method(spec: str | MethodSpec) -> MethodSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"method must be a non-empty string, got {spec!r}")
     name, _, rest = spec.strip().partition(":")
-    if name not in BASE_METHODS:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {list(BASE_METHODS)}")
+    known = known_methods()
+    if name not in known and name not in LABEL_METHODS_FALLBACK:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {list(known)}")
     opts = []
     if rest:
         for item in rest.split(","):
@@ -120,6 +175,9 @@ class GridConfig:
     use_cache: bool = True  # reuse / store the fine-tuned model in <cache_dir>/finetuned
     resume: bool = False  # go on from <output>/runs.partial.jsonl of an interrupted grid
     eval_batch_size: int = 128
+    # how the grid was sized (the cpu profile: cells, seeds and the time estimate), for the report
+    plan: str | None = None
+    prune_progress: bool | None = None  # prune stage bars; None: when stderr is a terminal
 
     def validate(self) -> None:
         if not self.budgets:
@@ -353,12 +411,13 @@ def run_grid(
         dense["accuracy_test_stderr"] = math.sqrt(a * (1 - a) / n_test)
     log("dense: " + _fmt_metrics(dense) + f"  (test eval {dense_eval_s:.1f}s)")
 
-    encoder = clf.encoder
-    head = clf.head
     pool = list(task.pool)
     runs: list[dict] = []
     scored: dict[str, dict] = {}
     memo_stats: dict = {}
+    # prune()'s own cache (R2 scores, activation statistics by model + sample fingerprint),
+    # shared by the grid's runs: the stages survive a refactor that the memo's wrapping misses
+    prune_cache: dict | None = {} if _accepts(prune_fn, "cache") else None
     cells = _cells(config.budgets, methods, config.scales)
     total_runs = len(cells) * config.seeds
     grid_t0 = time.perf_counter()
@@ -408,10 +467,10 @@ def run_grid(
                     ckpt.append(run)
                     log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: resumed")
                     continue
+                log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: pruning ...")
                 run = _one_run(
                     prune_fn,
-                    encoder,
-                    head,
+                    clf,
                     task,
                     pool,
                     tokenizer,
@@ -423,13 +482,19 @@ def run_grid(
                     s,
                     seed,
                     scored,
+                    memo_stats,
+                    prune_cache,
                 )
                 runs.append(run)
                 ckpt.append(run)
+                reused = run.get("reused_stages") or []
                 log(
-                    f"[{done}/{total_runs}] c={c:g} {m.label} scale={'on' if s else 'off'} "
-                    f"seed={seed}: {_fmt_metrics(run['metrics'])} "
-                    f"(prune {run['prune_seconds']:.1f}s, eval {run['eval_seconds']:.1f}s"
+                    f"[{done}/{total_runs}] c={c:g} {m.label} reconstruct={run['reconstruct']} "
+                    f"seed={seed}{' (uses labels)' if run.get('uses_labels') else ''}: "
+                    f"{_fmt_metrics(run['metrics'])} "
+                    f"(prune {run['prune_seconds']:.1f}s"
+                    f"{' with ' + ', '.join(reused) + ' reused' if reused else ''}, "
+                    f"eval {run['eval_seconds']:.1f}s"
                     f"{', identical to an earlier run' if run.get('reused_eval') else ''})"
                 )
             if stopped_early:
@@ -442,7 +507,7 @@ def run_grid(
     if stopped_early:
         log("STOPPED EARLY: " + stopped_early)
     grid_s = time.perf_counter() - grid_t0
-    summary = summarise(runs, dense, _metric_names(task))
+    summary = summarise(runs, dense, _metric_names(task), default=default_method())
     predictions = None
     if config.save_predictions:
         os.makedirs(config.output, exist_ok=True)
@@ -479,7 +544,10 @@ def run_grid(
             "finetune": asdict(config.finetune)
             | {"resolved_mode": resolve_mode(config.finetune.mode, dev)},
             "time_limit_s": config.time_limit_s,
+            "plan": config.plan,
+            "default_method": default_method(),
         },
+        "ran": _what_ran(runs, config.seeds),
         "environment": _device_info(dev)
         | {"versions": _versions(), "load_average_start": load_start, "load_average_end": _load()},
         "metrics": _metric_names(task),
@@ -607,10 +675,32 @@ def model_label(model: str | None) -> str:
     return "all-MiniLM-L6-v2 (packaged)" if model in (None, "default") else str(model)
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind != inspect.Parameter.VAR_POSITIONAL
+
+
+def _reconstruct_label(rep: dict, opts: dict, scale: bool) -> str:
+    """The reconstruction that ran: the prune report's ``reconstruct`` when it has one, else the
+    method's ``reconstruct=`` option, else Scale on/off as "scale" / "none"."""
+    r = rep.get("reconstruct")
+    if isinstance(r, dict):
+        r = r.get("method") or r.get("name")
+    if r:
+        return str(r)
+    if opts.get("reconstruct"):
+        return str(opts["reconstruct"])
+    return "scale" if scale else "none"
+
+
 def _one_run(
     prune_fn,
-    encoder,
-    head,
+    clf: SentenceClassifier,
     task,
     pool,
     tokenizer,
@@ -622,36 +712,62 @@ def _one_run(
     s,
     seed,
     scored,
+    memo_stats: dict | None = None,
+    prune_cache: dict | None = None,
 ) -> dict:
     opts = dict(config.prune_options)
     opts.update(dict(m.options))
+    labelled = needs_labels(m.name)
+    if labelled:  # the TRAIN split's labelled examples, never the pool or the test split
+        data = [e.text for e in task.train]
+        opts["labels"] = [e.label for e in task.train]
+    else:
+        data = pool
+    if "reconstruct" not in opts:  # reconstruct= (issue 8) supersedes the scale alias
+        opts["scale"] = s
+    if prune_cache is not None:
+        opts.setdefault("cache", prune_cache)
+    progress = config.prune_progress
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    before = dict(memo_stats or {})
     t0 = time.perf_counter()
     result = prune_fn(
-        encoder,
-        pool,
+        clf.model,
+        data,
         c,
         method=m.name,
-        scale=s,
         tokenizer=tokenizer,
         samples=config.samples,
         max_length=config.max_length,
         seed=seed,
         device=dev,
-        progress=False,
+        progress=progress,
         **opts,
     )
     prune_s = time.perf_counter() - t0
     digest = _masks_digest(result)
     rep = result.report or {}
+    reused = sorted(
+        k[: -len("_hits")]
+        for k, v in (memo_stats or {}).items()
+        if k.endswith("_hits") and v > before.get(k, 0)
+    )
+    reused += [f"{h} (prune cache)" for h in rep.get("cached_stages") or [] if h not in reused]
     run = {
         "budget": c,
         "method": m.label,
         "base_method": m.name,
         "options": dict(m.options),
         "scale": s,
+        "reconstruct": _reconstruct_label(rep, opts, s),
+        "uses_labels": bool(labelled or rep.get("uses_labels")),
         "seed": seed,
         "prune_seconds": prune_s,
         "prune_timings_s": rep.get("timings_s"),
+        "reused_stages": reused,
         "flops_ratio": (rep.get("flops") or {}).get("ratio"),
         "kept_per_layer": rep.get("kept_per_layer"),
         "heads_kept_per_layer": rep.get("heads_kept_per_layer"),
@@ -665,8 +781,7 @@ def _one_run(
         run["eval_seconds"] = 0.0
         run["reused_eval"] = True
         return run
-    pruned = SentenceClassifier(result.model.to(dev), task.num_labels)
-    pruned.head = head
+    pruned = SentenceClassifier(result.model.to(dev))
     t0 = time.perf_counter()
     logits = predict(pruned, test_batches, dev)
     run["eval_seconds"] = time.perf_counter() - t0
@@ -679,15 +794,47 @@ def _one_run(
     return run
 
 
-def summarise(runs: Sequence[dict], dense: dict, metric_names: Sequence[str]) -> list[dict]:
+def _what_ran(runs: Sequence[dict], seeds_planned: int) -> dict:
+    """What the grid actually ran (the report header shows this, not the configuration)."""
+    per_cell: dict[tuple, int] = {}
+    for r in runs:
+        key = (r["budget"], r["method"], r["scale"])
+        per_cell[key] = per_cell.get(key, 0) + 1
+    counts = sorted(set(per_cell.values()))
+    return {
+        "runs": len(runs),
+        "cells": len(per_cell),
+        "seeds_planned": seeds_planned,
+        "seeds_per_cell": counts,
+        "reconstructions": sorted({r.get("reconstruct", "none") for r in runs}),
+        "uses_labels": sorted({r["method"] for r in runs if r.get("uses_labels")}),
+        "runs_with_reused_stages": sum(1 for r in runs if r.get("reused_stages")),
+        "runs_with_reused_eval": sum(1 for r in runs if r.get("reused_eval")),
+    }
+
+
+def summarise(
+    runs: Sequence[dict], dense: dict, metric_names: Sequence[str], default: str = "kcm"
+) -> list[dict]:
     """One row per (budget, method, scale): mean / std / stderr of each metric over seeds,
-    the drop vs dense, mean prune time and FLOPs ratio."""
+    the drop vs dense, mean prune time and FLOPs ratio, the reconstruction that ran, whether the
+    method used labels, the stages reused from earlier runs, and paired accuracy differences
+    (``default``: the project's default method, excluded from the label-free peers)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["budget"], r["method"], r["scale"]), []).append(r)
     rows = []
     for (c, m, s), rs in groups.items():
-        row = {"budget": c, "method": m, "scale": s, "n_seeds": len(rs)}
+        row = {
+            "budget": c,
+            "method": m,
+            "base_method": rs[0].get("base_method", m.split(":")[0]),
+            "scale": s,
+            "n_seeds": len(rs),
+            "reconstruct": "/".join(sorted({r.get("reconstruct", "none") for r in rs})),
+            "uses_labels": any(r.get("uses_labels") for r in rs),
+            "reused_stages": sorted({x for r in rs for x in r.get("reused_stages") or []}),
+        }
         for name in metric_names:
             vals = [r["metrics"].get(name, float("nan")) for r in rs]
             row[name] = mean_std_stderr(vals)
@@ -699,6 +846,7 @@ def summarise(runs: Sequence[dict], dense: dict, metric_names: Sequence[str]) ->
         row["identical_masks_across_seeds"] = len({r["mask_digest"] for r in rs}) == 1
         rows.append(row)
     _paired_differences(rows, groups)
+    _best_peer_differences(rows, groups, default)
     return rows
 
 
@@ -733,6 +881,53 @@ def _paired_differences(rows: list[dict], groups: dict[tuple, list[dict]]) -> No
             row["paired_accuracy_diff"][ref] = {
                 "diff": float(d.mean()),
                 "stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
+            }
+
+
+BEST_PEER = "best label-free peer"
+
+
+def _correct_mean(rs: list[dict]) -> np.ndarray | None:
+    if not rs or any(r.get("_correct") is None for r in rs):
+        return None
+    return np.mean([r["_correct"] for r in rs], axis=0)
+
+
+def _best_peer_differences(rows: list[dict], groups: dict[tuple, list[dict]], default: str):
+    """Per budget, the paired accuracy difference of every row to the BEST label-free peer at
+    that budget: peers are the rows of label-free methods other than the project's default
+    (``default``), the best the one with the highest mean accuracy. Stored in
+    ``paired_accuracy_diff[BEST_PEER]`` with the peer's name; the best peer's own row has no
+    entry (nothing to compare to), and each budget's choice goes to ``best_peer``."""
+    by_budget: dict = {}
+    for row in rows:
+        by_budget.setdefault(row["budget"], []).append(row)
+    for _c, brows in by_budget.items():
+        peers = [
+            r
+            for r in brows
+            if not r.get("uses_labels")
+            and r.get("base_method") != default
+            and (r.get("accuracy") or {}).get("mean") is not None
+            and _correct_mean(groups[(r["budget"], r["method"], r["scale"])]) is not None
+        ]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["accuracy"]["mean"])
+        b = _correct_mean(groups[(best["budget"], best["method"], best["scale"])])
+        label = best["method"] + (f" ({best['reconstruct']})" if best["scale"] else "")
+        for row in brows:
+            row["best_peer"] = label
+            if row is best:
+                continue
+            a = _correct_mean(groups[(row["budget"], row["method"], row["scale"])])
+            if a is None:
+                continue
+            d = a - b
+            row.setdefault("paired_accuracy_diff", {})[BEST_PEER] = {
+                "diff": float(d.mean()),
+                "stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
+                "peer": label,
             }
 
 

@@ -44,9 +44,11 @@ def tokenizer_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tok")
     vocab = SPECIAL + sorted(set(WORDS)) + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    vocab += list("abcdefghijklmnopqrstuvwxyz")
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    vocab = list(dict.fromkeys(vocab + list("abcdefghijklmnopqrstuvwxyz")))
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...) (a 5-token vocabulary that maps
+    # every word to [UNK]); the vocab dict is honoured
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert tok.vocab_size == len(vocab)
     tok.save_pretrained(str(d))
     return d
 

@@ -188,3 +188,166 @@ def test_cli_help(capsys):
         "--overwrite",
     ):
         assert opt in out
+
+
+def test_cli_help_names_all_architectures(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for arch in ("BERT", "DistilBERT", "RoBERTa"):
+        assert arch in out
+    assert "--verbose" in out
+
+
+def _argv(model, data, out, *extra):
+    return [str(model), "--data", str(data), "--flops", "0.7", "--output", str(out), *extra]
+
+
+def test_cli_model_without_tokenizer_files_is_an_error(
+    tmp_path, builders, tokenizer, tokenizer_dir, data_file, capsys
+):
+    d = tmp_path / "encoder"  # what save_pretrained of a bare model writes: no tokenizer
+    builders["bert"]("seqcls", vocab_size=tokenizer.vocab_size).save_pretrained(d)
+    out = tmp_path / "o"
+    assert main(_argv(d, data_file, out, "--quiet")) == 2
+    msg = _err(capsys)
+    assert "no tokenizer files" in msg and "--tokenizer" in msg
+    assert not out.exists()
+    # with --tokenizer it works
+    argv = _argv(d, data_file, out, "--quiet", "--tokenizer", str(tokenizer_dir))
+    assert main([*argv, "--samples", "64", "--max-length", "32"]) == 0
+    assert (out / "kcm_report.json").is_file()
+
+
+def test_cli_degenerate_tokenizer_is_an_error(tmp_path, builders, data_file, capsys):
+    from transformers import BertTokenizerFast
+
+    d = tmp_path / "model"
+    # special tokens only: what transformers builds for a folder without tokenizer files
+    tok = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"])}
+    )
+    builders["bert"]("seqcls", vocab_size=64).save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "o"
+    assert main(_argv(d, data_file, out, "--quiet")) == 2
+    msg = _err(capsys)
+    assert "unknown" in msg and "100%" in msg and "--tokenizer" in msg
+    assert not out.exists()
+
+
+def test_cli_tokenizer_ids_outside_model_vocabulary(
+    tmp_path, builders, tokenizer, data_file, capsys
+):
+    d = tmp_path / "model"
+    builders["bert"]("seqcls", vocab_size=8).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    assert main(_argv(d, data_file, tmp_path / "o", "--quiet")) == 2
+    assert "outside the model's vocabulary" in _err(capsys)
+
+
+def test_cli_hub_name_without_network_fails_fast(tmp_path, data_file, capsys, monkeypatch):
+    import kcm_cuda.cli as cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: probes.append(1) or False)
+
+    def no_download(*a, **k):
+        assert k.get("local_files_only") is True, "a hub download was attempted"
+        raise OSError("not cached")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_download)
+    assert main(_argv("someone/no-such-model", data_file, tmp_path / "o")) == 2
+    msg = _err(capsys)
+    assert "did not answer" in msg and "no-such-model" in msg
+    assert probes == [1]
+
+
+@pytest.mark.parametrize("name", ["./nomodel", "a/b/c", "nomodel/", "~/nomodel", "model.bin"])
+def test_cli_local_looking_paths_never_go_to_the_hub(
+    tmp_path, data_file, capsys, monkeypatch, name
+):
+    import kcm_cuda.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: pytest.fail("hub probed"))
+    assert main(_argv(name, data_file, tmp_path / "o")) == 2
+    assert "model directory not found" in _err(capsys)
+
+
+def test_cli_reads_data_before_loading_the_model(tmp_path, model_dir, capsys, monkeypatch):
+    import kcm_cuda.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded first"))
+    monkeypatch.setattr(cli, "load_config", lambda *a, **k: pytest.fail("config loaded first"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
+    assert main(_argv(model_dir, bad, tmp_path / "o")) == 2
+    assert "line 2 is not JSON" in _err(capsys)
+
+
+def test_cli_quiet_load_reports_unless_verbose(tmp_path, builders, tokenizer, data_file, capsys):
+    import logging
+
+    import transformers
+
+    # a base model saved, loaded as a classifier: transformers reports the missing head
+    d = tmp_path / "model"
+    m = builders["bert"]("seqcls", vocab_size=tokenizer.vocab_size)
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        argv = _argv(d, data_file, tmp_path / "o", "--quiet", "--samples", "64")
+        assert main(argv) == 0
+        assert transformers.utils.logging.get_verbosity() == logging.ERROR
+        transformers.utils.logging.set_verbosity_warning()
+        assert main([*argv, "--overwrite", "--verbose"]) == 0
+        assert transformers.utils.logging.get_verbosity() == logging.WARNING
+    finally:
+        transformers.utils.logging.set_verbosity_warning()
+    capsys.readouterr()
+
+
+def test_cli_new_options_are_checked_before_loading(
+    tmp_path, model_dir, data_file, capsys, monkeypatch
+):
+    import kcm_cuda.cli as cli
+    import kcm_cuda.evaluation.runner as runner
+
+    monkeypatch.setattr(cli, "load_config", lambda *a, **k: pytest.fail("config loaded first"))
+    monkeypatch.setattr(cli, "_prune_accepts", lambda name: False)
+    out = tmp_path / "o"
+    assert main(_argv(model_dir, data_file, out, "--reconstruct", "ridge")) == 2
+    assert "--reconstruct needs" in _err(capsys)
+    assert main(_argv(model_dir, data_file, out, "--heads")) == 2
+    assert "--heads needs" in _err(capsys)
+    monkeypatch.setattr(runner, "needs_labels", lambda name: name == "random")
+    assert main(_argv(model_dir, data_file, out, "--method", "random")) == 2
+    assert "needs labels" in _err(capsys)
+    assert not out.exists()
+
+
+def test_cli_passes_reconstruct_and_heads_to_prune(
+    tmp_path, model_dir, data_file, capsys, monkeypatch
+):
+    import kcm_cuda.cli as cli
+    import kcm_cuda.pruning as pruning
+
+    seen = {}
+    real = pruning.prune
+
+    def spy(model, data, flops, **kw):
+        seen["reconstruct"] = kw.pop("reconstruct", None)
+        seen["heads"] = kw.pop("heads", None)
+        return real(model, data, flops, **kw)
+
+    monkeypatch.setattr(cli, "_prune_accepts", lambda name: True)
+    monkeypatch.setattr(pruning, "prune", spy)
+    argv = _argv(model_dir, data_file, tmp_path / "o", "--quiet", "--samples", "64")
+    assert main([*argv, "--reconstruct", "bias", "--heads"]) == 0
+    assert seen == {"reconstruct": "bias", "heads": True}
+    capsys.readouterr()
