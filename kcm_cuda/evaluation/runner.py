@@ -339,16 +339,17 @@ def _load() -> list[float] | None:
 
 
 def _masks_digest(result) -> str:
+    """Identity of a pruned model: its masks AND every weight of the returned model, so that
+    runs whose masks agree but whose reconstruction (bias, ridge, O refit) differs are never
+    taken for the same model."""
     h = hashlib.blake2b(digest_size=16)
     for i in sorted(result.masks):
         _tensor_digest(h, result.masks[i].to(torch.bool))
-        s = result.scales.get(i)
-        if s is not None:
-            _tensor_digest(h, s.float())
     heads = getattr(result, "head_masks", None)
-    if heads:  # pruned heads (and their O refit) make a different model
+    if heads:
         for i in sorted(heads):
             _tensor_digest(h, heads[i].to(torch.bool))
+    h.update(_model_digest(result.model).encode())
     return h.hexdigest()
 
 
