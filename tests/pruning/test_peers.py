@@ -367,13 +367,14 @@ def test_flap_is_flap_as_published(bert, tokenizer, sentences):
         sentences,
         0.6,
         method="flap",
+        reconstruct="bias",
         reconstruct_mode="oneshot",
         scale_samples=n,
         tokenizer=tokenizer,
         progress=False,
         samples=n,
     )
-    assert r.report["reconstruct"] == "bias"  # FLAP's default reconstruction
+    assert r.report["reconstruct"] == "bias"  # FLAP as published: bias compensation
     adapter = get_adapter(bert)
     sample = prepare_sample(sentences, tokenizer, samples=n, max_length=128, seed=0)
     stats = collect_activation_stats(
