@@ -1,13 +1,19 @@
-"""The FLOPs (MACs) model of the FFN-only pruning, as in Kwon et al. (2022).
+"""The FLOPs (MACs) model of the pruning, as in Kwon et al. (2022).
 
 Per layer: attention 4·s·d² + 2·s²·d, FFN 2·s·d·n_kept, with s the mean number of real tokens
 per sequence of the unlabeled sample and d the hidden size. Embeddings and the task head are
-left out. Only FFN neurons are pruned, so kept FLOPs ≥ the attention floor.
+left out. FFN-only pruning cannot go below the attention floor (every neuron removed).
+
+With attention heads (``heads`` and ``head_size`` given), attention is counted per kept head:
+4·s·d·d_h (its Q, K, V rows and O columns) + 2·s²·d_h (its scores and weighted sum), so a full
+layer (H·d_h = d) costs exactly the FFN-only formula and budgets below the attention floor
+become reachable; the joint floor keeps ``min_heads`` heads per layer and no neuron.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -29,9 +35,20 @@ class FlopsModel:
     seq_len: float  # s
     hidden: int  # d
     sizes: tuple[int, ...]  # FFN neurons per layer (before pruning)
+    heads: tuple[int, ...] | None = None  # attention heads per layer (before pruning)
+    head_size: int | None = None  # d_h
+
+    def __post_init__(self) -> None:
+        if (self.heads is None) != (self.head_size is None):
+            raise ValueError("FlopsModel: give both heads and head_size, or neither")
+        if self.heads is not None and len(self.heads) != len(self.sizes):
+            raise ValueError(
+                f"FlopsModel: {len(self.heads)} head counts for {len(self.sizes)} layers"
+            )
 
     @property
     def attention_per_layer(self) -> float:
+        """An unpruned layer's attention (with heads: its own H·d_h instead of d)."""
         s, d = self.seq_len, self.hidden
         return 4.0 * s * d * d + 2.0 * s * s * d
 
@@ -40,41 +57,80 @@ class FlopsModel:
         return 2.0 * self.seq_len * self.hidden
 
     @property
+    def per_head(self) -> float:
+        """4·s·d·d_h + 2·s²·d_h (needs ``head_size``)."""
+        if self.head_size is None:
+            raise ValueError("this FlopsModel has no head_size (FFN-only)")
+        s, d, dh = self.seq_len, self.hidden, self.head_size
+        return 4.0 * s * d * dh + 2.0 * s * s * dh
+
+    @property
     def attention(self) -> float:
+        if self.heads is not None:
+            return self.per_head * sum(self.heads)
         return self.attention_per_layer * len(self.sizes)
 
-    def total(self, kept: list[int] | tuple[int, ...] | None = None) -> float:
+    def attention_cost(self, kept_heads: Sequence[int] | int | None = None) -> float:
+        """MACs of the attention keeping ``kept_heads`` heads (per layer or in total); None:
+        all of it."""
+        if kept_heads is None:
+            return self.attention
+        n = kept_heads if isinstance(kept_heads, int) else sum(kept_heads)
+        return self.per_head * n
+
+    def total(
+        self,
+        kept: Sequence[int] | None = None,
+        kept_heads: Sequence[int] | int | None = None,
+    ) -> float:
         n = sum(self.sizes if kept is None else kept)
-        return self.attention + self.per_neuron * n
+        return self.attention_cost(kept_heads) + self.per_neuron * n
 
     @property
     def attention_floor(self) -> float:
-        """The smallest reachable FLOPs fraction (every FFN neuron removed)."""
+        """The smallest FLOPs fraction FFN-only pruning reaches (every FFN neuron removed)."""
         return self.attention / self.total()
 
-    def neuron_budget(self, c: float, min_kept: int = 0) -> int:
-        """k = floor((c·F_full − F_attention) / (2·s·d)), checked against the floor."""
+    def joint_floor(self, min_heads: int = 1) -> float:
+        """The smallest fraction with heads pruned too: ``min_heads`` per layer, no neuron."""
+        return self.per_head * min_heads * len(self.sizes) / self.total()
+
+    def neuron_budget(
+        self, c: float, min_kept: int = 0, kept_heads: Sequence[int] | int | None = None
+    ) -> int:
+        """k = floor((c·F_full − F_attention) / (2·s·d)), checked against the floor;
+        F_attention counts ``kept_heads`` when given (else the whole attention)."""
         full = self.total()
-        floor = self.attention_floor
+        attn = self.attention_cost(kept_heads)
+        floor = attn / full
         if c < floor:
-            raise ValueError(
-                f"flops={c:g} is below the attention floor {floor:.4f}: attention alone is "
-                f"{100 * floor:.1f}% of the FLOPs (s={self.seq_len:.1f} tokens, d={self.hidden}) "
-                "and only FFN neurons are pruned; use flops >= "
-                f"{math.ceil(floor * 1000) / 1000:.3f}"
+            what = (
+                "attention alone"
+                if kept_heads is None
+                else f"the {attn / self.per_head:.0f} kept heads alone"
             )
-        k = math.floor((c * full - self.attention) / self.per_neuron * (1 + 1e-12))
+            hint = (
+                "only FFN neurons are pruned (prune heads too to go lower); "
+                if kept_heads is None
+                else ""
+            )
+            raise ValueError(
+                f"flops={c:g} is below the attention floor {floor:.4f}: {what} is "
+                f"{100 * floor:.1f}% of the FLOPs (s={self.seq_len:.1f} tokens, d={self.hidden}) "
+                f"and {hint}use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
+            )
+        k = math.floor((c * full - attn) / self.per_neuron * (1 + 1e-12))
         k = min(max(k, 0), sum(self.sizes))
         # Guard float rounding: never exceed the budget.
-        while k > 0 and self.total_from_count(k) > c * full * (1 + 1e-12):
+        while k > 0 and attn + self.per_neuron * k > c * full * (1 + 1e-12):
             k -= 1
         if k < min_kept:
-            need = self.total_from_count(min_kept) / full
+            need = (attn + self.per_neuron * min_kept) / full
             raise ValueError(
                 f"flops={c:g} leaves {k} FFN neurons but min_keep requires {min_kept} "
                 f"(at least {need:.4f} of the FLOPs); raise flops or lower min_keep"
             )
         return k
 
-    def total_from_count(self, n_kept: int) -> float:
-        return self.attention + self.per_neuron * n_kept
+    def total_from_count(self, n_kept: int, kept_heads: Sequence[int] | int | None = None) -> float:
+        return self.attention_cost(kept_heads) + self.per_neuron * n_kept

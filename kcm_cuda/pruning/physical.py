@@ -1,6 +1,12 @@
 """Physical pruning: remove the pruned rows of W1/b1 and columns of W2 (the kept columns
 multiplied by their Scale factors), so each layer gets its own FFN size; the config records
-the per-layer sizes in ``kcm_intermediate_sizes``."""
+the per-layer sizes in ``kcm_intermediate_sizes``.
+
+Heads: ``prune_heads_in_place`` removes the pruned heads of every layer (rows of Q, K, V, columns
+of O; at least one head per layer) and records the per-layer head counts in
+``kcm_attention_heads`` (the config's own head-count field keeps the unpruned count, which fixes
+the head size d_h = hidden / heads). ``apply_head_masks_in_place`` is the masked equivalent
+(O's columns of the pruned heads zeroed: a head reaches the residual stream only through O)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from torch import nn
 from kcm_cuda.pruning.adapters import FFNAdapter
 
 SIZES_FIELD = "kcm_intermediate_sizes"
+HEADS_FIELD = "kcm_attention_heads"
 
 
 def record_sizes(model: nn.Module, adapter: FFNAdapter) -> list[int]:
@@ -56,4 +63,58 @@ def apply_masks_in_place(
         s = scales[i] if scales is not None and scales[i] is not None else None
         col[mask.to(col.device)] = 1.0 if s is None else s.to(col.device, col.dtype)
         w2.weight.mul_(col.unsqueeze(0))
+    return model
+
+
+def record_heads(model: nn.Module, adapter: FFNAdapter) -> list[int]:
+    """Write the per-layer head counts into the config (``kcm_attention_heads``) when any
+    layer has fewer heads than the config's count (or the field is already there)."""
+    counts = adapter.head_counts(model)
+    full = adapter.num_heads(model.config)
+    if any(n != full for n in counts) or hasattr(model.config, HEADS_FIELD):
+        setattr(model.config, HEADS_FIELD, counts)
+    return counts
+
+
+def _check_head_masks(adapter: FFNAdapter, blocks: list, head_masks, d_h: int) -> None:
+    if len(head_masks) != len(blocks):
+        raise ValueError(f"got {len(head_masks)} head masks for {len(blocks)} layers")
+    for i, (block, mask) in enumerate(zip(blocks, head_masks, strict=True)):
+        h = adapter.block_heads(block, d_h)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.numel() != h:
+            raise ValueError(f"head mask of layer {i} must be a bool tensor of {h} entries")
+        if not bool(mask.any()):
+            raise ValueError(
+                f"head mask of layer {i} keeps no head: every layer must keep at least 1"
+            )
+
+
+@torch.no_grad()
+def prune_heads_in_place(
+    model: nn.Module, adapter: FFNAdapter, head_masks: list[torch.Tensor]
+) -> nn.Module:
+    """Remove the pruned heads of every layer (``head_masks[l]``: bool over the layer's current
+    heads, True = keep, at least one True) and record the counts in the config."""
+    blocks = adapter.layers(model)
+    d_h = adapter.head_size(model.config)
+    _check_head_masks(adapter, blocks, head_masks, d_h)
+    for block, mask in zip(blocks, head_masks, strict=True):
+        if not bool(mask.all()):
+            adapter.shrink_heads(block, mask.cpu(), d_h)
+    record_heads(model, adapter)
+    return model
+
+
+@torch.no_grad()
+def apply_head_masks_in_place(
+    model: nn.Module, adapter: FFNAdapter, head_masks: list[torch.Tensor]
+) -> nn.Module:
+    """The masked (not shrunk) equivalent: O's columns of the pruned heads zeroed."""
+    blocks = adapter.layers(model)
+    d_h = adapter.head_size(model.config)
+    _check_head_masks(adapter, blocks, head_masks, d_h)
+    for block, mask in zip(blocks, head_masks, strict=True):
+        o = adapter.o(block)
+        col = mask.to(o.weight.device).repeat_interleave(d_h).to(o.weight.dtype)
+        o.weight.mul_(col.unsqueeze(0))
     return model

@@ -13,6 +13,11 @@ in every layer). ``load_pruned(path)`` strips the padding using ``kcm_intermedia
 returns the physically pruned model. With ``padded=False`` each layer is stored at its own
 size (smallest files); then only ``load_pruned`` can load it (plain ``from_pretrained`` raises
 a size-mismatch error).
+
+Pruned attention heads: ``config.kcm_attention_heads`` holds each layer's head count. The padded
+save pads every layer back to the config's head count with all-zero heads (zero Q, K, V rows and
+biases, zero O columns: such a head's context is softmax(0)·0 = 0 and adds exactly nothing);
+``load_pruned`` checks that the padding is zero and strips it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.adapters import get_adapter
-from kcm_cuda.pruning.physical import SIZES_FIELD, record_sizes
+from kcm_cuda.pruning.physical import HEADS_FIELD, SIZES_FIELD, record_heads, record_sizes
 
 REPORT_NAME = "kcm_report.json"
 
@@ -66,11 +71,21 @@ def save_pruned(
         raise OSError(f"cannot create output directory {parent}: {exc.strerror or exc}") from None
     adapter = get_adapter(model)
     sizes = record_sizes(model, adapter)
-    if padded and len(set(sizes)) > 1:
+    heads = record_heads(model, adapter)
+    full_heads = adapter.num_heads(model.config)
+    pad_ffn = padded and len(set(sizes)) > 1
+    pad_heads = padded and any(h != full_heads for h in heads)
+    if pad_ffn or pad_heads:
         model = copy.deepcopy(model)
+        d_h = adapter.head_size(model.config)
         for block in adapter.layers(model):
-            adapter.pad_ffn(block, max(sizes))
+            if pad_ffn:
+                adapter.pad_ffn(block, max(sizes))
+            if pad_heads:
+                adapter.pad_heads(block, full_heads, d_h)
         setattr(model.config, SIZES_FIELD, sizes)
+        if pad_heads:
+            setattr(model.config, HEADS_FIELD, heads)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -134,9 +149,16 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
     blocks = adapter.layers(model)
     if sizes is not None and len(sizes) != len(blocks):
         raise ValueError(f"{SIZES_FIELD} has {len(sizes)} entries for {len(blocks)} layers")
+    head_counts = getattr(config, HEADS_FIELD, None)
+    if head_counts is not None and (
+        not isinstance(head_counts, list) or len(head_counts) != len(blocks)
+    ):
+        raise ValueError(f"{HEADS_FIELD} must list one head count for each of {len(blocks)} layers")
     state = _load_state_dict(p)
     names = {id(mod): name for name, mod in model.named_modules()}
+    d_h = adapter.head_size(config)
     stored = []
+    stored_heads = []
     for block in blocks:
         key = names[id(adapter.w1(block))] + ".weight"
         if key not in state:
@@ -145,6 +167,15 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         stored.append(n)
         if adapter.w1(block).out_features != n:
             adapter.resize_ffn(block, n)
+        qkey = names[id(adapter.q(block))] + ".weight"
+        if qkey not in state:
+            raise ValueError(f"weights in {p} lack {qkey}: not a model of this architecture")
+        rows = int(state[qkey].shape[0])
+        if rows % d_h or rows == 0:
+            raise ValueError(f"{qkey} in {p} has {rows} rows: not a whole number of heads")
+        stored_heads.append(rows // d_h)
+        if adapter.block_heads(block, d_h) != rows // d_h:
+            adapter.resize_heads(block, rows // d_h, d_h)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
@@ -169,7 +200,22 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
                 if float(pad_used) != 0.0:
                     raise ValueError(f"layer {i}: the padding neurons in {p} are not zero")
                 adapter.shrink_ffn(block, torch.arange(n))
+    if head_counts is not None:  # strip the zero heads
+        for i, (block, h, have) in enumerate(zip(blocks, head_counts, stored_heads, strict=True)):
+            if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= have:
+                raise ValueError(f"layer {i}: {HEADS_FIELD} says {h!r} heads, stored {have}")
+            if h < have:
+                with torch.no_grad():
+                    pad_used = adapter.o(block).weight[:, h * d_h :].abs().sum()
+                    for lin in (adapter.q(block), adapter.k(block), adapter.v(block)):
+                        pad_used = pad_used + lin.weight[h * d_h :].abs().sum()
+                        if lin.bias is not None:
+                            pad_used = pad_used + lin.bias[h * d_h :].abs().sum()
+                if float(pad_used) != 0.0:
+                    raise ValueError(f"layer {i}: the padding heads in {p} are not zero")
+                adapter.shrink_heads(block, torch.arange(h), d_h)
     record_sizes(model, adapter)
+    record_heads(model, adapter)
     model.eval()
     if device is not None:
         model.to(device)

@@ -5,6 +5,17 @@ linear (W1: hidden → n, the "intermediate" layer) and second FFN linear (W2: n
 config fields that hold the hidden size / FFN size / number of heads, and how to give a layer
 a new (smaller) FFN. The input of W1 is the FFN sublayer's residual input for every supported
 family (post-attention LayerNorm output), and the input of W2 is the activation a = act(W1 x + b1).
+
+Attention heads (``attn_path`` … ``o_path``, ``heads_attrs``): the Q, K, V linears (hidden →
+H·d_h) and the output projection O (H·d_h → hidden) of each block. Head h owns rows
+h·d_h … (h+1)·d_h−1 of Q, K, V (weights and biases) and the same columns of O. A block's
+attention is shrunk to its kept heads by slicing those four linears and updating the
+attention module's head-count attributes (the transformers 5.x forward reshapes with
+``view(..., -1, attention_head_size)``, so d_h never changes and only the count does).
+Every block keeps at least one head (``shrink_heads`` refuses 0): the 5.x forward cannot
+reshape an empty projection (``view(..., -1, d_h)`` of 0 elements is ambiguous).
+The config's head-count field is never changed (it fixes d_h = hidden / heads); the per-layer
+counts live in ``config.kcm_attention_heads`` (see physical.py).
 """
 
 from __future__ import annotations
@@ -27,6 +38,13 @@ class FFNAdapter:
     hidden_field: str
     intermediate_field: str
     heads_field: str
+    attn_path: tuple[str, ...] = ()  # block → the module whose forward splits the heads
+    q_path: tuple[str, ...] = ()
+    k_path: tuple[str, ...] = ()
+    v_path: tuple[str, ...] = ()
+    o_path: tuple[str, ...] = ()
+    heads_attrs: tuple[str, ...] = ()  # attributes of the attention module = number of heads
+    all_head_size_attrs: tuple[str, ...] = ()  # attributes = heads · d_h
 
     # -- access ---------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -131,3 +149,137 @@ class FFNAdapter:
                 new1.bias[:k].copy_(b1)
             if b2 is not None:
                 new2.bias.copy_(b2)
+
+    # -- attention heads ------------------------------------------------------------------
+    def attention(self, block: nn.Module) -> nn.Module:
+        mod: nn.Module = block
+        for attr in self.attn_path:
+            mod = getattr(mod, attr)
+        return mod
+
+    def q(self, block: nn.Module) -> nn.Linear:
+        return self._get(block, self.q_path)
+
+    def k(self, block: nn.Module) -> nn.Linear:
+        return self._get(block, self.k_path)
+
+    def v(self, block: nn.Module) -> nn.Linear:
+        return self._get(block, self.v_path)
+
+    def o(self, block: nn.Module) -> nn.Linear:
+        """The attention output projection (its input is the concatenated head contexts)."""
+        return self._get(block, self.o_path)
+
+    def head_size(self, config) -> int:
+        """d_h = hidden / heads (from the config, which keeps the unpruned head count)."""
+        return self.hidden_size(config) // self.num_heads(config)
+
+    def block_heads(self, block: nn.Module, head_size: int) -> int:
+        """The number of heads the block has now."""
+        return self.q(block).out_features // head_size
+
+    def head_counts(self, model: nn.Module) -> list[int]:
+        d_h = self.head_size(model.config)
+        return [self.block_heads(b, d_h) for b in self.layers(model)]
+
+    def _set_head_count(self, block: nn.Module, n: int, head_size: int) -> None:
+        att = self.attention(block)
+        for attr in self.heads_attrs:
+            setattr(att, attr, n)
+        for attr in self.all_head_size_attrs:
+            setattr(att, attr, n * head_size)
+
+    def resize_heads(self, block: nn.Module, n: int, head_size: int) -> None:
+        """Replace Q, K, V, O by fresh linears for ``n`` heads (callers fill the weights)."""
+        if n < 1:
+            raise ValueError(f"a layer must keep at least 1 attention head, got {n}")
+        width = n * head_size
+        for path in (self.q_path, self.k_path, self.v_path):
+            old = self._get(block, path)
+            dev, dt = old.weight.device, old.weight.dtype
+            new = nn.Linear(old.in_features, width, bias=old.bias is not None, device=dev, dtype=dt)
+            self._set(block, path, new)
+        o = self.o(block)
+        dev, dt = o.weight.device, o.weight.dtype
+        self._set(
+            block,
+            self.o_path,
+            nn.Linear(width, o.out_features, bias=o.bias is not None, device=dev, dtype=dt),
+        )
+        self._set_head_count(block, n, head_size)
+
+    def shrink_heads(self, block: nn.Module, keep: torch.Tensor, head_size: int) -> None:
+        """Keep only heads ``keep`` (bool mask over the block's current heads, or head
+        indices): rows of Q, K, V and columns of O of those heads, in the given order."""
+        n_now = self.block_heads(block, head_size)
+        if keep.dtype == torch.bool:
+            if keep.numel() != n_now:
+                raise ValueError(f"head mask has {keep.numel()} entries for {n_now} heads")
+            idx = keep.nonzero().flatten()
+        else:
+            idx = keep.flatten().long()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_now):
+                raise ValueError(f"head indices must be in [0, {n_now}), got {idx.tolist()}")
+        if idx.numel() < 1:
+            raise ValueError(
+                "a layer must keep at least 1 attention head (the transformers forward "
+                "cannot run with none)"
+            )
+        q = self.q(block)
+        cols = (
+            idx.to(q.weight.device).unsqueeze(1) * head_size
+            + torch.arange(head_size, device=q.weight.device)
+        ).flatten()
+        with torch.no_grad():
+            saved = []
+            for lin in (self.q(block), self.k(block), self.v(block)):
+                w = lin.weight[cols].clone()
+                b = lin.bias[cols].clone() if lin.bias is not None else None
+                saved.append((w, b))
+            o = self.o(block)
+            wo = o.weight[:, cols].clone()
+            bo = o.bias.clone() if o.bias is not None else None
+            self.resize_heads(block, int(idx.numel()), head_size)
+            for lin, (w, b) in zip(
+                (self.q(block), self.k(block), self.v(block)), saved, strict=True
+            ):
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+            o = self.o(block)
+            o.weight.copy_(wo)
+            if bo is not None:
+                o.bias.copy_(bo)
+
+    def pad_heads(self, block: nn.Module, n: int, head_size: int) -> None:
+        """Grow the block to ``n`` heads with all-zero heads (zero Q, K, V rows and biases,
+        zero O columns): a zero head's scores are 0, its softmax is uniform, its context
+        softmax·(0·x + 0) is exactly 0 and O's zero columns add exactly nothing."""
+        k = self.block_heads(block, head_size)
+        if n < k:
+            raise ValueError(f"cannot pad an attention of {k} heads to {n}")
+        if n == k:
+            return
+        w = k * head_size
+        with torch.no_grad():
+            saved = []
+            for lin in (self.q(block), self.k(block), self.v(block)):
+                saved.append(
+                    (lin.weight.clone(), lin.bias.clone() if lin.bias is not None else None)
+                )
+            o = self.o(block)
+            wo, bo = o.weight.clone(), (o.bias.clone() if o.bias is not None else None)
+            self.resize_heads(block, n, head_size)
+            for lin, (wt, b) in zip(
+                (self.q(block), self.k(block), self.v(block)), saved, strict=True
+            ):
+                lin.weight.zero_()
+                lin.weight[:w].copy_(wt)
+                if b is not None:
+                    lin.bias.zero_()
+                    lin.bias[:w].copy_(b)
+            o = self.o(block)
+            o.weight.zero_()
+            o.weight[:, :w].copy_(wo)
+            if bo is not None:
+                o.bias.copy_(bo)

@@ -12,4 +12,11 @@ BERT = FFNAdapter(
     hidden_field="hidden_size",
     intermediate_field="intermediate_size",
     heads_field="num_attention_heads",
+    attn_path=("attention", "self"),
+    q_path=("attention", "self", "query"),
+    k_path=("attention", "self", "key"),
+    v_path=("attention", "self", "value"),
+    o_path=("attention", "output", "dense"),
+    heads_attrs=("num_attention_heads",),
+    all_head_size_attrs=("all_head_size",),
 )

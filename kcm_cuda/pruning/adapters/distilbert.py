@@ -12,4 +12,10 @@ DISTILBERT = FFNAdapter(
     hidden_field="dim",
     intermediate_field="hidden_dim",
     heads_field="n_heads",
+    attn_path=("attention",),
+    q_path=("attention", "q_lin"),
+    k_path=("attention", "k_lin"),
+    v_path=("attention", "v_lin"),
+    o_path=("attention", "out_lin"),
+    heads_attrs=("n_heads",),
 )
