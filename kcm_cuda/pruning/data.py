@@ -48,7 +48,8 @@ class TokenizedSample:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     token_type_ids: torch.Tensor | None = None
-    labels: torch.Tensor | None = None  # (N,), aligned with the rows, when labels were given
+    rows: torch.Tensor | None = None  # the drawn rows of the data (indices, in sample order)
+    labels: torch.Tensor | None = None  # (N,), the drawn rows' labels, when labels were given
 
     @property
     def n_sequences(self) -> int:
@@ -66,8 +67,9 @@ class TokenizedSample:
 
     def subset(self, n: int) -> TokenizedSample:
         tt = self.token_type_ids[:n] if self.token_type_ids is not None else None
+        rows = self.rows[:n] if self.rows is not None else None
         y = self.labels[:n] if self.labels is not None else None
-        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, y)
+        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows, y)
 
     def label_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The labels of :meth:`batches`' batches, in the same order."""
@@ -283,6 +285,7 @@ def _pretokenized(data: dict, samples: int, seed: int, labels: object = None) ->
         ids[idx],
         mask[idx],
         tt[idx] if tt is not None else None,
+        idx,
         y[idx] if y is not None else None,
     )
 
@@ -333,7 +336,8 @@ def prepare_sample(
             "a tokenizer is needed for text data: pass tokenizer= (or pre-tokenized data)"
         )
     y = check_labels(labels, len(texts)) if labels is not None else None
-    idx = _draw(len(texts), samples, seed).tolist()
+    drawn = _draw(len(texts), samples, seed)
+    idx = drawn.tolist()
     chosen = [texts[i] for i in idx]
     kwargs = dict(truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     if isinstance(chosen[0], tuple):
@@ -345,5 +349,6 @@ def prepare_sample(
         enc["input_ids"].long(),
         enc["attention_mask"].long(),
         tt.long() if tt is not None else None,
-        y[torch.tensor(idx, dtype=torch.long)] if y is not None else None,
+        drawn,
+        y[drawn] if y is not None else None,
     )

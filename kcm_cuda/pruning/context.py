@@ -1,0 +1,268 @@
+"""``PruneContext``: everything a method may look at, built once per ``prune()`` call.
+
+Built by :func:`build_context` (the "data" stage: device, backend, token sample, FLOPs model,
+neuron budget, the unpruned teacher copy). The expensive statistics are computed lazily, on
+first use, and memoised (also across calls, through the ``cache=`` dict of ``prune()``):
+``activation_stats()`` (one forward pass with hooks), ``d2()`` and ``r2()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kcm_cuda.dispatch import resolve_backend
+from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.cache import fingerprint, model_fingerprint
+from kcm_cuda.pruning.d2 import D2Result, d2_scores
+from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
+from kcm_cuda.pruning.flops import FlopsModel
+from kcm_cuda.pruning.masks import resolve_min_keep
+from kcm_cuda.pruning.options import PruneOptions
+
+
+@dataclass
+class PruneContext:
+    model: nn.Module  # the caller's model (never modified)
+    teacher: nn.Module  # an eval-mode copy on ``device``, FFN chunking off
+    adapter: FFNAdapter
+    options: PruneOptions
+    sample: TokenizedSample
+    device: torch.device
+    backend_name: str | None  # the resolved kernel backend (None: the method uses no kernel)
+    fm: FlopsModel
+    k_total: int  # FFN neurons kept in total (the FLOPs budget)
+    keep_min: list[int]  # per layer, at least
+    quotas: list[int]  # per layer, the budget's width-proportional share (D2 votes)
+    sizes: list[int]  # per layer, FFN neurons before pruning
+    w2_norms: list[torch.Tensor]  # per layer, ||W2[:, i]||
+    tokenizer: object | None = None
+    labels: object | None = None
+    chunking: int = 0  # the model's feed-forward chunk size (restored on the pruned copy)
+    cache: dict | None = None
+    cache_hits: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    r2_iterations: list[int] | None = None
+    d2_kcm_iterations: list[list[int]] | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    # -- lazily computed statistics ------------------------------------------------------
+    def _model_fp(self) -> str:
+        if "model_fp" not in self._memo:
+            self._memo["model_fp"] = model_fingerprint(self.teacher)
+        return self._memo["model_fp"]
+
+    def activation_stats(self):
+        """Per layer and batch Σ_tokens a_i² of the teacher (plus, with d2_mode="kcm", the
+        diag(C) of the first batches); timed as "activations"."""
+        if "stats" in self._memo:
+            return self._memo["stats"]
+        # Looked up on the api module so that tools patching it (the evaluation's
+        # score_memo) keep working.
+        from kcm_cuda.pruning import api
+
+        o = self.options
+        t0 = time.perf_counter()
+        key = None
+        if self.cache is not None:
+            sample_fp = fingerprint([self.sample.input_ids, self.sample.attention_mask])
+            key = ("activations", self._model_fp(), sample_fp, o.batch_size)
+            if o.d2_mode == "kcm":
+                key += (o.d2_kcm_batches, o.sigma, o.alpha, o.max_iter, o.precision)
+                key += (self.backend_name,)
+        if key is not None and key in self.cache:
+            stats = self.cache[key]
+            self.cache_hits.append("activations")
+        else:
+            stats = api.collect_activation_stats(
+                self.teacher,
+                self.adapter,
+                self.sample,
+                batch_size=o.batch_size,
+                device=self.device,
+                progress=o.progress,
+                kcm_batches=o.d2_kcm_batches if o.d2_mode == "kcm" else 0,
+                kcm_options=dict(
+                    sigma=o.sigma,
+                    alpha=o.alpha,
+                    max_iter=o.max_iter,
+                    precision=o.precision,
+                    backend=o.backend,
+                ),
+            )
+            if key is not None:
+                self.cache[key] = stats
+        if stats.kcm_iterations is not None:
+            self.d2_kcm_iterations = stats.kcm_iterations
+        self._memo["stats"] = stats
+        self.timings["activations"] = self.timings.get("activations", 0.0)
+        self.timings["activations"] += time.perf_counter() - t0
+        return stats
+
+    def d2(self) -> D2Result:
+        if "d2" not in self._memo:
+            stats = self.activation_stats()
+            t0 = time.perf_counter()
+            self._memo["d2"] = d2_scores(stats, self.w2_norms, self.quotas, self.options.d2_mode)
+            self.timings["activations"] += time.perf_counter() - t0
+        return self._memo["d2"]
+
+    def r2(self) -> list[torch.Tensor]:
+        """S_R2 per layer (float64); timed as "r2"."""
+        if "r2" in self._memo:
+            return self._memo["r2"]
+        from kcm_cuda.pruning import api
+
+        o = self.options
+        t0 = time.perf_counter()
+        key = ("r2", self._model_fp(), o.r2_points, o.sigma, o.alpha, o.max_iter, o.precision)
+        key += (self.backend_name,)
+        if self.cache is not None and key in self.cache:
+            r2, iters = self.cache[key]
+            self.cache_hits.append("r2")
+        else:
+            r2, iters = api.r2_scores(
+                self.teacher,
+                self.adapter,
+                points=o.r2_points,
+                sigma=o.sigma,
+                alpha=o.alpha,
+                max_iter=o.max_iter,
+                precision=o.precision,
+                backend=o.backend,
+                device=self.device,
+                progress=o.progress,
+            )
+            if self.cache is not None:
+                self.cache[key] = (r2, iters)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.r2_iterations = iters
+        self._memo["r2"] = r2
+        self.timings["r2"] = time.perf_counter() - t0
+        return r2
+
+
+# -- the data stage -------------------------------------------------------------------------
+def resolve_device(model: nn.Module, device: object) -> torch.device:
+    if device is None:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def resolve_tokenizer(model: nn.Module, tokenizer: object, data: object) -> object | None:
+    if tokenizer is not None or isinstance(data, Mapping):
+        return tokenizer
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not name:
+        raise ValueError(
+            "a tokenizer is needed for text data and the model does not say where it came "
+            "from: pass tokenizer="
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise ValueError(
+            f"could not load a tokenizer for {name!r} ({type(exc).__name__}); pass tokenizer="
+        ) from None
+
+
+def set_ff_chunking(model: nn.Module, value: int) -> int:
+    """Set every ``chunk_size_feed_forward`` to ``value``; return the previous (first) one."""
+    previous = int(getattr(model.config, "chunk_size_feed_forward", 0) or 0)
+    for module in model.modules():
+        if hasattr(module, "chunk_size_feed_forward"):
+            module.chunk_size_feed_forward = value
+    return previous
+
+
+def build_context(
+    model: nn.Module,
+    adapter: FFNAdapter,
+    data: object,
+    options: PruneOptions,
+    *,
+    tokenizer: object | None,
+    device: object,
+    cache: dict | None,
+) -> PruneContext:
+    """Device, backend, token sample, FLOPs budget and the teacher copy (timed as "data")."""
+    from kcm_cuda.pruning.methods import METHODS
+
+    if cache is not None and not isinstance(cache, dict):
+        raise TypeError(f"cache must be a dict or None, got {type(cache).__name__}")
+    o = options
+    dev = resolve_device(model, device)
+    uses_kernels = METHODS[o.method].uses_kernels(o)
+    backend_name = resolve_backend(o.backend, dev) if uses_kernels else None
+    sizes = adapter.intermediate_sizes(model)
+    keep_min = resolve_min_keep(o.min_keep, sizes)
+
+    t0 = time.perf_counter()
+    tok = resolve_tokenizer(model, tokenizer, data)
+    sample = prepare_sample(
+        data,
+        tok,
+        samples=o.samples,
+        max_length=o.max_length,
+        seed=o.seed,
+        text_column=o.text_column,
+        text_pair_column=o.text_pair_column,
+        labels=o.labels,
+    )
+    need = max(sizes)
+    if sample.n_tokens < need:
+        raise ValueError(
+            f"the unlabeled sample has {sample.n_tokens} real tokens ({sample.n_sequences} "
+            f"sequences); at least {need} (the widest layer's FFN size) are needed: pass more "
+            "data or raise samples= / max_length="
+        )
+    labels = sample.labels  # the drawn rows' labels (checked and aligned by prepare_sample)
+    data_s = time.perf_counter() - t0
+
+    fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
+    k_total = fm.neuron_budget(o.flops, sum(keep_min))
+    quotas = [round(k_total * n / sum(sizes)) for n in sizes]
+
+    teacher = copy.deepcopy(model).to(dev).eval()
+    # Feed-forward chunking splits the FFN call per sequence chunk, which the hooks (that see
+    # whole batches) do not expect; it saves memory only, so turn it off in our copy.
+    chunking = set_ff_chunking(teacher, 0)
+    blocks = adapter.layers(teacher)
+    w2_norms = [adapter.w2(b).weight.detach().float().norm(dim=0).cpu() for b in blocks]
+    return PruneContext(
+        model=model,
+        teacher=teacher,
+        adapter=adapter,
+        options=o,
+        sample=sample,
+        device=dev,
+        backend_name=backend_name,
+        fm=fm,
+        k_total=k_total,
+        keep_min=keep_min,
+        quotas=quotas,
+        sizes=sizes,
+        w2_norms=w2_norms,
+        tokenizer=tok,
+        labels=labels,
+        chunking=chunking,
+        cache=cache,
+        timings={"data": data_s},
+    )

@@ -1,0 +1,68 @@
+"""The method interface: a method looks at a :class:`PruneContext` and returns a
+:class:`Selection` (which neurons, and optionally which heads, to keep).
+
+    class MyMethod(Method):
+        name = "mine"
+        needs_activations = True   # reads ctx.activation_stats() (documentation; lazily computed)
+        needs_labels = False       # True: prune() requires labels= (ctx.labels)
+        def select(self, ctx) -> Selection: ...
+
+Score-based methods subclass :class:`ScoreMethod` and only write ``scores(ctx)``: one float
+tensor per layer (higher = keep), globally comparable; the shared global top-k under the FLOPs
+budget (with ``min_keep`` per layer) turns them into masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kcm_cuda.pruning.masks import global_topk
+
+if TYPE_CHECKING:
+    from kcm_cuda.pruning.context import PruneContext
+
+
+@dataclass
+class Selection:
+    """masks: per layer a bool tensor over the layer's original FFN neurons (True = keep).
+    head_masks: per layer a bool tensor over its heads (None: every head kept).
+    scales: per layer, one factor per kept neuron folded into W2's kept columns (None: no
+    factors; they apply when no reconstruction replaces them). info: free-form, JSON-able,
+    copied into the report under "selection"."""
+
+    masks: list[torch.Tensor]
+    head_masks: list[torch.Tensor] | None = None
+    scales: list[torch.Tensor | None] | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    name: str = ""
+    needs_activations: bool = False
+    needs_labels: bool = False
+    # The reconstruction run when scale=True and reconstruct= is not given (None: the global
+    # default, kcm_cuda.pruning.options.DEFAULT_RECONSTRUCTION).
+    default_reconstruct: str | None = None
+
+    def uses_kernels(self, options) -> bool:
+        """Whether the method runs the KCM kernels (then ``backend=`` is resolved/checked)."""
+        return False
+
+    def select(self, ctx: PruneContext) -> Selection:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def topk_selection(ctx: PruneContext, scores: list[torch.Tensor], info: dict | None = None):
+    """Scores → global top-k masks (ctx.k_total neurons, at least ctx.keep_min per layer)."""
+    return Selection(masks=global_topk(scores, ctx.k_total, ctx.keep_min), info=info or {})
+
+
+class ScoreMethod(Method):
+    def scores(self, ctx: PruneContext) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def select(self, ctx: PruneContext) -> Selection:
+        return topk_selection(ctx, self.scores(ctx))

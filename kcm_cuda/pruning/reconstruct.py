@@ -1,0 +1,81 @@
+"""The reconstruction stage: turn the teacher and a selection into the physically pruned
+student, optionally refitting what is kept so that each layer's output matches the teacher's
+(label-free, gradient-free, bottom-up).
+
+Variants (``reconstruct=``): "none" (drop the pruned neurons; a selection's own scales are
+applied), "scale" (Scale: one factor per kept neuron, kcm_cuda.pruning.scale).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kcm_cuda.pruning.methods.base import Selection
+from kcm_cuda.pruning.physical import prune_in_place, record_sizes
+from kcm_cuda.pruning.scale import scale_and_prune
+
+
+@dataclass
+class ReconstructionResult:
+    """Per layer: fallback (the refit failed and the plain pruned layer was kept), the
+    relative λ used, the error Σ_t ||ΔY||² on the reconstruction sample before (plain
+    pruning) and after the refit, and the target energy Σ_t ||Y||²."""
+
+    name: str
+    mode: str
+    scales: list[torch.Tensor | None]
+    fallback: list[bool] = field(default_factory=list)
+    lambda_used: list[float] = field(default_factory=list)
+    error_before: list[float] = field(default_factory=list)
+    error_after: list[float] = field(default_factory=list)
+    target_energy: list[float] = field(default_factory=list)
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionResult]:
+    """The pruned student (a new module) and what the reconstruction did."""
+    o = ctx.options
+    name = o.reconstruction()
+    masks = selection.masks
+    n_layers = len(masks)
+    if name == "none":
+        student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
+        scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
+        return student, ReconstructionResult("none", o.reconstruct_mode, scales)
+    student = copy.deepcopy(ctx.teacher)
+    sample = ctx.sample.subset(o.scale_samples)
+    if name == "scale":
+        info = scale_and_prune(
+            ctx.teacher,
+            student,
+            ctx.adapter,
+            masks,
+            sample,
+            lam=o.scale_lambda,
+            retries=o.scale_retries,
+            batch_size=o.batch_size,
+            device=ctx.device,
+            progress=o.progress,
+        )
+        record_sizes(student, ctx.adapter)
+        res = ReconstructionResult(
+            "scale",
+            "sequential",
+            list(info.scales),
+            fallback=info.fallback,
+            lambda_used=info.lambda_used,
+            error_before=info.error_unscaled,
+            error_after=info.error_scaled,
+            target_energy=info.target_energy,
+            tokens=info.tokens,
+            notes=info.notes,
+        )
+        if selection.scales is not None:
+            res.notes.append("the selection's own scales were replaced by the reconstruction")
+        return student, res
+    raise ValueError(f"unknown reconstruction {name!r}")
