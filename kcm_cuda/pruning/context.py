@@ -237,7 +237,12 @@ def build_context(
     data_s = time.perf_counter() - t0
 
     fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
-    k_total = fm.neuron_budget(o.flops, sum(keep_min))
+    if METHODS[o.method].prunes_heads:
+        # The method spends the budget on heads and neurons itself (joint FLOPs model);
+        # the FFN-only neuron budget (and its attention floor) does not apply.
+        k_total = sum(sizes)
+    else:
+        k_total = fm.neuron_budget(o.flops, sum(keep_min))
     quotas = [round(k_total * n / sum(sizes)) for n in sizes]
 
     teacher = copy.deepcopy(model).to(dev).eval()

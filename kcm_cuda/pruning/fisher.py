@@ -27,20 +27,12 @@ from torch import nn
 from kcm_cuda.pruning.adapters import FFNAdapter
 from kcm_cuda.pruning.data import TokenizedSample
 
-# Where the attention output projection and the two post-sublayer LayerNorms live, per family.
-# (A small local interface; the `heads` branch's adapter accessors replace it once merged.)
-_ATTN_PATHS = {
-    "BERT": (
-        ("attention", "output", "dense"),
-        ("attention", "output", "LayerNorm"),
-        ("output", "LayerNorm"),
-    ),
-    "RoBERTa": (
-        ("attention", "output", "dense"),
-        ("attention", "output", "LayerNorm"),
-        ("output", "LayerNorm"),
-    ),
-    "DistilBERT": (("attention", "out_lin"), ("sa_layer_norm",), ("output_layer_norm",)),
+# The two post-sublayer LayerNorms per family (their inputs are the sublayer outputs plus the
+# residual); the attention accessors come from the adapters (FFNAdapter.o, head_size).
+_LN_PATHS = {
+    "BERT": (("attention", "output", "LayerNorm"), ("output", "LayerNorm")),
+    "RoBERTa": (("attention", "output", "LayerNorm"), ("output", "LayerNorm")),
+    "DistilBERT": (("sa_layer_norm",), ("output_layer_norm",)),
 }
 
 
@@ -64,28 +56,21 @@ class LayerParts:
 
 
 def layer_parts(model: nn.Module, adapter: FFNAdapter) -> list[LayerParts]:
-    if adapter.name not in _ATTN_PATHS:
+    if adapter.name not in _LN_PATHS or not adapter.o_path:
         raise TypeError(f"head masks are not supported for {adapter.name} models")
-    wo_path, ln1_path, ln2_path = _ATTN_PATHS[adapter.name]
-    n_heads = adapter.num_heads(model.config)
-    parts = []
-    for block in adapter.layers(model):
-        w_o = _get(block, wo_path)
-        if not isinstance(w_o, nn.Linear):
-            raise TypeError(f"expected nn.Linear at {'.'.join(wo_path)}")
-        if w_o.in_features % n_heads:
-            raise ValueError(f"attention width {w_o.in_features} is not a multiple of {n_heads}")
-        parts.append(
-            LayerParts(
-                w_o=w_o,
-                w2=adapter.w2(block),
-                ln_attn=_get(block, ln1_path),
-                ln_ffn=_get(block, ln2_path),
-                n_heads=n_heads,
-                head_dim=w_o.in_features // n_heads,
-            )
+    ln1_path, ln2_path = _LN_PATHS[adapter.name]
+    d_h = adapter.head_size(model.config)
+    return [
+        LayerParts(
+            w_o=adapter.o(block),
+            w2=adapter.w2(block),
+            ln_attn=_get(block, ln1_path),
+            ln_ffn=_get(block, ln2_path),
+            n_heads=adapter.block_heads(block, d_h),
+            head_dim=d_h,
         )
-    return parts
+        for block in adapter.layers(model)
+    ]
 
 
 @contextmanager

@@ -64,6 +64,11 @@ class PruneOptions:
     reconstruct_mode: str = "sequential"
     ridge_lambda: float = 0.01
     labels: Sequence | None = None
+    # For labelled methods on an encoder without a task head: a callable (module or function)
+    # mapping (last_hidden_state, attention_mask) to logits.
+    classifier: object | None = None
+    kwon_rearrange: bool = True  # kwon: mask rearrangement step
+    kwon_tune: bool = True  # kwon: least-squares mask tuning step
     heads: bool = False
     samples: int = 2048
     max_length: int = 128
@@ -100,6 +105,13 @@ class PruneOptions:
             "reconstruct_mode", self.reconstruct_mode, RECONSTRUCT_MODES
         )
         self.ridge_lambda = check_float("ridge_lambda", self.ridge_lambda, 0.0)
+        if self.classifier is not None and not callable(self.classifier):
+            raise TypeError(
+                "classifier must be callable (last_hidden_state, attention_mask) -> logits, "
+                f"got {type(self.classifier).__name__}"
+            )
+        self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
+        self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
         self.heads = check_bool("heads", self.heads)
         if self.heads:
             raise ValueError(
@@ -144,7 +156,17 @@ class PruneOptions:
         return METHODS[self.method].default_reconstruct or DEFAULT_RECONSTRUCTION
 
     def as_report(self) -> dict:
-        skip = {"flops", "method", "scale", "labels", "progress", "text_column", "text_pair_column"}
+        skip = {
+            "flops",
+            "method",
+            "scale",
+            "labels",
+            "classifier",
+            "progress",
+            "text_column",
+            "text_pair_column",
+        }
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["labels"] = None if self.labels is None else len(self.labels)
+        out["classifier"] = None if self.classifier is None else type(self.classifier).__name__
         return out

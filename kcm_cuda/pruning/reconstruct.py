@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.methods.base import Selection
-from kcm_cuda.pruning.physical import prune_in_place, record_sizes
+from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
 from kcm_cuda.pruning.scale import scale_and_prune
 
 
@@ -43,8 +43,17 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     name = o.reconstruction()
     masks = selection.masks
     n_layers = len(masks)
+    if selection.head_masks is not None and name != "none":
+        raise ValueError(
+            f"reconstruct={name!r} does not handle pruned attention heads yet; this method "
+            "prunes heads: use reconstruct='none' (or scale=False)"
+        )
     if name == "none":
-        student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
+        student = copy.deepcopy(ctx.teacher)
+        if selection.head_masks is not None:
+            _fold_head_scales(student, ctx.adapter, selection)
+            prune_heads_in_place(student, ctx.adapter, selection.head_masks)
+        student = prune_in_place(student, ctx.adapter, masks, selection.scales)
         scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
         return student, ReconstructionResult("none", o.reconstruct_mode, scales)
     student = copy.deepcopy(ctx.teacher)
@@ -79,3 +88,20 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
             res.notes.append("the selection's own scales were replaced by the reconstruction")
         return student, res
     raise ValueError(f"unknown reconstruction {name!r}")
+
+
+@torch.no_grad()
+def _fold_head_scales(model: nn.Module, adapter, selection: Selection) -> None:
+    """Multiply the output-projection columns of each kept head by its factor."""
+    if selection.head_scales is None or selection.head_masks is None:
+        return
+    d_h = adapter.head_size(model.config)
+    for block, hm, hs in zip(
+        adapter.layers(model), selection.head_masks, selection.head_scales, strict=True
+    ):
+        if hs is None:
+            continue
+        o = adapter.o(block)
+        col = torch.ones(hm.numel(), dtype=o.weight.dtype, device=o.weight.device)
+        col[hm.to(col.device)] = hs.to(col.device, col.dtype)
+        o.weight.mul_(col.repeat_interleave(d_h).unsqueeze(0))

@@ -28,7 +28,21 @@ def build_report(ctx, selection: Selection, recon) -> dict:
     sizes = ctx.sizes
     kept = [int(m.sum()) for m in selection.masks]
     r2_iters = ctx.r2_iterations
-    before, after = fm.total(), fm.total(kept)
+    heads_kept = None
+    if selection.head_masks is not None:  # joint FLOPs: per kept head and per kept neuron
+        from kcm_cuda.pruning.flops import FlopsModel
+
+        heads_kept = [int(h.sum()) for h in selection.head_masks]
+        fm = FlopsModel(
+            fm.seq_len,
+            fm.hidden,
+            fm.sizes,
+            heads=tuple(int(h.numel()) for h in selection.head_masks),
+            head_size=ctx.adapter.head_size(ctx.model.config),
+        )
+        before, after = fm.total(), fm.total(kept, heads_kept)
+    else:
+        before, after = fm.total(), fm.total(kept)
     refit = recon.name != "none"
     layers = []
     for i, (n, k) in enumerate(zip(sizes, kept, strict=True)):
@@ -48,8 +62,11 @@ def build_report(ctx, selection: Selection, recon) -> dict:
             row["scale_error_scaled"] = recon.error_after[i]
             row["scale_target_energy"] = recon.target_energy[i]
         layers.append(row)
+    from kcm_cuda.pruning.methods import METHODS
+
     report = {
         "method": o.method,
+        "uses_labels": bool(METHODS[o.method].needs_labels),
         "scale": o.scale,
         "reconstruct": recon.name,
         "reconstruct_mode": recon.mode if refit else None,
@@ -72,9 +89,19 @@ def build_report(ctx, selection: Selection, recon) -> dict:
             "budget": o.flops * before,
             "attention_floor": fm.attention_floor,
             "per_neuron": fm.per_neuron,
-            "neurons_kept": ctx.k_total,
+            "neurons_kept": ctx.k_total if heads_kept is None else sum(kept),
             "neurons_total": sum(sizes),
+            **(
+                {}
+                if heads_kept is None
+                else {
+                    "per_head": fm.per_head,
+                    "heads_kept": sum(heads_kept),
+                    "heads_total": sum(fm.heads or ()),
+                }
+            ),
         },
+        "heads_kept_per_layer": heads_kept,
         "kept_per_layer": kept,
         "r2_iterations": r2_iters,
         "layers": layers,

@@ -7,10 +7,11 @@ from __future__ import annotations
 from kcm_cuda.pruning.methods.base import Method, ScoreMethod, Selection, topk_selection
 from kcm_cuda.pruning.methods.d2 import D2
 from kcm_cuda.pruning.methods.kcm import KCM
+from kcm_cuda.pruning.methods.kwon import Kwon
 from kcm_cuda.pruning.methods.magnitude import Magnitude
 from kcm_cuda.pruning.methods.r2 import R2
 from kcm_cuda.pruning.methods.random import Random
 
-METHODS: dict[str, Method] = {m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random())}
+METHODS: dict[str, Method] = {m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random(), Kwon())}
 
 __all__ = ["METHODS", "Method", "ScoreMethod", "Selection", "topk_selection"]

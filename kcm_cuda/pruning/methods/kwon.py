@@ -23,7 +23,8 @@ Four steps, all without retraining and without touching the weights until the fi
 Departures from the reference code: gradients per example (the paper's definition; the code
 uses mini-batch gradients); the tuning targets use all real tokens in every layer (the code
 uses only [CLS] in the last FFN of classification models, which does not fit mean-pooling
-heads); h = 0 kept heads is also searched.
+heads); every layer keeps its most important head (the transformers 5 forward cannot run a
+layer with none; the reference's MAC search may empty a layer).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ from kcm_cuda.pruning.fisher import (
     LogitsFn,
     MaskGrads,
     collect_mask_grads,
+    default_logits_fn,
+    head_logits_fn,
     layer_parts,
     masked,
 )
+from kcm_cuda.pruning.methods.base import Method, Selection
 
 USES_LABELS = True
 
@@ -95,39 +99,58 @@ def search_masks(
     neuron_fisher: list[torch.Tensor],
     fm: JointFlops,
     c: float,
+    min_heads: int = 1,
 ) -> SearchResult:
-    """Their Algorithm 1 under the budget c·F_full (never exceeded)."""
+    """Their Algorithm 1 under the budget c·F_full (never exceeded). ``min_heads`` heads per
+    layer (the most important ones) are always kept and paid for first: the transformers
+    forward cannot run a layer without heads (as their latency search, which also keeps a
+    minimum per layer); the search runs over the rest."""
+    sizes_h = [f.numel() for f in head_fisher]
     hf = torch.cat([f.double().flatten() for f in head_fisher])
     nf = torch.cat([f.double().flatten() for f in neuron_fisher])
-    h_sorted, h_idx = hf.sort(descending=True, stable=True)
+    reserved = torch.zeros(hf.numel(), dtype=torch.bool)
+    offset = 0
+    for f in head_fisher:
+        top = f.double().flatten().argsort(descending=True, stable=True)[:min_heads]
+        reserved[offset + top] = True
+        offset += f.numel()
+    budget = c * fm.total()
+    n_res = int(reserved.sum())
+    if fm.total(n_res, 0) > budget:
+        raise ValueError(
+            f"flops={c:g} is below the floor of head+neuron pruning "
+            f"{fm.total(n_res, 0) / fm.total():.4f} ({min_heads} head(s) per layer, no neuron)"
+        )
+    free = (~reserved).nonzero().flatten()
+    h_sorted, order = hf[free].sort(descending=True, stable=True)
+    h_idx = free[order]
     n_sorted, n_idx = nf.sort(descending=True, stable=True)
     cum_h = torch.cat([hf.new_zeros(1), h_sorted.cumsum(0)])
     cum_n = torch.cat([nf.new_zeros(1), n_sorted.cumsum(0)])
-    budget = c * fm.total()
+    base = float(hf[reserved].sum())
     best = None
-    for h in range(hf.numel() + 1):
-        rest = budget - h * fm.per_head
+    for h in range(free.numel() + 1):
+        rest = budget - (n_res + h) * fm.per_head
         if rest < 0:
             break
         n = min(math.floor(rest / fm.per_neuron), nf.numel())
-        while n > 0 and fm.total(h, n) > budget:  # float rounding guard
+        while n > 0 and fm.total(n_res + h, n) > budget:  # float rounding guard
             n -= 1
-        if fm.total(h, n) > budget:
+        if fm.total(n_res + h, n) > budget:
             continue
-        score = float(cum_h[h] + cum_n[n])
+        score = base + float(cum_h[h] + cum_n[n])
         if best is None or score > best[0]:
             best = (score, h, n)
-    if best is None:
-        raise ValueError(f"flops={c:g} leaves no room for any head or neuron")
+    assert best is not None  # h = 0 always fits (checked above)
     score, h, n = best
-    hm = torch.zeros(hf.numel(), dtype=torch.bool)
+    hm = reserved.clone()
     hm[h_idx[:h]] = True
     nm = torch.zeros(nf.numel(), dtype=torch.bool)
     nm[n_idx[:n]] = True
     return SearchResult(
-        head_masks=_split(hm, [f.numel() for f in head_fisher]),
+        head_masks=_split(hm, sizes_h),
         neuron_masks=_split(nm, [f.numel() for f in neuron_fisher]),
-        n_heads=h,
+        n_heads=n_res + h,
         n_neurons=n,
         kept_fisher=score,
     )
@@ -478,3 +501,37 @@ def apply_masked(model: nn.Module, adapter: FFNAdapter, sel: KwonSelection) -> n
         coln[nm.to(coln.device)] = 1.0 if ns is None else ns.to(coln.device, coln.dtype)
         p.w2.weight.mul_(coln.unsqueeze(0))
     return model
+
+
+class Kwon(Method):
+    """The labelled anchor (see the module docstring). USES LABELS: ``labels=`` aligned with
+    ``data``; the task loss needs logits: a model with a task head, or ``classifier=``."""
+
+    name = "kwon"
+    needs_labels = True
+    prunes_heads = True
+    default_reconstruct = "none"  # its own mask tuning is its reconstruction
+
+    def select(self, ctx) -> Selection:
+        o = ctx.options
+        if ctx.sample.labels is None:
+            raise ValueError("method 'kwon' uses labels: pass labels= aligned with data")
+        fn = head_logits_fn(o.classifier) if o.classifier is not None else default_logits_fn
+        sel = select_kwon(
+            ctx.teacher,
+            ctx.adapter,
+            ctx.sample,
+            o.flops,
+            fn,
+            batch_size=o.batch_size,
+            device=ctx.device,
+            rearrange=o.kwon_rearrange,
+            tune=o.kwon_tune,
+        )
+        return Selection(
+            masks=sel.neuron_masks,
+            head_masks=sel.head_masks,
+            scales=sel.neuron_scales,
+            head_scales=sel.head_scales,
+            info=sel.info,
+        )
