@@ -31,9 +31,7 @@ def check_points(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_INPUT_DTYPES:
-        raise TypeError(
-            f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
@@ -75,9 +73,7 @@ def check_square_stack(name: str, t: object) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.dim() not in (2, 3):
-        raise ValueError(
-            f"{name} must be (n, n) or a stack (L, n, n), got shape {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must be (n, n) or a stack (L, n, n), got shape {tuple(t.shape)}")
     if t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{name} must be square in its last two dims, got {tuple(t.shape)}")
     if t.numel() == 0:

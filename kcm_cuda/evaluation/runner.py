@@ -230,7 +230,7 @@ def score_memo(stats: dict | None = None):
 
         return memoised
 
-    for name in ("r2_scores", "collect_activation_stats"):
+    for name in ("r2_scores", "collect_activation_stats", "collect_head_stats"):
         fn = getattr(api, name, None)
         if callable(fn):
             originals[name] = fn
@@ -287,6 +287,10 @@ def _masks_digest(result) -> str:
         s = result.scales.get(i)
         if s is not None:
             _tensor_digest(h, s.float())
+    heads = getattr(result, "head_masks", None)
+    if heads:  # pruned heads (and their O refit) make a different model
+        for i in sorted(heads):
+            _tensor_digest(h, heads[i].to(torch.bool))
     return h.hexdigest()
 
 

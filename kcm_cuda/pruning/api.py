@@ -23,6 +23,7 @@ from torch import nn
 from kcm_cuda.pruning.activations import collect_activation_stats
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.context import build_context, set_ff_chunking
+from kcm_cuda.pruning.heads import collect_head_stats, plan_heads
 from kcm_cuda.pruning.methods import METHODS as METHOD_REGISTRY
 from kcm_cuda.pruning.options import PruneOptions
 from kcm_cuda.pruning.r2 import r2_scores
@@ -34,7 +35,14 @@ from kcm_cuda.pruning.saving import save_pruned
 METHODS = tuple(METHOD_REGISTRY)
 # Patched by tools that memoise the expensive stages (kcm_cuda.evaluation.runner.score_memo);
 # the context looks them up here.
-__all__ = ["METHODS", "PruneResult", "collect_activation_stats", "prune", "r2_scores"]
+__all__ = [
+    "METHODS",
+    "PruneResult",
+    "collect_activation_stats",
+    "collect_head_stats",
+    "prune",
+    "r2_scores",
+]
 _OPTION_NAMES = frozenset(PruneOptions.__dataclass_fields__) - {"flops"}
 
 
@@ -49,6 +57,7 @@ class PruneResult:
     scales: dict[int, torch.Tensor | None]
     report: dict
     tokenizer: object | None = field(default=None, repr=False)
+    head_masks: dict[int, torch.Tensor] | None = None  # heads pruned: per layer, kept heads
 
     def save(self, path: str | Path, overwrite: bool = False, *, padded: bool = True) -> Path:
         """Save model, config (per-layer FFN sizes), tokenizer and report atomically.
@@ -87,8 +96,15 @@ def prune(
     reconstruct: "none", or "scale" (per-neuron rescaling) (kcm_cuda.pruning.reconstruct);
       reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";
       ridge_lambda: the ridge refit's λ, relative to the mean diagonal of its Gram matrix.
-    labels: for methods that use labels, one per row of ``data``. heads: prune attention
-      heads too (not available yet: ValueError).
+    labels: for methods that use labels, one per row of ``data``.
+    heads: prune attention heads too, under the same FLOPs budget (kcm_cuda.pruning.heads):
+      head_split   "per_mac" (default: squared output energy per MAC decides how many heads
+                   and neurons), "zscore", "proportional"
+      head_score   "votes" (default: D2 votes on head output energy, R2 on the O slices
+                   breaking ties), "energy", "r2"
+      min_heads    heads kept per layer at least (>= 1)
+      head_refit   ridge refit of each layer's O on the kept heads (when a reconstruction
+                   runs; default True)
     data: list of texts, list of (text, text) pairs, a .txt/.jsonl/.csv/.tsv path, or a
       pre-tokenized dict {"input_ids", "attention_mask"}; ``samples`` sequences are drawn with
       ``seed`` and tokenized to ``max_length``.
@@ -116,9 +132,18 @@ def prune(
     opts = PruneOptions(flops=flops, **options)  # type: ignore[arg-type]
     ctx = build_context(model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache)
 
+    method = METHOD_REGISTRY[opts.method]
+    if opts.heads and not method.selects_heads:
+        t0 = time.perf_counter()
+        before = _stats_time(ctx)
+        plan_heads(ctx)  # the head masks, and the neuron budget they leave
+        ctx.timings["heads"] = time.perf_counter() - t0 - (_stats_time(ctx) - before)
     t0 = time.perf_counter()
-    selection = METHOD_REGISTRY[opts.method].select(ctx)
-    ctx.timings["masks"] = time.perf_counter() - t0 - _stats_time(ctx)
+    before = _stats_time(ctx)
+    selection = method.select(ctx)
+    ctx.timings["masks"] = time.perf_counter() - t0 - (_stats_time(ctx) - before)
+    if opts.heads and selection.head_masks is None and ctx.head_plan is not None:
+        selection.head_masks = ctx.head_plan.head_masks
 
     t0 = time.perf_counter()
     pruned, recon = reconstruct(ctx, selection)
@@ -135,9 +160,11 @@ def prune(
         scales=dict(enumerate(recon.scales)),
         report=report,
         tokenizer=ctx.tokenizer,
+        head_masks=dict(enumerate(selection.head_masks)) if selection.head_masks else None,
     )
 
 
 def _stats_time(ctx) -> float:
     """Time the selection spent in the lazily computed statistics (timed on their own)."""
-    return ctx.timings.get("activations", 0.0) + ctx.timings.get("r2", 0.0)
+    t = ctx.timings
+    return t.get("activations", 0.0) + t.get("r2", 0.0) + t.get("head_energies", 0.0)

@@ -48,6 +48,7 @@ class PruneContext:
     cache_hits: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     r2_iterations: list[int] | None = None
+    head_plan: object | None = None  # heads=True: heads.HeadPlan (set by heads.plan_heads)
     d2_kcm_iterations: list[list[int]] | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
@@ -236,12 +237,20 @@ def build_context(
     labels = sample.labels  # the drawn rows' labels (checked and aligned by prepare_sample)
     data_s = time.perf_counter() - t0
 
-    fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
-    if METHODS[o.method].prunes_heads:
-        # The method spends the budget on heads and neurons itself (joint FLOPs model);
-        # the FFN-only neuron budget (and its attention floor) does not apply.
-        k_total = sum(sizes)
+    if o.heads or METHODS[o.method].selects_heads:
+        from kcm_cuda.pruning.heads import proportional_split
+
+        fm = FlopsModel(
+            sample.mean_tokens,
+            adapter.hidden_size(model.config),
+            tuple(sizes),
+            heads=tuple(adapter.head_counts(model)),
+            head_size=adapter.head_size(model.config),
+        )
+        # provisional (the heads stage, heads.plan_heads, sets the final split)
+        k_total = proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
     else:
+        fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
         k_total = fm.neuron_budget(o.flops, sum(keep_min))
     quotas = [round(k_total * n / sum(sizes)) for n in sizes]
 

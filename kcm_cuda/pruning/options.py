@@ -70,6 +70,10 @@ class PruneOptions:
     kwon_rearrange: bool = True  # kwon: mask rearrangement step
     kwon_tune: bool = True  # kwon: least-squares mask tuning step
     heads: bool = False
+    head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
+    head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
+    min_heads: int = 1  # heads=True: heads kept per layer at least (>= 1)
+    head_refit: bool = True  # heads=True: ridge refit of O's kept columns (with reconstruction)
     samples: int = 2048
     max_length: int = 128
     seed: int = 0
@@ -113,11 +117,12 @@ class PruneOptions:
         self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
         self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
         self.heads = check_bool("heads", self.heads)
-        if self.heads:
-            raise ValueError(
-                "heads=True (attention-head pruning) is not available in this build: only "
-                "FFN neurons are pruned; use heads=False"
-            )
+        from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
+
+        self.head_split = check_choice("head_split", self.head_split, JOINT_SPLITS)
+        self.head_score = check_choice("head_score", self.head_score, HEAD_SCORES)
+        self.min_heads = check_int("min_heads", self.min_heads, 1)
+        self.head_refit = check_bool("head_refit", self.head_refit)
         self.samples = check_int("samples", self.samples, 1)
         self.max_length = check_int("max_length", self.max_length, 2)
         self.seed = check_int("seed", self.seed, 0)

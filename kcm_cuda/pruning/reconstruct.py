@@ -35,6 +35,7 @@ class ReconstructionResult:
     target_energy: list[float] = field(default_factory=list)
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    o_refit: object | None = None  # heads pruned + head_refit: attn_refit.ORefitResult
 
 
 def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionResult]:
@@ -43,21 +44,32 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     name = o.reconstruction()
     masks = selection.masks
     n_layers = len(masks)
-    if selection.head_masks is not None and name != "none":
-        raise ValueError(
-            f"reconstruct={name!r} does not handle pruned attention heads yet; this method "
-            "prunes heads: use reconstruct='none' (or scale=False)"
-        )
     if name == "none":
-        student = copy.deepcopy(ctx.teacher)
+        student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
         if selection.head_masks is not None:
-            _fold_head_scales(student, ctx.adapter, selection)
+            _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
             prune_heads_in_place(student, ctx.adapter, selection.head_masks)
-        student = prune_in_place(student, ctx.adapter, masks, selection.scales)
         scales = list(selection.scales) if selection.scales is not None else [None] * n_layers
         return student, ReconstructionResult("none", o.reconstruct_mode, scales)
     student = copy.deepcopy(ctx.teacher)
     sample = ctx.sample.subset(o.scale_samples)
+    o_refit = None
+    if selection.head_masks is not None:
+        # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
+        prune_heads_in_place(student, ctx.adapter, selection.head_masks)
+        if o.head_refit:
+            from kcm_cuda.pruning.attn_refit import refit_attention_output
+
+            o_refit = refit_attention_output(
+                ctx.teacher,
+                student,
+                ctx.adapter,
+                selection.head_masks,
+                sample,
+                lam=o.ridge_lambda,
+                batch_size=o.batch_size,
+                device=ctx.device,
+            )
     if name == "scale":
         info = scale_and_prune(
             ctx.teacher,
@@ -86,6 +98,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         )
         if selection.scales is not None:
             res.notes.append("the selection's own scales were replaced by the reconstruction")
+        res.o_refit = o_refit
         return student, res
     raise ValueError(f"unknown reconstruction {name!r}")
 

@@ -28,25 +28,22 @@ def build_report(ctx, selection: Selection, recon) -> dict:
     sizes = ctx.sizes
     kept = [int(m.sum()) for m in selection.masks]
     r2_iters = ctx.r2_iterations
-    heads_kept = None
-    if selection.head_masks is not None:  # joint FLOPs: per kept head and per kept neuron
-        from kcm_cuda.pruning.flops import FlopsModel
-
-        heads_kept = [int(h.sum()) for h in selection.head_masks]
-        fm = FlopsModel(
-            fm.seq_len,
-            fm.hidden,
-            fm.sizes,
-            heads=tuple(int(h.numel()) for h in selection.head_masks),
-            head_size=ctx.adapter.head_size(ctx.model.config),
-        )
-        before, after = fm.total(), fm.total(kept, heads_kept)
-    else:
-        before, after = fm.total(), fm.total(kept)
+    hm = selection.head_masks
+    kept_heads = [int(m.sum()) for m in hm] if hm is not None else None
+    before, after = fm.total(), fm.total(kept, kept_heads)
+    o_refit = getattr(recon, "o_refit", None)
     refit = recon.name != "none"
     layers = []
     for i, (n, k) in enumerate(zip(sizes, kept, strict=True)):
         row = {"layer": i, "neurons": n, "kept": k, "kept_fraction": k / n if n else 0.0}
+        if kept_heads is not None:
+            row["heads"] = fm.heads[i] if fm.heads is not None else len(hm[i])
+            row["heads_kept"] = kept_heads[i]
+        if o_refit is not None:
+            row["o_refit"] = o_refit.refit[i]
+            row["o_refit_error_before"] = o_refit.error_before[i]
+            row["o_refit_error_after"] = o_refit.error_after[i]
+            row["o_refit_target_energy"] = o_refit.target_energy[i]
         if r2_iters is not None:
             row["r2_iterations"] = r2_iters[i]
         if refit:
@@ -89,24 +86,24 @@ def build_report(ctx, selection: Selection, recon) -> dict:
             "budget": o.flops * before,
             "attention_floor": fm.attention_floor,
             "per_neuron": fm.per_neuron,
-            "neurons_kept": ctx.k_total if heads_kept is None else sum(kept),
+            "neurons_kept": ctx.k_total if kept_heads is None else sum(kept),
             "neurons_total": sum(sizes),
-            **(
-                {}
-                if heads_kept is None
-                else {
-                    "per_head": fm.per_head,
-                    "heads_kept": sum(heads_kept),
-                    "heads_total": sum(fm.heads or ()),
-                }
-            ),
         },
-        "heads_kept_per_layer": heads_kept,
         "kept_per_layer": kept,
+        "heads_kept_per_layer": kept_heads,
         "r2_iterations": r2_iters,
         "layers": layers,
         "timings_s": ctx.timings,
     }
+    if fm.heads is not None:
+        report["flops"].update(
+            per_head=fm.per_head,
+            joint_floor=fm.joint_floor(o.min_heads),
+            heads_kept=sum(kept_heads) if kept_heads is not None else sum(fm.heads),
+            heads_total=sum(fm.heads),
+        )
+    if ctx.head_plan is not None:
+        report["heads"] = ctx.head_plan.as_report()
     if refit and recon.notes:
         report["reconstruct_notes"] = recon.notes
     if selection.info:
@@ -129,8 +126,12 @@ def format_summary(report: dict) -> str:
         f"FLOPs {fl['ratio']:.4f} of dense (target {fl['target']:g}, "
         f"attention floor {fl['attention_floor']:.3f}); "
         f"neurons kept {fl['neurons_kept']}/{fl['neurons_total']}"
+        + (f", heads kept {fl['heads_kept']}/{fl['heads_total']}" if "heads_kept" in fl else "")
     )
     head = f"{'layer':>5} {'kept':>7} {'of':>6} {'frac':>6}"
+    has_heads = report.get("heads_kept_per_layer") is not None
+    if has_heads:
+        head += f" {'heads':>6}"
     has_it = report.get("r2_iterations") is not None
     first = report["layers"][0] if report["layers"] else {}
     prefix = "reconstruct_" if "reconstruct_fallback" in first else "scale_"
@@ -147,6 +148,8 @@ def format_summary(report: dict) -> str:
         line = (
             f"{row['layer']:>5} {row['kept']:>7} {row['neurons']:>6} {row['kept_fraction']:>6.3f}"
         )
+        if has_heads:
+            line += f" {str(row['heads_kept']) + '/' + str(row['heads']):>6}"
         if has_it:
             line += f" {row['r2_iterations']:>6}"
         if has_rc:

@@ -22,8 +22,9 @@ def test_options_are_checked_in_one_place():
         PruneOptions(reconstruct="exact")
     with pytest.raises(ValueError, match="reconstruct_mode"):
         PruneOptions(reconstruct_mode="both")
-    with pytest.raises(ValueError, match="heads=True"):
-        PruneOptions(heads=True)
+    assert PruneOptions(heads=True).heads is True
+    with pytest.raises(ValueError, match="head_split"):
+        PruneOptions(heads=True, head_split="none")
     with pytest.raises(TypeError, match="heads"):
         PruneOptions(heads="yes")
     with pytest.raises(TypeError, match="labels"):

@@ -45,9 +45,9 @@ class Method:
     name: str = ""
     needs_activations: bool = False
     needs_labels: bool = False
-    # True: the method prunes attention heads too and spends the FLOPs budget itself (joint
-    # model); the FFN-only neuron budget is not computed (ctx.k_total = all neurons).
-    prunes_heads: bool = False
+    # True: select() returns its own Selection.head_masks (e.g. kwon); with heads=True the
+    # shared heads stage (kcm_cuda.pruning.heads.plan_heads) is then skipped.
+    selects_heads: bool = False
     # The reconstruction run when scale=True and reconstruct= is not given (None: the global
     # default, kcm_cuda.pruning.options.DEFAULT_RECONSTRUCTION).
     default_reconstruct: str | None = None

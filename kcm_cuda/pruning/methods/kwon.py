@@ -509,7 +509,7 @@ class Kwon(Method):
 
     name = "kwon"
     needs_labels = True
-    prunes_heads = True
+    selects_heads = True  # its own heads (the shared heads stage is skipped)
     default_reconstruct = "none"  # its own mask tuning is its reconstruction
 
     def select(self, ctx) -> Selection:

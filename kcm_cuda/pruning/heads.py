@@ -1,0 +1,455 @@
+"""Attention-head scores (KCM style) and the joint head + neuron selection under one FLOPs budget.
+
+D2 on heads — head output energy. Head h of a layer reaches the residual stream only through
+its slice of the output projection: its contribution on the real tokens t of a batch is the
+(t × d) matrix ctx_h · W_O[:, h]ᵀ (ctx_h: the head's context, the O input's columns
+h·d_h … (h+1)·d_h−1). Its energy on batch b is the Frobenius norm of that matrix,
+e_h(b) = sqrt(tr(W_O,hᵀ W_O,h · ctx_hᵀ ctx_h)), from a forward pre-hook on O. A neuron's D2 energy
+‖a_i‖₂·‖W2[:, i]‖₂ is exactly the Frobenius norm of its own contribution a_i · W2[:, i]ᵀ, so the
+two energies measure the same thing (what a unit adds to the residual stream, before the
+LayerNorm) and are directly comparable. Each batch votes for the top-k_l heads of each layer
+(like D2 on neurons), ties broken by R2 (``head_scores``).
+
+R2 on heads — representativeness of each head's slice of the output projection: points = the
+flattened W_O[:, h-slice] (H points of d·d_h), K = rbf_kernel(points / σ_l),
+C = kcm_coefficients(K),
+score C_hh. σ_l is the median pairwise distance of the layer's points (``sigma="median"``; with
+σ = 1 these points, ~7 apart on MiniLM, give K ≈ I and C ≈ I: no information), or a number.
+
+Joint selection (``split_budget``): how many heads and how many neurons to keep for a FLOPs
+fraction c, each head costing 4·s·d·d_h + 2·s²·d_h MACs and each neuron 2·s·d (flops.py):
+  per_mac       every unit ranked by its squared energy (mean over batches of e(b)², which adds
+                up over orthogonal contributions) per MAC, kept best first until the budget is
+                spent: the energy a unit adds to the residual stream per MAC it costs
+  zscore        every unit ranked by its log squared energy standardised within its kind
+                (heads, neurons), kept best first (each charged its own cost) until the budget
+                is spent
+  proportional  the same fraction c of the heads as of the whole (ignores the scores)
+At least ``min_heads`` heads per layer are always kept (≥ 1: the transformers forward cannot run
+a layer without heads). The neuron count then fills what the kept heads leave of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kcm_cuda.pruning.activations import model_inputs, real_tokens
+from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.d2 import combine_with_tiebreak, vote_fractions
+from kcm_cuda.pruning.data import TokenizedSample
+from kcm_cuda.pruning.flops import FlopsModel
+from kcm_cuda.pruning.masks import global_topk
+from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.r2 import diag_coefficients
+
+JOINT_SPLITS = ("per_mac", "zscore", "proportional")
+HEAD_SCORES = ("votes", "energy", "r2")
+
+
+@dataclass
+class HeadStats:
+    energy: list[torch.Tensor]  # per layer: (n_batches, H) float64, e_h(b) (Frobenius norm)
+
+    @property
+    def n_batches(self) -> int:
+        return int(self.energy[0].shape[0]) if self.energy else 0
+
+    def mean(self) -> list[torch.Tensor]:
+        return [e.mean(dim=0) for e in self.energy]
+
+
+class HeadEnergyRecorder:
+    """Forward hooks that record each batch's head energies during any forward pass of
+    ``model`` (so it can share a pass with other hooks, e.g. the D2 neuron statistics): a
+    pre-hook on the model takes the batch's ``attention_mask`` (padding excluded; absent: every
+    token is real), a pre-hook on every layer's O computes the energies. ``detach()`` removes
+    the hooks and returns the :class:`HeadStats`."""
+
+    def __init__(self, model: nn.Module, adapter: FFNAdapter) -> None:
+        self.blocks = adapter.layers(model)
+        self.d_h = adapter.head_size(model.config)
+        self.mask: torch.Tensor | None = None
+        self.per_layer: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        self.handles = [model.register_forward_pre_hook(self._take_mask, with_kwargs=True)]
+        self.handles += [
+            adapter.o(b).register_forward_pre_hook(self._hook(i)) for i, b in enumerate(self.blocks)
+        ]
+
+    def _take_mask(self, _module, args, kwargs):
+        self.mask = kwargs.get("attention_mask")
+        if self.mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            self.mask = args[1]
+
+    def _hook(self, idx: int):
+        def hook(module, args):
+            x = args[0]
+            if self.mask is not None and self.mask.shape == x.shape[:-1]:
+                ctx = real_tokens(x, self.mask).double()  # (t, H·d_h)
+            else:
+                ctx = x.reshape(-1, x.shape[-1]).double()
+            t, width = ctx.shape
+            h = width // self.d_h
+            c = ctx.reshape(t, h, self.d_h).transpose(0, 1)  # (H, t, d_h)
+            W = module.weight.detach().double().reshape(-1, h, self.d_h).transpose(0, 1)
+            gram_ctx = c.transpose(1, 2) @ c  # (H, d_h, d_h)
+            gram_w = W.transpose(1, 2) @ W  # (H, d_h, d_h)
+            sq = (gram_ctx * gram_w).sum(dim=(1, 2)).clamp_min(0)
+            self.per_layer[idx].append(sq.sqrt().cpu())
+
+        return hook
+
+    def detach(self) -> HeadStats:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return HeadStats([torch.stack(x) for x in self.per_layer])
+
+
+@torch.no_grad()
+def collect_head_stats(
+    model: nn.Module,
+    adapter: FFNAdapter,
+    sample: TokenizedSample,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> HeadStats:
+    """One forward pass over ``sample`` recording every head's energy per batch (prefer
+    attaching a :class:`HeadEnergyRecorder` to a pass that runs anyway)."""
+    rec = HeadEnergyRecorder(model, adapter)
+    try:
+        bar = progress_bar(
+            sample.batches(batch_size, device),
+            total=sample.n_batches(batch_size),
+            desc="head energies",
+            enabled=progress,
+            unit="batch",
+        )
+        for batch in bar:
+            model(**model_inputs(model, batch))
+    finally:
+        stats = rec.detach()
+    return stats
+
+
+def mean_square(energies: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the mean over batches of e(b)²: a unit's squared contribution norm, which
+    adds up over units whose contributions are orthogonal (what ``split_budget`` compares)."""
+    return [(e.double() ** 2).mean(dim=0) for e in energies]
+
+
+def head_points(adapter: FFNAdapter, block: nn.Module, head_size: int) -> torch.Tensor:
+    """(H, d·d_h) float32: row h = the flattened W_O[:, h·d_h:(h+1)·d_h]."""
+    W = adapter.o(block).weight.detach().float()
+    d, width = W.shape
+    h = width // head_size
+    return W.reshape(d, h, head_size).transpose(0, 1).reshape(h, d * head_size).contiguous()
+
+
+def head_r2_scores(
+    model: nn.Module,
+    adapter: FFNAdapter,
+    *,
+    sigma: float | str = "median",
+    alpha: float = 0.01,
+    max_iter: int = 100,
+    precision: str = "ieee",
+    backend: str = "auto",
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """R2 per head (float64 (H,), higher = less expressible by the other heads' O slices) and
+    solver iterations per layer."""
+    if not (
+        sigma == "median"
+        or (
+            isinstance(sigma, (int, float))
+            and not isinstance(sigma, bool)
+            and math.isfinite(sigma)
+            and sigma > 0
+        )
+    ):
+        raise ValueError(f"head sigma must be 'median' or a number > 0, got {sigma!r}")
+    d_h = adapter.head_size(model.config)
+    dev = device or torch.device("cpu")
+    sets = []
+    for block in adapter.layers(model):
+        p = head_points(adapter, block, d_h)
+        if sigma == "median":
+            dist = torch.cdist(p.double(), p.double())
+            off = dist[~torch.eye(p.shape[0], dtype=torch.bool)]
+            s = float(off.median()) if off.numel() and float(off.median()) > 0 else 1.0
+        else:
+            s = float(sigma)
+        sets.append(p / s)
+    return diag_coefficients(
+        sets,
+        sigma=1.0,
+        alpha=alpha,
+        max_iter=max_iter,
+        precision=precision,
+        backend=backend,
+        device=dev,
+        desc="R2 (heads)",
+    )
+
+
+def head_scores(
+    stats: HeadStats,
+    quotas: list[int],
+    *,
+    mode: str = "votes",
+    r2: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Global head scores per layer (float64 (H,)), comparable across layers.
+
+    votes   fraction of batches voting for the head (top-quota of its layer), ties broken by
+            R2 when given, else by mean energy
+    energy  mean energy
+    r2      R2 alone (needs ``r2``)
+    """
+    if mode not in HEAD_SCORES:
+        raise ValueError(f"head score mode must be one of {HEAD_SCORES}, got {mode!r}")
+    mean = stats.mean()
+    if mode == "energy":
+        return mean
+    if mode == "r2":
+        if r2 is None:
+            raise ValueError("head score mode 'r2' needs R2 scores")
+        return [x.double() for x in r2]
+    votes = vote_fractions(stats.energy, quotas)
+    tie = [x.double() for x in r2] if r2 is not None else mean
+    return combine_with_tiebreak(votes, tie, 1.0 / max(stats.n_batches, 1))
+
+
+def split_budget(
+    fm: FlopsModel,
+    c: float,
+    head_energy: list[torch.Tensor],
+    neuron_energy: list[torch.Tensor],
+    *,
+    split: str = "per_mac",
+    min_heads: int = 1,
+    min_neurons: int = 0,
+) -> tuple[int, int]:
+    """(heads kept, neurons kept) in total for FLOPs fraction ``c`` (see the module doc).
+    ``head_energy`` / ``neuron_energy``: per layer, each unit's squared energy
+    (:func:`mean_square` of the per-batch energies)."""
+    if split not in JOINT_SPLITS:
+        raise ValueError(f"split must be one of {JOINT_SPLITS}, got {split!r}")
+    if fm.heads is None:
+        raise ValueError("split_budget needs a FlopsModel with heads and head_size")
+    n_layers = len(fm.heads)
+    if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
+        raise ValueError(f"min_heads must be an int >= 1, got {min_heads!r}")
+    if min_heads > min(fm.heads):
+        raise ValueError(f"min_heads={min_heads} exceeds a layer's {min(fm.heads)} heads")
+    floor_heads = min_heads * n_layers
+    floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
+    if c < floor:
+        raise ValueError(
+            f"flops={c:g} is below the joint floor {floor:.4f} ({min_heads} head(s) per layer"
+            f" and {min_neurons} neurons); use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
+        )
+    total_heads = sum(fm.heads)
+    budget = c * fm.total() * (1 + 1e-12)
+    if split == "proportional":
+        return proportional_split(fm, c, min_heads, min_neurons)
+    else:
+        he = torch.cat([e.double().flatten() for e in head_energy])
+        ne = torch.cat([e.double().flatten() for e in neuron_energy])
+        if he.numel() != total_heads or ne.numel() != sum(fm.sizes):
+            raise ValueError("energies do not match the FlopsModel's heads / neurons")
+        if split == "per_mac":
+            hv, nv = he / fm.per_head, ne / fm.per_neuron
+        else:
+            hv, nv = _zscore_log(he), _zscore_log(ne)
+        # the min_heads best heads of every layer are kept first
+        forced = torch.zeros(total_heads, dtype=torch.bool)
+        start = 0
+        for e in head_energy:
+            n = e.numel()
+            forced[start + torch.topk(e.double(), min_heads).indices] = True
+            start += n
+        value = torch.cat([hv, nv])
+        is_head = torch.cat(
+            [torch.ones(total_heads, dtype=torch.bool), torch.zeros(ne.numel(), dtype=torch.bool)]
+        )
+        cost = torch.where(is_head, fm.per_head, fm.per_neuron).double()
+        order = torch.sort(value, descending=True, stable=True).indices
+        spent = fm.total_from_count(min_neurons, floor_heads)
+        k_h = floor_heads
+        for j in order.tolist():
+            if bool(is_head[j]):
+                if bool(forced[j]):
+                    continue
+                if spent + float(cost[j]) <= budget:
+                    spent += float(cost[j])
+                    k_h += 1
+            elif spent + float(cost[j]) <= budget:
+                spent += float(cost[j])
+            if budget - spent < fm.per_neuron:
+                break
+    k_n = fm.neuron_budget(c, min_neurons, kept_heads=k_h)
+    return k_h, k_n
+
+
+def proportional_split(
+    fm: FlopsModel, c: float, min_heads: int = 1, min_neurons: int = 0
+) -> tuple[int, int]:
+    """(heads, neurons) keeping the fraction ``c`` of the heads (at least ``min_heads`` per
+    layer, within the budget) and the neurons the rest of the budget pays for."""
+    if fm.heads is None:
+        raise ValueError("proportional_split needs a FlopsModel with heads and head_size")
+    if min_heads > min(fm.heads):
+        raise ValueError(f"min_heads={min_heads} exceeds a layer's {min(fm.heads)} heads")
+    floor_heads = min_heads * len(fm.heads)
+    floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
+    if c < floor:
+        raise ValueError(
+            f"flops={c:g} is below the joint floor {floor:.4f} ({min_heads} head(s) per layer"
+            f" and {min_neurons} neurons); use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
+        )
+    budget = c * fm.total() * (1 + 1e-12)
+    total_heads = sum(fm.heads)
+    k_h = min(total_heads, max(floor_heads, round(c * total_heads)))
+    while k_h > floor_heads and fm.total_from_count(min_neurons, k_h) > budget:
+        k_h -= 1
+    return k_h, fm.neuron_budget(c, min_neurons, kept_heads=k_h)
+
+
+def _zscore_log(x: torch.Tensor) -> torch.Tensor:
+    y = torch.log(x.clamp_min(1e-30))
+    sd = float(y.std()) if y.numel() > 1 else 0.0
+    return (y - y.mean()) / (sd if sd > 0 else 1.0)
+
+
+def select_heads(
+    scores: list[torch.Tensor], k_heads: int, min_heads: int = 1
+) -> list[torch.Tensor]:
+    """Bool masks over each layer's heads keeping ``k_heads`` in total, best global scores
+    first, at least ``min_heads`` per layer."""
+    return global_topk(scores, k_heads, [min(min_heads, int(s.numel())) for s in scores])
+
+
+def head_quotas(k_heads: int, heads: list[int] | tuple[int, ...]) -> list[int]:
+    """Each layer's share of ``k_heads`` (for the votes), proportional to its head count."""
+    total = sum(heads)
+    return [max(1, round(k_heads * h / total)) for h in heads]
+
+
+# -- the heads stage of prune() ------------------------------------------------------------
+@dataclass
+class HeadPlan:
+    """What the heads stage decided: the kept heads (bool per layer over its heads), the
+    totals of the split, and how."""
+
+    head_masks: list[torch.Tensor]
+    k_heads: int
+    k_neurons: int
+    split: str
+    score: str
+    r2_iterations: list[int] | None = None
+
+    def as_report(self) -> dict:
+        return {
+            "split": self.split,
+            "score": self.score,
+            "heads_kept": self.k_heads,
+            "neurons_kept": self.k_neurons,
+            "heads_kept_per_layer": [int(m.sum()) for m in self.head_masks],
+            "head_r2_iterations": self.r2_iterations,
+        }
+
+
+def context_head_stats(ctx) -> HeadStats:
+    """The teacher's head energies on ``ctx.sample`` (memoised; in ``ctx.cache`` when given):
+    recorded during the D2 activation pass when that pass still has to run, else one pass
+    of their own (``api.collect_head_stats``, which evaluation tools may memoise)."""
+    if "head_stats" in ctx._memo:
+        return ctx._memo["head_stats"]
+    from kcm_cuda.pruning import api
+    from kcm_cuda.pruning.cache import fingerprint
+
+    o = ctx.options
+    key = None
+    if ctx.cache is not None:
+        sample_fp = fingerprint([ctx.sample.input_ids, ctx.sample.attention_mask])
+        key = ("head_stats", ctx._model_fp(), sample_fp, o.batch_size)
+        if key in ctx.cache:
+            ctx.cache_hits.append("head_stats")
+            ctx._memo["head_stats"] = ctx.cache[key]
+            return ctx.cache[key]
+    stats = None
+    if "stats" not in ctx._memo:
+        rec = HeadEnergyRecorder(ctx.teacher, ctx.adapter)
+        try:
+            ctx.activation_stats()
+        finally:
+            shared = rec.detach()
+        if shared.n_batches == ctx.sample.n_batches(o.batch_size):
+            stats = shared
+    if stats is None:
+        t0 = time.perf_counter()
+        stats = api.collect_head_stats(
+            ctx.teacher,
+            ctx.adapter,
+            ctx.sample,
+            batch_size=o.batch_size,
+            device=ctx.device,
+            progress=o.progress,
+        )
+        ctx.timings["head_energies"] = time.perf_counter() - t0
+    if key is not None:
+        ctx.cache[key] = stats
+    ctx._memo["head_stats"] = stats
+    return stats
+
+
+def plan_heads(ctx) -> HeadPlan:
+    """The heads stage (``heads=True``): split the FLOPs budget between heads and neurons
+    (``head_split``), pick the heads (``head_score``), and set the context's neuron budget
+    (``ctx.k_total``, ``ctx.quotas``) for the neuron method that runs next."""
+    from kcm_cuda.pruning.d2 import batch_energies
+
+    o = ctx.options
+    stats = context_head_stats(ctx)
+    if o.head_split == "proportional":
+        k_h, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
+    else:
+        neuron_energy = mean_square(batch_energies(ctx.activation_stats(), ctx.w2_norms))
+        k_h, k_n = split_budget(
+            ctx.fm,
+            o.flops,
+            mean_square(stats.energy),
+            neuron_energy,
+            split=o.head_split,
+            min_heads=o.min_heads,
+            min_neurons=sum(ctx.keep_min),
+        )
+    if k_n != ctx.k_total:
+        ctx.k_total = k_n
+        ctx.quotas = [round(k_n * n / sum(ctx.sizes)) for n in ctx.sizes]
+        ctx._memo.pop("d2", None)  # the D2 votes depend on the quotas
+    r2 = iters = None
+    if o.head_score in ("votes", "r2"):
+        r2, iters = head_r2_scores(
+            ctx.teacher,
+            ctx.adapter,
+            alpha=o.alpha,
+            max_iter=o.max_iter,
+            precision=o.precision,
+            backend=o.backend,
+            device=ctx.device,
+        )
+    heads = list(ctx.fm.heads)
+    scores = head_scores(stats, head_quotas(k_h, heads), mode=o.head_score, r2=r2)
+    plan = HeadPlan(select_heads(scores, k_h, o.min_heads), k_h, k_n, o.head_split, o.head_score)
+    plan.r2_iterations = iters
+    ctx.head_plan = plan
+    return plan

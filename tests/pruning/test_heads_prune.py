@@ -1,0 +1,185 @@
+"""prune(heads=True): joint head + neuron pruning under one FLOPs budget, the O refit,
+save / reload, and FFN-only staying what it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+
+from kcm_cuda.pruning import load_pruned, prune
+from kcm_cuda.pruning.adapters import get_adapter
+from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
+from kcm_cuda.pruning.physical import HEADS_FIELD, apply_head_masks_in_place, apply_masks_in_place
+
+
+def _inputs(tokenizer, sentences, n=12):
+    enc = tokenizer(
+        sentences[:n], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        o = model(**inputs)
+    return [v for v in o.values() if isinstance(v, torch.Tensor)]
+
+
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_heads_reach_low_budgets_and_reload(tmp_path, family, builders, tokenizer, sentences):
+    model = builders[family]("seqcls", vocab_size=tokenizer.vocab_size)
+    adapter = get_adapter(model)
+    r = prune(model, sentences, 0.3, heads=True, tokenizer=tokenizer, progress=False, samples=96)
+    rep = r.report
+    assert rep["flops"]["ratio"] <= 0.3 + 1e-9
+    assert rep["flops"]["attention_floor"] > 0.3  # unreachable without heads
+    kept_heads = rep["heads_kept_per_layer"]
+    assert kept_heads == adapter.head_counts(r.model)
+    assert all(1 <= k <= 4 for k in kept_heads) and sum(kept_heads) < 4 * len(kept_heads)
+    assert kept_heads == [int(r.head_masks[i].sum()) for i in sorted(r.head_masks)]
+    assert rep["heads"]["heads_kept"] == sum(kept_heads)
+    assert rep["flops"]["heads_kept"] == sum(kept_heads)
+    assert adapter.intermediate_sizes(r.model) == rep["kept_per_layer"]
+    assert "heads" in r.summary()
+    inputs = _inputs(tokenizer, sentences)
+    ref = _out(r.model, inputs)
+    for padded in (True, False):
+        out = r.save(tmp_path / f"p{padded}", padded=padded)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg[HEADS_FIELD] == kept_heads
+        loaded = load_pruned(out)
+        assert adapter.head_counts(loaded) == kept_heads
+        assert _max_diff(ref, _out(loaded, inputs)) <= 1e-4
+    plain = getattr(transformers, cfg["architectures"][0]).from_pretrained(str(tmp_path / "pTrue"))
+    assert _max_diff(ref, _out(plain.eval(), inputs)) <= 1e-4
+
+
+def test_without_reconstruction_equals_the_masked_model(bert, tokenizer, sentences):
+    r = prune(
+        bert,
+        sentences,
+        0.4,
+        heads=True,
+        scale=False,
+        tokenizer=tokenizer,
+        progress=False,
+        samples=96,
+    )
+    adapter = get_adapter(bert)
+    masked = copy.deepcopy(bert)
+    apply_masks_in_place(masked, adapter, [r.masks[i] for i in sorted(r.masks)])
+    apply_head_masks_in_place(masked, adapter, [r.head_masks[i] for i in sorted(r.head_masks)])
+    inputs = _inputs(tokenizer, sentences)
+    assert _max_diff(_out(masked, inputs), _out(r.model, inputs)) <= 1e-4
+    assert _max_diff(_out(bert, inputs), _out(r.model, inputs)) > 1e-3
+
+
+def test_o_refit_lowers_the_attention_error(bert, tokenizer, sentences):
+    kw = dict(heads=True, tokenizer=tokenizer, progress=False, samples=96)
+    r = prune(bert, sentences, 0.35, **kw)
+    rows = [row for row in r.report["layers"] if row["heads_kept"] < row["heads"]]
+    assert rows
+    for row in rows:
+        if row["o_refit"]:
+            assert row["o_refit_error_after"] < row["o_refit_error_before"]
+    assert any(row["o_refit"] for row in rows)
+    r0 = prune(bert, sentences, 0.35, head_refit=False, **kw)
+    assert "o_refit" not in r0.report["layers"][0]
+    assert [r0.head_masks[i].tolist() for i in r0.head_masks] == [
+        r.head_masks[i].tolist() for i in r.head_masks
+    ]
+
+
+@pytest.mark.parametrize("split", JOINT_SPLITS)
+@pytest.mark.parametrize("score", HEAD_SCORES)
+def test_every_split_and_head_score(split, score, distilbert, tokenizer, sentences):
+    r = prune(
+        distilbert,
+        sentences,
+        0.5,
+        heads=True,
+        head_split=split,
+        head_score=score,
+        scale=False,
+        tokenizer=tokenizer,
+        progress=False,
+        samples=96,
+    )
+    assert r.report["flops"]["ratio"] <= 0.5 + 1e-9
+    assert r.report["heads"]["split"] == split and r.report["heads"]["score"] == score
+    assert all(int(m.sum()) >= 1 for m in r.head_masks.values())
+
+
+def test_min_heads(bert, tokenizer, sentences):
+    r = prune(
+        bert,
+        sentences,
+        0.4,
+        heads=True,
+        min_heads=2,
+        scale=False,
+        tokenizer=tokenizer,
+        progress=False,
+        samples=96,
+    )
+    assert all(k >= 2 for k in r.report["heads_kept_per_layer"])
+
+
+def test_ffn_only_is_unchanged_and_below_floor_says_heads(bert, tokenizer, sentences):
+    kw = dict(tokenizer=tokenizer, progress=False, samples=96, scale=False)
+    r = prune(bert, sentences, 0.7, **kw)
+    assert r.head_masks is None
+    assert r.report["heads_kept_per_layer"] is None and "heads" not in r.report
+    assert "heads_kept" not in r.report["flops"]
+    assert get_adapter(bert).head_counts(r.model) == [4, 4, 4]
+    r2 = prune(bert, sentences, 0.7, heads=False, **kw)
+    assert all(torch.equal(r.masks[i], r2.masks[i]) for i in r.masks)
+    with pytest.raises(ValueError, match="prune heads too"):
+        prune(bert, sentences, 0.2, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(heads="yes"), TypeError, "heads"),
+        (dict(heads=True, head_split="greedy"), ValueError, "head_split"),
+        (dict(heads=True, head_score="best"), ValueError, "head_score"),
+        (dict(heads=True, min_heads=0), ValueError, "min_heads"),
+        (dict(heads=True, head_refit="no"), TypeError, "head_refit"),
+        (dict(heads=True, min_heads=5), ValueError, "min_heads"),
+        (dict(heads=True, flops=0.01), ValueError, "joint floor"),
+    ],
+)
+def test_bad_head_options(kwargs, exc, match, bert, tokenizer, sentences):
+    kwargs = dict(kwargs)
+    flops = kwargs.pop("flops", 0.5)
+    with pytest.raises(exc, match=match):
+        prune(bert, sentences, flops, tokenizer=tokenizer, progress=False, samples=96, **kwargs)
+
+
+def test_cache_reuses_head_stats(bert, tokenizer, sentences):
+    cache: dict = {}
+    kw = dict(heads=True, scale=False, tokenizer=tokenizer, progress=False, samples=96)
+    a = prune(bert, sentences, 0.5, cache=cache, **kw)
+    b = prune(bert, sentences, 0.5, cache=cache, **kw)
+    assert "head_stats" in b.report["cached_stages"]
+    assert all(torch.equal(a.head_masks[i], b.head_masks[i]) for i in a.head_masks)
+
+
+def test_evaluation_digest_tells_head_masks_apart(bert, tokenizer, sentences):
+    from kcm_cuda.evaluation.runner import _masks_digest
+
+    kw = dict(scale=False, tokenizer=tokenizer, progress=False, samples=96)
+    r = prune(bert, sentences, 0.5, heads=True, **kw)
+    other = copy.copy(r)
+    other.head_masks = {i: torch.ones_like(m) for i, m in r.head_masks.items()}
+    assert _masks_digest(r) != _masks_digest(other)
+    assert _masks_digest(r) == _masks_digest(copy.copy(r))
