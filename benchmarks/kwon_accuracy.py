@@ -27,6 +27,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.6, 0.5])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-list", type=int, nargs="+", default=None, help="instead of 0..seeds-1")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="only combine the report.json files of these output folders into --output",
+    )
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=["kwon", "d2"])
     p.add_argument("--threads", type=int, default=1)
@@ -48,6 +55,8 @@ def main(argv=None) -> int:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args, out)
     log_path = out / "console.log"
 
     def log(msg: str) -> None:
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
     pool = list(task.pool)
     runs = []
     with _onednn_disabled():
-        for seed in range(args.seeds):
+        for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
             for c in args.budgets:
                 for m in args.methods:
                     t0 = time.perf_counter()
@@ -138,6 +147,22 @@ def main(argv=None) -> int:
                         + (f" tuning_stopped={sel.get('tuning_stopped')}" if sel else "")
                     )
                     write(out, args, dense, runs, y)
+    return 0
+
+
+def merge(args, out: Path) -> int:
+    """Combine finished runs of several output folders (e.g. seeds run in parallel)."""
+    runs, dense, y = [], None, None
+    for d in args.merge:
+        rep = json.loads((Path(d) / "report.json").read_text(encoding="utf-8"))
+        corr = np.load(Path(d) / "correct.npz")
+        y = corr["labels"]
+        dense = rep["dense"]
+        args.samples = rep["samples"]
+        for r in rep["runs"]:
+            r["correct"] = corr[f"{r['method']}_c{r['budget']:g}_s{r['seed']}"].tolist()
+            runs.append(r)
+    write(out, args, dense, runs, y)
     return 0
 
 
