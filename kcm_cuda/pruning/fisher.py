@@ -53,6 +53,7 @@ class LayerParts:
     ln_ffn: nn.Module  # LayerNorm after the FFN sublayer (input: W2(a) + b2 + h)
     n_heads: int
     head_dim: int
+    block: nn.Module | None = None  # the transformer block itself
 
 
 def layer_parts(model: nn.Module, adapter: FFNAdapter) -> list[LayerParts]:
@@ -68,6 +69,7 @@ def layer_parts(model: nn.Module, adapter: FFNAdapter) -> list[LayerParts]:
             ln_ffn=_get(block, ln2_path),
             n_heads=adapter.block_heads(block, d_h),
             head_dim=d_h,
+            block=block,
         )
         for block in adapter.layers(model)
     ]

@@ -216,13 +216,37 @@ class TuneInfo:
     error_after: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Call:
+    """One batch's call of a transformer block: its positional / keyword arguments with the
+    hidden states taken out (the same for every block of the batch), and the real-token mask."""
+
+    args: tuple
+    kwargs: dict
+    hidden_key: int | str  # where the hidden states go (position or keyword)
+    keep: torch.Tensor
+
+
+def _run_block(block: nn.Module, call: _Call, hidden: torch.Tensor) -> torch.Tensor:
+    args, kwargs = list(call.args), dict(call.kwargs)
+    if isinstance(call.hidden_key, int):
+        args.insert(call.hidden_key, hidden)
+    else:
+        kwargs[call.hidden_key] = hidden
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @torch.no_grad()
 def _teacher_targets(model, parts, sample, batch_size, device):
-    """The dense model's pre-LayerNorm sublayer outputs (real tokens only), per batch."""
+    """The dense model's pre-LayerNorm sublayer outputs (real tokens only), per batch, and
+    each batch's call of the first block (its input, the embeddings, is the student's too)."""
     out: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    calls: list[tuple[_Call, torch.Tensor]] = []
     for batch in sample.batches(batch_size, device):
         keep = batch["attention_mask"].bool()
         got: dict[tuple[int, int], torch.Tensor] = {}
+        seen: dict[str, object] = {}
         handles = []
         for i, p in enumerate(parts):
             for k, ln in enumerate((p.ln_attn, p.ln_ffn)):
@@ -231,36 +255,48 @@ def _teacher_targets(model, parts, sample, batch_size, device):
                     got[key] = a[0][keep].double()
 
                 handles.append(ln.register_forward_pre_hook(hook))
+
+        def first(_m, args, kwargs, seen=seen):
+            if args:
+                seen["h"], seen["call"] = args[0], (tuple(args[1:]), dict(kwargs), 0)
+            else:
+                key = next(k for k in ("hidden_states", "hidden_state", "x") if k in kwargs)
+                rest = {k: v for k, v in kwargs.items() if k != key}
+                seen["h"], seen["call"] = kwargs[key], ((), rest, key)
+
+        handles.append(parts[0].block.register_forward_pre_hook(first, with_kwargs=True))
         try:
             model(**batch)
         finally:
             for h in handles:
                 h.remove()
         out.append([(got[(i, 0)], got[(i, 1)]) for i in range(len(parts))])
-    return out
+        a, kw, key = seen["call"]  # type: ignore[misc]
+        calls.append((_Call(a, kw, key, keep), seen["h"]))  # type: ignore[arg-type]
+    return out, calls
 
 
 @torch.no_grad()
-def _student_pass(model, parts, p_i, batch, module, masks, fn):
-    """Run the masked model up to ``module``'s LayerNorm in layer ``p_i`` and call ``fn`` with
-    the raw (pre-mask) input of its projection and the LayerNorm's input, real tokens only."""
-    keep = batch["attention_mask"].bool()
-    p = parts[p_i]
+def _block_pass(parts, i, call: _Call, hidden, module, masks, fn):
+    """Run block ``i`` alone (masked) on ``hidden`` up to ``module``'s LayerNorm and call
+    ``fn`` with the raw (pre-mask) input of its projection and the LayerNorm's input, real
+    tokens only."""
+    p = parts[i]
     proj, ln = (p.w_o, p.ln_attn) if module == "attn" else (p.w2, p.ln_ffn)
     seen: dict[str, torch.Tensor] = {}
 
     def grab(_m, a):
-        seen["x"] = a[0][keep].double()
+        seen["x"] = a[0][call.keep].double()
 
     def stop(_m, a):
-        fn(seen["x"], a[0][keep].double())
+        fn(seen["x"], a[0][call.keep].double())
         raise _Stop
 
     h1 = proj.register_forward_pre_hook(grab)  # before the mask hook: sees the raw input
     h2 = ln.register_forward_pre_hook(stop)
     try:
         with masked(parts, *masks):
-            model(**batch)
+            _run_block(p.block, call, hidden)
     except _Stop:
         pass
     finally:
@@ -269,7 +305,7 @@ def _student_pass(model, parts, p_i, batch, module, masks, fn):
 
 
 @torch.no_grad()
-def _heads_system(model, parts, i, sample, teacher, masks, kept, batch_size, device):
+def _heads_system(parts, i, calls, hidden, teacher, masks, kept):
     """AᵀA, AᵀB of layer i's kept heads (+ the intercept column)."""
     p = parts[i]
     W = p.w_o.weight.detach().double()
@@ -281,7 +317,7 @@ def _heads_system(model, parts, i, sample, teacher, masks, kept, batch_size, dev
         "ata": torch.zeros(k + 1, k + 1, dtype=torch.float64),
         "atb": torch.zeros(k + 1, dtype=torch.float64),
     }
-    for bi, batch in enumerate(sample.batches(batch_size, device)):
+    for bi, ((call, _), h) in enumerate(zip(calls, hidden, strict=True)):
 
         def fn(ctx, ln_in, bi=bi):
             ctxh = ctx.view(ctx.shape[0], p.n_heads, p.head_dim)
@@ -292,12 +328,12 @@ def _heads_system(model, parts, i, sample, teacher, masks, kept, batch_size, dev
             acc["ata"] += (a @ a.t()).cpu()
             acc["atb"] += (a @ target.flatten()).cpu()
 
-        _student_pass(model, parts, i, batch, "attn", masks, fn)
+        _block_pass(parts, i, call, h, "attn", masks, fn)
     return acc["ata"], acc["atb"]
 
 
 @torch.no_grad()
-def _ffn_system(model, parts, i, sample, teacher, masks, kept, batch_size, device):
+def _ffn_system(parts, i, calls, hidden, teacher, masks, kept):
     """AᵀA, AᵀB of layer i's kept neurons, and ||B − A·1||² (the error before tuning)."""
     p = parts[i]
     W2 = p.w2.weight.detach().double()
@@ -310,7 +346,7 @@ def _ffn_system(model, parts, i, sample, teacher, masks, kept, batch_size, devic
         "atb": torch.zeros(k, dtype=torch.float64),
         "e0": 0.0,
     }
-    for bi, batch in enumerate(sample.batches(batch_size, device)):
+    for bi, ((call, _), h) in enumerate(zip(calls, hidden, strict=True)):
 
         def fn(act, ln_in, bi=bi):
             h_res = ln_in - (act * m_now) @ W2.t() - b2
@@ -320,7 +356,7 @@ def _ffn_system(model, parts, i, sample, teacher, masks, kept, batch_size, devic
             acc["atb"] += (hk * (target @ W2k)).sum(0).cpu()
             acc["e0"] += float((target - hk @ W2k.t()).pow(2).sum())
 
-        _student_pass(model, parts, i, batch, "ffn", masks, fn)
+        _block_pass(parts, i, call, h, "ffn", masks, fn)
     return acc["hth"] * (W2k.t() @ W2k).cpu(), acc["atb"], acc["e0"]
 
 
@@ -347,7 +383,8 @@ def tune_masks(
     units per layer (None for a layer with none kept) and, per layer, the FFN sublayer's
     squared reconstruction error before / after its neurons are tuned."""
     model.eval()
-    teacher = _teacher_targets(model, parts, sample, batch_size, device)
+    teacher, calls = _teacher_targets(model, parts, sample, batch_size, device)
+    hidden = [h for _, h in calls]  # the student's input of the current block, per batch
     hv = [m.double().clone() for m in head_masks]  # current mask values
     nv = [m.double().clone() for m in neuron_masks]
     stopped = None
@@ -356,9 +393,7 @@ def tune_masks(
     for i in range(len(parts)):
         kept_h = head_masks[i].nonzero().flatten()
         if tune_heads and i > 0 and kept_h.numel() > 0:
-            ata, atb = _heads_system(
-                model, parts, i, sample, teacher, (hv, nv), kept_h, batch_size, device
-            )
+            ata, atb = _heads_system(parts, i, calls, hidden, teacher, (hv, nv), kept_h)
             x, ok = _solve(ata, atb)
             stopped = _out_of_range(f"layer {i} heads", ok, x[:-1])
             if stopped:
@@ -366,9 +401,7 @@ def tune_masks(
             hv[i][kept_h] = hv[i][kept_h] * x[:-1]
         kept_n = neuron_masks[i].nonzero().flatten()
         if kept_n.numel() > 0:
-            ata, atb, e0 = _ffn_system(
-                model, parts, i, sample, teacher, (hv, nv), kept_n, batch_size, device
-            )
+            ata, atb, e0 = _ffn_system(parts, i, calls, hidden, teacher, (hv, nv), kept_n)
             x, ok = _solve(ata, atb)
             stopped = _out_of_range(f"layer {i} neurons", ok, x)
             if stopped:
@@ -380,6 +413,12 @@ def tune_masks(
                 e0 - float(ones @ ata @ ones - 2 * ones @ atb) + float(x @ ata @ x - 2 * x @ atb)
             )
             nv[i][kept_n] = nv[i][kept_n] * x
+        if i + 1 < len(parts):  # the next block's input: this block with its final masks
+            with torch.no_grad(), masked(parts, hv, nv):
+                hidden = [
+                    _run_block(parts[i].block, call, h)
+                    for (call, _), h in zip(calls, hidden, strict=True)
+                ]
     L = len(parts)
     head_scales = [
         hv[i][head_masks[i]].float() if bool(head_masks[i].any()) else None for i in range(L)
