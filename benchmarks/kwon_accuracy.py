@@ -88,10 +88,21 @@ def main(argv=None) -> int:
     train_labels = [int(e.label) for e in task.train]
     pool = list(task.pool)
     runs = []
+    done = set()
+    if (out / "report.json").is_file() and (out / "correct.npz").is_file():  # resume
+        rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        corr = np.load(out / "correct.npz")
+        for r in rep["runs"]:
+            r["correct"] = corr[f"{r['method']}_c{r['budget']:g}_s{r['seed']}"].tolist()
+            runs.append(r)
+            done.add((r["method"], r["budget"], r["seed"]))
+        log(f"resuming: {len(runs)} finished runs in {out}")
     with _onednn_disabled():
         for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
             for c in args.budgets:
                 for m in args.methods:
+                    if (m, c, seed) in done:
+                        continue
                     t0 = time.perf_counter()
                     if m == "kwon":
                         r = prune(
