@@ -309,3 +309,47 @@ def test_kwon_label_errors_through_prune(bert, tokenizer, sentences, tmp_path):
             tokenizer=tokenizer,
             progress=False,
         )
+
+
+def test_tuning_errors_match_the_measured_ffn_error(bert, tokenizer, labelled):
+    """Layer 0 (its heads are never tuned): the reported FFN errors before / after tuning are
+    the measured squared distance of the sublayer output (pre-LayerNorm) to the dense one."""
+    texts, labels = labelled
+    adapter = get_adapter(bert)
+    parts = layer_parts(bert, adapter)
+    sample = prepare_sample(texts, tokenizer, samples=48, labels=labels, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    hm = [torch.rand(p.n_heads, generator=gen) < 0.7 for p in parts]
+    for h in hm:
+        h[0] = True
+    nm = [torch.rand(p.w2.in_features, generator=gen) < 0.8 for p in parts]
+    info = tune_masks(bert, parts, sample, hm, nm, batch_size=16)
+
+    def ffn0_error(neuron_values):
+        err = 0.0
+        for batch in sample.batches(16, "cpu"):
+            keep = batch["attention_mask"].bool()
+            got = {}
+            h = parts[0].ln_ffn.register_forward_pre_hook(
+                lambda _m, a, got=got, keep=keep: got.__setitem__("y", a[0][keep].double())
+            )
+            try:
+                with torch.no_grad():
+                    bert(**batch)
+                    dense = got["y"]
+                    with masked(parts, [m.float() for m in hm], neuron_values):
+                        bert(**batch)
+            finally:
+                h.remove()
+            err += float((got["y"] - dense).pow(2).sum())
+        return err
+
+    binary = [m.float() for m in nm]
+    tuned = []
+    for m, s in zip(nm, info.neuron_scales, strict=True):
+        v = torch.zeros(m.numel())
+        v[m] = s
+        tuned.append(v)
+    assert ffn0_error(binary) == pytest.approx(info.error_before[0], rel=1e-4)
+    assert ffn0_error(tuned) == pytest.approx(info.error_after[0], rel=1e-4)
+    assert info.error_after[0] < info.error_before[0]
