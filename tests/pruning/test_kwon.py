@@ -353,3 +353,27 @@ def test_tuning_errors_match_the_measured_ffn_error(bert, tokenizer, labelled):
     assert ffn0_error(binary) == pytest.approx(info.error_before[0], rel=1e-4)
     assert ffn0_error(tuned) == pytest.approx(info.error_after[0], rel=1e-4)
     assert info.error_after[0] < info.error_before[0]
+
+
+def test_kwon_save_and_reload_equal(bert, tokenizer, labelled, tmp_path):
+    from kcm_cuda import load_pruned
+
+    texts, labels = labelled
+    res = prune(
+        bert,
+        texts,
+        0.4,
+        method="kwon",
+        labels=labels,
+        tokenizer=tokenizer,
+        samples=64,
+        progress=False,
+    )
+    path = res.save(tmp_path / "kwon")
+    back = load_pruned(path)
+    adapter = get_adapter(back)
+    assert adapter.head_counts(back) == res.report["heads_kept_per_layer"]
+    assert adapter.intermediate_sizes(back) == res.report["kept_per_layer"]
+    enc = tokenizer(texts[:12], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert (back(**enc).logits - res.model(**enc).logits).abs().max() <= 1e-4
