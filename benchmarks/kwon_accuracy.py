@@ -205,7 +205,8 @@ def write(out: Path, args, dense, runs, y) -> None:
         "rows (Scale on). Accuracy in %, mean ± SE over seeds; paired = same test rows, per-seed "
         "difference.",
         "",
-        "| c | method | uses labels | accuracy | Δ vs dense | seeds | FLOPs ratio | heads kept "
+        "| c | method | uses labels | accuracy | Δ vs dense | seeds | FLOPs ratio "
+        "| heads kept (of 72) "
         "| prune s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -217,11 +218,12 @@ def write(out: Path, args, dense, runs, y) -> None:
             acc = np.array([100 * r["accuracy"] for r in rs])
             se = acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
             heads = [sum(r["heads_kept_per_layer"]) for r in rs if r["heads_kept_per_layer"]]
+            heads_str = f"{np.mean(heads):.1f}" if heads else "all"
             lines.append(
                 f"| {c:g} | {m} | {'yes' if rs[0]['uses_labels'] else 'no'} | "
                 f"{acc.mean():.2f} ± {se:.2f} | {acc.mean() - dense_acc:+.2f} | {len(rs)} | "
                 f"{np.mean([r['flops_ratio'] for r in rs]):.4f} | "
-                f"{np.mean(heads) if heads else '-'} | "
+                f"{heads_str} | "
                 f"{np.mean([r['prune_seconds'] for r in rs]):.0f} |"
             )
     lines += ["", "Paired kwon − d2 (pt):", ""]
