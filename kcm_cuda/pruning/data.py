@@ -10,6 +10,11 @@ Accepted ``data``:
   * a pre-tokenized dict ``{"input_ids": (N, T), "attention_mask": (N, T)}`` (tensors or lists;
     ``token_type_ids`` optional).
 The sample is ``samples`` sequences drawn without replacement with ``seed`` (all when fewer).
+
+``labels`` (only for methods that use labels, e.g. ``kwon``): one label per item of ``data``
+(a list, tuple, 1-D array or tensor; integers for classification, floats for regression),
+aligned with a list ``data`` or with the rows of a pre-tokenized dict; the drawn rows keep
+their labels (``TokenizedSample.labels``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class TokenizedSample:
     attention_mask: torch.Tensor
     token_type_ids: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # the drawn rows of the data (indices, in sample order)
+    labels: torch.Tensor | None = None  # (N,), the drawn rows' labels, when labels were given
 
     @property
     def n_sequences(self) -> int:
@@ -62,7 +68,15 @@ class TokenizedSample:
     def subset(self, n: int) -> TokenizedSample:
         tt = self.token_type_ids[:n] if self.token_type_ids is not None else None
         rows = self.rows[:n] if self.rows is not None else None
-        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows)
+        y = self.labels[:n] if self.labels is not None else None
+        return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows, y)
+
+    def label_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The labels of :meth:`batches`' batches, in the same order."""
+        if self.labels is None:
+            raise ValueError("this sample has no labels")
+        for start in range(0, self.n_sequences, batch_size):
+            yield self.labels[start : start + batch_size]
 
     def batches(self, batch_size: int, device: torch.device | str) -> Iterator[dict]:
         """Model inputs, ``batch_size`` sequences each, trailing all-padding columns trimmed."""
@@ -198,7 +212,54 @@ def _as_long_2d(name: str, value: object) -> torch.Tensor:
     return t.long().cpu()
 
 
-def _pretokenized(data: dict, samples: int, seed: int) -> TokenizedSample:
+def check_labels(labels: object, n_items: int) -> torch.Tensor:
+    """``labels`` as a 1-D tensor of ``n_items`` entries: int64 (class indices >= 0) or
+    float32 (regression targets). One clear error for anything else."""
+    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__len__"):
+        raise TypeError(
+            "labels must be a sequence with one label per data item (list, tuple, 1-D array "
+            f"or tensor), got {type(labels).__name__}"
+        )
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().cpu()
+    else:
+        items = list(labels)  # type: ignore[call-overload]
+        if not items:
+            raise ValueError("labels is empty")
+        if any(isinstance(x, (str, bytes)) for x in items):
+            raise TypeError(
+                "labels must be numbers (class indices or regression targets), not strings: "
+                "map them to integers first"
+            )
+        if any(x is None for x in items):
+            raise ValueError("labels contains None: every data item needs a label")
+        try:
+            t = torch.as_tensor(items)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                "labels must be a flat sequence of numbers (one per data item)"
+            ) from None
+    if t.dim() != 1:
+        raise ValueError(
+            f"labels must be 1-D (one label per data item), got shape {tuple(t.shape)}"
+        )
+    if t.numel() != n_items:
+        raise ValueError(
+            f"labels has {t.numel()} entries but data has {n_items} items: they must be aligned "
+            "(one label per data item, same order)"
+        )
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"labels must be integers or floats, got {t.dtype}")
+    if t.dtype.is_floating_point:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("labels contains NaN or infinite values")
+        return t.float()
+    if bool((t < 0).any()):
+        raise ValueError(f"class labels must be >= 0, got {int(t.min())}")
+    return t.long()
+
+
+def _pretokenized(data: dict, samples: int, seed: int, labels: object = None) -> TokenizedSample:
     if "input_ids" not in data:
         raise ValueError("pre-tokenized data must have an 'input_ids' entry")
     ids = _as_long_2d("input_ids", data["input_ids"])
@@ -216,8 +277,17 @@ def _pretokenized(data: dict, samples: int, seed: int) -> TokenizedSample:
         tt = _as_long_2d("token_type_ids", data["token_type_ids"])
         if tt.shape != ids.shape:
             raise ValueError("data['token_type_ids'] must have the shape of input_ids")
+    if labels is None and data.get("labels") is not None:
+        labels = data["labels"]
+    y = check_labels(labels, ids.shape[0]) if labels is not None else None
     idx = _draw(ids.shape[0], samples, seed)
-    return TokenizedSample(ids[idx], mask[idx], tt[idx] if tt is not None else None, idx)
+    return TokenizedSample(
+        ids[idx],
+        mask[idx],
+        tt[idx] if tt is not None else None,
+        idx,
+        y[idx] if y is not None else None,
+    )
 
 
 def _check_texts(data: list) -> Texts:
@@ -242,11 +312,17 @@ def prepare_sample(
     seed: int = 0,
     text_column: str | None = None,
     text_pair_column: str | None = None,
+    labels: object = None,
 ) -> TokenizedSample:
-    """Draw and tokenize the unlabeled sample (see module docstring for ``data``)."""
+    """Draw and tokenize the sample (see module docstring for ``data`` and ``labels``)."""
     if isinstance(data, Mapping):  # dict or a tokenizer's BatchEncoding
-        return _pretokenized(dict(data), samples, seed)
+        return _pretokenized(dict(data), samples, seed, labels)
     if isinstance(data, (str, os.PathLike)):
+        if labels is not None:
+            raise ValueError(
+                "labels= needs data as a list of texts (or pairs) or a pre-tokenized dict, "
+                "aligned with the labels; a file path cannot be aligned (blank lines are skipped)"
+            )
         texts = read_texts(data, text_column, text_pair_column)
     elif isinstance(data, (list, tuple)):
         texts = _check_texts(list(data))
@@ -259,6 +335,7 @@ def prepare_sample(
         raise ValueError(
             "a tokenizer is needed for text data: pass tokenizer= (or pre-tokenized data)"
         )
+    y = check_labels(labels, len(texts)) if labels is not None else None
     drawn = _draw(len(texts), samples, seed)
     idx = drawn.tolist()
     chosen = [texts[i] for i in idx]
@@ -273,4 +350,5 @@ def prepare_sample(
         enc["attention_mask"].long(),
         tt.long() if tt is not None else None,
         drawn,
+        y[drawn] if y is not None else None,
     )

@@ -70,6 +70,11 @@ class PruneOptions:
     reconstruct_mode: str = "sequential"
     ridge_lambda: float = 0.01
     labels: Sequence | None = None
+    # For labelled methods on an encoder without a task head: a callable (module or function)
+    # mapping (last_hidden_state, attention_mask) to logits.
+    classifier: object | None = None
+    kwon_rearrange: bool = True  # kwon: mask rearrangement step
+    kwon_tune: bool = True  # kwon: least-squares mask tuning step
     heads: bool = False
     head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
     head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
@@ -91,7 +96,7 @@ class PruneOptions:
     sigma: float = 1.0
     alpha: float = 0.01
     max_iter: int = 100
-    precision: str = "ieee"
+    precision: str = "auto"  # "auto": tf32 on sm_80+ CUDA, ieee elsewhere
     scale_lambda: float = 0.01
     scale_samples: int = 256
     scale_retries: int = 2
@@ -112,6 +117,13 @@ class PruneOptions:
             "reconstruct_mode", self.reconstruct_mode, RECONSTRUCT_MODES
         )
         self.ridge_lambda = check_float("ridge_lambda", self.ridge_lambda, 0.0)
+        if self.classifier is not None and not callable(self.classifier):
+            raise TypeError(
+                "classifier must be callable (last_hidden_state, attention_mask) -> logits, "
+                f"got {type(self.classifier).__name__}"
+            )
+        self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
+        self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
         self.heads = check_bool("heads", self.heads)
         from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
 
@@ -162,9 +174,19 @@ class PruneOptions:
         return METHODS[self.method].default_reconstruct or DEFAULT_RECONSTRUCTION
 
     def as_report(self) -> dict:
-        skip = {"flops", "method", "scale", "labels", "progress", "text_column", "text_pair_column"}
+        skip = {
+            "flops",
+            "method",
+            "scale",
+            "labels",
+            "classifier",
+            "progress",
+            "text_column",
+            "text_pair_column",
+        }
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["labels"] = None if self.labels is None else len(self.labels)
         if isinstance(self.r2_cache, os.PathLike):
             out["r2_cache"] = str(self.r2_cache)
+        out["classifier"] = None if self.classifier is None else type(self.classifier).__name__
         return out

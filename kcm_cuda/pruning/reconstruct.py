@@ -212,12 +212,14 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     if name == "none":
         student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
         if selection.head_masks is not None:
+            _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
             prune_heads_in_place(student, ctx.adapter, selection.head_masks)
         return student, _plain("none", o.reconstruct_mode, selection, len(masks))
     student = copy.deepcopy(ctx.teacher)
     o_refit = None
     if selection.head_masks is not None:
         # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
+        _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
         prune_heads_in_place(student, ctx.adapter, selection.head_masks)
         if o.head_refit:
             from kcm_cuda.pruning.attn_refit import refit_attention_output
@@ -370,3 +372,20 @@ def _apply(adapter, block: nn.Module, keep: torch.Tensor, W: torch.Tensor, db: t
     w2.weight.copy_(W.to(w2.weight.device, w2.weight.dtype))
     if w2.bias is not None:
         w2.bias.add_(db.to(w2.bias.device, w2.bias.dtype))
+
+
+@torch.no_grad()
+def _fold_head_scales(model: nn.Module, adapter, selection: Selection) -> None:
+    """Multiply the output-projection columns of each kept head by its factor."""
+    if selection.head_scales is None or selection.head_masks is None:
+        return
+    d_h = adapter.head_size(model.config)
+    for block, hm, hs in zip(
+        adapter.layers(model), selection.head_masks, selection.head_scales, strict=True
+    ):
+        if hs is None:
+            continue
+        o = adapter.o(block)
+        col = torch.ones(hm.numel(), dtype=o.weight.dtype, device=o.weight.device)
+        col[hm.to(col.device)] = hs.to(col.device, col.dtype)
+        o.weight.mul_(col.repeat_interleave(d_h).unsqueeze(0))

@@ -59,8 +59,11 @@ def build_report(ctx, selection: Selection, recon) -> dict:
             row["scale_error_scaled"] = recon.error_after[i]
             row["scale_target_energy"] = recon.target_energy[i]
         layers.append(row)
+    from kcm_cuda.pruning.methods import METHODS
+
     report = {
         "method": o.method,
+        "uses_labels": bool(METHODS[o.method].needs_labels),
         "scale": o.scale,
         "reconstruct": recon.name,
         "reconstruct_mode": recon.mode if refit else None,
@@ -83,7 +86,7 @@ def build_report(ctx, selection: Selection, recon) -> dict:
             "budget": o.flops * before,
             "attention_floor": fm.attention_floor,
             "per_neuron": fm.per_neuron,
-            "neurons_kept": ctx.k_total,
+            "neurons_kept": ctx.k_total if kept_heads is None else sum(kept),
             "neurons_total": sum(sizes),
         },
         "kept_per_layer": kept,

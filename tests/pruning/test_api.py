@@ -11,6 +11,9 @@ from kcm_cuda.pruning import METHODS, prune
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs(method, bert, tokenizer, sentences):
+    from kcm_cuda.pruning.methods import METHODS as REGISTRY
+
+    labelled = REGISTRY[method].needs_labels  # kwon: random labels, one per sentence
     r = prune(
         bert,
         sentences,
@@ -20,11 +23,14 @@ def test_every_method_runs(method, bert, tokenizer, sentences):
         tokenizer=tokenizer,
         progress=False,
         samples=96,
+        **({"labels": [i % 2 for i in range(len(sentences))]} if labelled else {}),
     )
     assert r.report["method"] == method
     assert set(r.masks) == {0, 1, 2}
     assert all(m.dtype == torch.bool and m.numel() == 96 for m in r.masks.values())
-    assert all(s is None for s in r.scales.values())
+    if not labelled:  # kwon's tuned mask values are its scales
+        assert all(s is None for s in r.scales.values())
+    assert r.report["uses_labels"] is labelled
     assert r.report["flops"]["ratio"] <= 0.7
     assert set(r.report["versions"]) >= {"torch", "transformers", "kcm_cuda"}
     assert "masks" in r.report["timings_s"]

@@ -131,3 +131,21 @@ def test_kcm_paper_is_mean_rank_with_scale(bert, tokenizer, sentences):
         assert torch.equal(paper.masks[i], ref.masks[i])
     off = prune(bert, sentences, 0.7, method="kcm_paper", scale=False, **kw)
     assert off.report["reconstruct"] == "none"
+
+
+def test_precision_auto_resolves_per_device(bert, tokenizer, sentences):
+    """The R2 default precision is "auto": ieee on the CPU (tf32 only on sm_80+ GPUs)."""
+    from kcm_cuda.pruning.options import PruneOptions
+
+    assert PruneOptions().precision == "auto"
+    r = prune(
+        bert,
+        sentences,
+        0.7,
+        method="kcm",
+        tokenizer=tokenizer,
+        progress=False,
+        samples=32,
+        scale=False,
+    )
+    assert r.report["options"]["precision"] == "ieee"

@@ -9,13 +9,15 @@ from kcm_cuda.pruning.methods.d2 import D2
 from kcm_cuda.pruning.methods.flap import FLAP
 from kcm_cuda.pruning.methods.kcm import KCM
 from kcm_cuda.pruning.methods.kcm_paper import KCMPaper
+from kcm_cuda.pruning.methods.kwon import Kwon
 from kcm_cuda.pruning.methods.magnitude import Magnitude
 from kcm_cuda.pruning.methods.r2 import R2
 from kcm_cuda.pruning.methods.random import Random
 from kcm_cuda.pruning.methods.wanda_sp import WandaSP
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP(), KCMPaper())
+    m.name: m
+    for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP(), KCMPaper(), Kwon())
 }
 
 __all__ = ["METHODS", "Method", "ScoreMethod", "Selection", "topk_selection"]

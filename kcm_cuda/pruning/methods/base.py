@@ -30,12 +30,14 @@ class Selection:
     """masks: per layer a bool tensor over the layer's original FFN neurons (True = keep).
     head_masks: per layer a bool tensor over its heads (None: every head kept).
     scales: per layer, one factor per kept neuron folded into W2's kept columns (None: no
-    factors; they apply when no reconstruction replaces them). info: free-form, JSON-able,
-    copied into the report under "selection"."""
+    factors; they apply when no reconstruction replaces them). head_scales: per layer, one
+    factor per kept head folded into the output projection's columns of that head (None: no
+    factors). info: free-form, JSON-able, copied into the report under "selection"."""
 
     masks: list[torch.Tensor]
     head_masks: list[torch.Tensor] | None = None
     scales: list[torch.Tensor | None] | None = None
+    head_scales: list[torch.Tensor | None] | None = None
     info: dict = field(default_factory=dict)
 
 
