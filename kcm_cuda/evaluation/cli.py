@@ -12,8 +12,9 @@ Profiles (explicit flags override them):
         estimate so that the grid takes at most CPU_GRID_TARGET_MIN minutes on a slow 2-core
         CPU (another process using one core), and printed before anything runs. Every planned
         run is run (--seeds N: exactly N seeds, no sizing).
-  full  (default with a GPU) the paper's protocol: full fine-tune, budgets 0.8 0.7 0.6 0.5,
-        all methods with and without Scale, 10 seeds of 2048 sentences.
+  full  (default with a GPU) the paper's protocol widened: full fine-tune, budgets 0.8 0.7
+        0.6 0.5 0.4, the cpu grid's methods plus the labelled anchor kwon, kcm, d2, magnitude,
+        wanda_sp and the default with attention heads pruned, 10 seeds of 2048 sentences.
 
 kcm-eval exits with status 1 when the grid measured no pruned model (the report is written).
 """
@@ -32,7 +33,19 @@ __all__ = ["build_parser", "main"]
 
 # The cpu profile's grid (`make run`): edit these two constants to change what it runs.
 CPU_GRID_BUDGETS = (0.7, 0.6, 0.5)
-CPU_GRID_METHODS = ("random", "magnitude", "r2", "d2", "kcm", "kcm:scale=on")
+# The default (flap selection + ridge reconstruction) against the label-free peers a user could
+# pick instead: FLAP as published (bias compensation), Wanda-sp + bias compensation, the
+# paper's KCM pipeline (mean-rank R2D2 + Scale), KCM's data-driven score D2 with the same ridge
+# reconstruction, and random. The labelled anchor `kwon` costs minutes per prune on this CPU:
+# it is in the full profile and measured in benchmarks/results/cpu/accuracy/issue8/kwon/.
+CPU_GRID_METHODS = (
+    "random",
+    "kcm_paper",
+    "flap:reconstruct=bias",
+    "wanda_sp:reconstruct=bias",
+    "d2:reconstruct=ridge",
+    "flap:reconstruct=ridge",
+)
 CPU_GRID_MAX_SEEDS = 3
 CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated up front
 # Seconds per run on an idle 2-core CPU (this project's machine) for the default model and
@@ -41,7 +54,16 @@ CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated 
 # methods not measured there, a conservative guess. One-off stage costs are paid once per grid
 # (R2 solve) or once per seed (activation statistics), then memoised.
 EST_EVAL_S = 5.5
-EST_PRUNE_S = {"random": 0.2, "magnitude": 0.2, "r2": 0.3, "d2": 0.3, "kcm": 0.4, "flap": 1.0}
+EST_PRUNE_S = {
+    "random": 0.2,
+    "magnitude": 0.2,
+    "r2": 0.3,
+    "d2": 0.3,
+    "kcm": 0.4,
+    "kcm_paper": 0.4,
+    "flap": 1.0,
+    "wanda_sp": 1.0,
+}
 EST_PRUNE_OTHER_S = 10.0  # a method without a measurement (e.g. kwon's labelled passes)
 EST_SCALE_S = 5.5  # Scale / a reconstruction on top of the selection
 EST_ONCE_PER_GRID_S = 16.0  # R2's kernel solve
@@ -61,9 +83,17 @@ PROFILES = {
         "time_limit": None,
     },
     "full": {
-        "budgets": (0.8, 0.7, 0.6, 0.5),
-        "methods": ("kcm", "d2", "r2", "magnitude", "random"),
-        "scale": "both",
+        "budgets": (0.8, 0.7, 0.6, 0.5, 0.4),
+        "methods": CPU_GRID_METHODS
+        + (
+            "kwon",
+            "kcm",
+            "d2",
+            "magnitude",
+            "wanda_sp",
+            "flap:reconstruct=ridge,heads=true",
+        ),
+        "scale": "off",
         "seeds": 10,
         "samples": 2048,
         "finetune": "full",

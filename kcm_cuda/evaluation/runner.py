@@ -107,6 +107,27 @@ def default_method() -> str:
     return default.default if default is not None and isinstance(default.default, str) else "kcm"
 
 
+def default_reconstruction() -> str | None:
+    """The reconstruction prune() runs by default (with its default method and options)."""
+    try:
+        from kcm_cuda.pruning.options import PruneOptions
+
+        return PruneOptions(method=default_method()).reconstruction()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def is_default_config(row: dict, default: str, default_recon: str | None) -> bool:
+    """True for the row that runs prune()'s defaults: the default method with the default
+    reconstruction and no other option (any variant of it counts as a peer)."""
+    if row.get("base_method") != default:
+        return False
+    extra = {k: v for k, v in (row.get("options") or {}).items() if k not in ("reconstruct",)}
+    if extra:
+        return False
+    return default_recon is None or row.get("reconstruct") == default_recon
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A method and its variant options, written ``name`` or ``name:key=value,key=value``
@@ -830,6 +851,7 @@ def summarise(
             "budget": c,
             "method": m,
             "base_method": rs[0].get("base_method", m.split(":")[0]),
+            "options": dict(rs[0].get("options") or {}),
             "scale": s,
             "n_seeds": len(rs),
             "reconstruct": "/".join(sorted({r.get("reconstruct", "none") for r in rs})),
@@ -896,10 +918,13 @@ def _correct_mean(rs: list[dict]) -> np.ndarray | None:
 
 def _best_peer_differences(rows: list[dict], groups: dict[tuple, list[dict]], default: str):
     """Per budget, the paired accuracy difference of every row to the BEST label-free peer at
-    that budget: peers are the rows of label-free methods other than the project's default
-    (``default``), the best the one with the highest mean accuracy. Stored in
+    that budget: peers are the label-free rows other than the one that runs the project's
+    defaults (``default`` method with its default reconstruction; FLAP as published, or the
+    default method without reconstruction, are peers), the best the one with the highest
+    mean accuracy. Stored in
     ``paired_accuracy_diff[BEST_PEER]`` with the peer's name; the best peer's own row has no
     entry (nothing to compare to), and each budget's choice goes to ``best_peer``."""
+    default_recon = default_reconstruction()
     by_budget: dict = {}
     for row in rows:
         by_budget.setdefault(row["budget"], []).append(row)
@@ -908,7 +933,7 @@ def _best_peer_differences(rows: list[dict], groups: dict[tuple, list[dict]], de
             r
             for r in brows
             if not r.get("uses_labels")
-            and r.get("base_method") != default
+            and not is_default_config(r, default, default_recon)
             and (r.get("accuracy") or {}).get("mean") is not None
             and _correct_mean(groups[(r["budget"], r["method"], r["scale"])]) is not None
         ]
