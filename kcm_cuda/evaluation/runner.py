@@ -107,25 +107,30 @@ def default_method() -> str:
     return default.default if default is not None and isinstance(default.default, str) else "kcm"
 
 
-def default_reconstruction() -> str | None:
-    """The reconstruction prune() runs by default (with its default method and options)."""
+def default_reconstruction(method: str | None = None) -> str | None:
+    """The reconstruction prune() runs for ``method`` (default: the default method) with its
+    default options."""
     try:
         from kcm_cuda.pruning.options import PruneOptions
 
-        return PruneOptions(method=default_method()).reconstruction()
+        return PruneOptions(method=method or default_method()).reconstruction()
     except (ImportError, AttributeError, TypeError, ValueError):
         return None
 
 
-def is_default_config(row: dict, default: str, default_recon: str | None) -> bool:
-    """True for the row that runs prune()'s defaults: the default method with the default
-    reconstruction and no other option (any variant of it counts as a peer)."""
-    if row.get("base_method") != default:
-        return False
-    extra = {k: v for k, v in (row.get("options") or {}).items() if k not in ("reconstruct",)}
-    if extra:
-        return False
-    return default_recon is None or row.get("reconstruct") == default_recon
+def default_rows(rows: list[dict], default: str) -> list[dict]:
+    """The rows that run prune()'s defaults: the default method with no other option and, when
+    one of them ran the default reconstruction, only those (FLAP as published or the default
+    method without reconstruction are then peers like any other)."""
+    cands = [
+        r
+        for r in rows
+        if r.get("base_method") == default
+        and not {k for k in (r.get("options") or {}) if k != "reconstruct"}
+    ]
+    recon = default_reconstruction(default)
+    exact = [r for r in cands if recon is not None and r.get("reconstruct") == recon]
+    return exact or cands
 
 
 @dataclass(frozen=True)
@@ -924,16 +929,16 @@ def _best_peer_differences(rows: list[dict], groups: dict[tuple, list[dict]], de
     mean accuracy. Stored in
     ``paired_accuracy_diff[BEST_PEER]`` with the peer's name; the best peer's own row has no
     entry (nothing to compare to), and each budget's choice goes to ``best_peer``."""
-    default_recon = default_reconstruction()
     by_budget: dict = {}
     for row in rows:
         by_budget.setdefault(row["budget"], []).append(row)
     for _c, brows in by_budget.items():
+        defaults = default_rows(brows, default)
         peers = [
             r
             for r in brows
             if not r.get("uses_labels")
-            and not is_default_config(r, default, default_recon)
+            and not any(r is d for d in defaults)
             and (r.get("accuracy") or {}).get("mean") is not None
             and _correct_mean(groups[(r["budget"], r["method"], r["scale"])]) is not None
         ]

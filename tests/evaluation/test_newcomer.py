@@ -258,3 +258,29 @@ def test_nothing_measured_exits_non_zero(tiny_model_dir, tiny_tsv, tmp_path, cap
     assert "no pruned model was measured" in err and "time limit" in err
     assert (tmp_path / "out" / "report.md").is_file()
     assert main(argv) == 0
+
+
+def test_best_peer_excludes_only_the_default_configuration():
+    """With default flap + ridge, FLAP as published (flap + bias) is a peer, not the default."""
+    n = 200
+    rng = np.random.default_rng(1)
+    truth = {
+        "flap:reconstruct=ridge": rng.random(n) < 0.9,
+        "flap:reconstruct=bias": rng.random(n) < 0.85,
+        "random": rng.random(n) < 0.6,
+    }
+    runs = []
+    for m, c in truth.items():
+        row = _row(m, float(c.mean()), c)
+        row["base_method"] = m.split(":")[0]
+        if ":" in m:
+            row["options"] = {"reconstruct": m.split("=")[1]}
+            row["reconstruct"] = m.split("=")[1]
+        runs.append(row)
+    rows = R.summarise(runs, {"accuracy": 0.9}, ["accuracy"], default="flap")
+    by = {r["method"]: r for r in rows}
+    assert R.default_reconstruction("flap") == "ridge"
+    assert all(r["best_peer"] == "flap:reconstruct=bias" for r in rows)
+    d = by["flap:reconstruct=ridge"]["paired_accuracy_diff"]["best label-free peer"]
+    diff = truth["flap:reconstruct=ridge"].astype(float) - truth["flap:reconstruct=bias"]
+    assert d["diff"] == pytest.approx(diff.mean())
