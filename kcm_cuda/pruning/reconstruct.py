@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.methods.base import Selection
 from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
 from kcm_cuda.pruning.progress import progress_bar
 from kcm_cuda.pruning.scale import (
+    _Tap,
     capture_first_layer_calls,
     run_block,
     solve_with_retries,
@@ -169,34 +169,6 @@ def refit_linear(
 
 
 # -- the stage ---------------------------------------------------------------------------------
-class _Tap:
-    """Hooks on one block, on the real tokens: x = W1's input (the FFN's residual input),
-    a = W2's input (the activations), and with ``output=True`` y = W2·a (W2's output minus its
-    bias, taken from the forward)."""
-
-    def __init__(self, adapter, block: nn.Module, output: bool = False):
-        self.x = self.a = self.y = self.mask = None
-        w2 = adapter.w2(block)
-        self.handles = [
-            adapter.w1(block).register_forward_pre_hook(self._on_w1),
-            w2.register_forward_pre_hook(self._on_w2),
-        ]
-        if output:
-            self.handles.append(w2.register_forward_hook(self._on_w2_out))
-
-    def _on_w1(self, _m, args):
-        self.x = real_tokens(args[0], self.mask).float()
-
-    def _on_w2(self, _m, args):
-        self.a = real_tokens(args[0], self.mask).float()
-
-    def _on_w2_out(self, module, _args, out):
-        y = real_tokens(out, self.mask).float()
-        self.y = y - module.bias.float() if module.bias is not None else y
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _plain(name: str, mode: str, selection: Selection, n_layers: int) -> ReconstructionResult:

@@ -101,21 +101,19 @@ def run_block(block: nn.Module, call: LayerCall, hidden: torch.Tensor) -> torch.
 
 
 class _Tap:
-    """Hooks on W1 and W2 of a block, on the real tokens: x = W1's input (the FFN's residual
-    input), a = W2's input (the activations) or, with ``output=True``, y = W2's output minus
-    its bias (W2·a, taken from the forward instead of recomputed)."""
+    """Hooks on one block, on the real tokens: x = W1's input (the FFN's residual input),
+    a = W2's input (the activations), and with ``output=True`` y = W2·a (W2's output minus its
+    bias, taken from the forward)."""
 
     def __init__(self, adapter: FFNAdapter, block: nn.Module, output: bool = False):
-        self.x: torch.Tensor | None = None
-        self.a: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
+        self.x = self.a = self.y = self.mask = None
         w2 = adapter.w2(block)
-        self.handles = [adapter.w1(block).register_forward_pre_hook(self._on_w1)]
+        self.handles = [
+            adapter.w1(block).register_forward_pre_hook(self._on_w1),
+            w2.register_forward_pre_hook(self._on_w2),
+        ]
         if output:
             self.handles.append(w2.register_forward_hook(self._on_w2_out))
-        else:
-            self.handles.append(w2.register_forward_pre_hook(self._on_w2))
 
     def _on_w1(self, _m, args):
         self.x = real_tokens(args[0], self.mask).float()
