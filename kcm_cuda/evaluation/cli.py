@@ -40,7 +40,7 @@ CPU_GRID_BUDGETS = (0.7, 0.6, 0.5)
 # it is in the full profile and measured in benchmarks/results/cpu/accuracy/issue8/kwon/.
 CPU_GRID_METHODS = (
     "random",
-    "kcm_paper",
+    "kcm_paper:reconstruct=scale",
     "flap:reconstruct=bias",
     "wanda_sp:reconstruct=bias",
     "d2:reconstruct=ridge",
