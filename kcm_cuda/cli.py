@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     from kcm_cuda.evaluation.runner import known_methods
 
     METHODS = known_methods()  # noqa: N806 - the registry's names (issue 8), else the built-in
+    from kcm_cuda.pruning.options import PruneOptions
+
+    default_method = PruneOptions().method
+    default_recon = PruneOptions().reconstruction()
     from kcm_cuda.pruning.d2 import D2_MODES
     from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
     from kcm_cuda.pruning.r2 import R2_POINTS
@@ -64,11 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="directory to save into")
     p.add_argument(
         "--method",
-        default="kcm",
+        default=default_method,
         choices=METHODS,
-        help="neuron scores: kcm (R2D2, default), r2, d2, magnitude, random, and any method "
-        "of kcm_cuda.pruning.methods (one that needs labels is for the Python API: "
-        "prune(..., labels=))",
+        help=f"which neurons to keep (default {default_method}: FLAP's standardised fluctuation "
+        "score, the measured best with ridge reconstruction; kcm_paper: the paper's mean-rank "
+        "R2D2 + Scale; kcm: D2 votes with R2 breaking ties; d2, r2, wanda_sp, magnitude, "
+        "random; a method that needs labels (kwon) is for the Python API: prune(..., labels=))",
     )
     p.add_argument(
         "--samples",
@@ -86,13 +91,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available, else cpu)"
     )
-    p.add_argument("--no-scale", action="store_true", help="skip the Scale rescaling step")
+    p.add_argument(
+        "--no-scale",
+        action="store_true",
+        help="no reconstruction after the selection (same as --reconstruct none)",
+    )
     p.add_argument(
         "--reconstruct",
         default=None,
         metavar="R",
-        help="what runs after the selection: none, bias, scale, ridge (default: Scale, or none "
-        "with --no-scale); needs a prune() with reconstruct=",
+        help="what runs after the selection: none, bias (FLAP's bias compensation), scale "
+        "(per-neuron rescaling), ridge (least-squares refit of the kept W2 columns and b2) "
+        f"(default: {default_recon}, or the method's own, e.g. scale for kcm_paper; none with "
+        "--no-scale)",
     )
     p.add_argument(
         "--heads", action="store_true", help="prune attention heads too (needs prune(heads=))"

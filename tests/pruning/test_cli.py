@@ -351,3 +351,14 @@ def test_cli_passes_reconstruct_and_heads_to_prune(
     assert main([*argv, "--reconstruct", "bias", "--heads"]) == 0
     assert seen == {"reconstruct": "bias", "heads": True}
     capsys.readouterr()
+
+
+def test_cli_defaults_are_prunes_defaults():
+    """kcm-prune runs what prune() runs by default (method and reconstruction)."""
+    from kcm_cuda.cli import _parser
+    from kcm_cuda.pruning.options import PruneOptions
+
+    args = _parser().parse_args(["model", "--data", "d.txt", "--flops", "0.6", "--output", "o"])
+    assert args.method == PruneOptions().method
+    assert args.reconstruct is None and not args.no_scale  # → PruneOptions' default reconstruction
+    assert "ridge" in _parser().format_help()
