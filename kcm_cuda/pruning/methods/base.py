@@ -60,6 +60,23 @@ class Method:
         raise NotImplementedError
 
 
+def times_w2_norm(
+    per_neuron: list[torch.Tensor], w2_norms: list[torch.Tensor], power: int = 1
+) -> list[torch.Tensor]:
+    """Per layer (n,) float64: a per-neuron activation statistic times ‖W2[:, i]‖^power (the
+    shape of the Wanda-sp and FLAP scores), with the layer and neuron counts checked."""
+    if len(w2_norms) != len(per_neuron):
+        raise ValueError(
+            f"{len(w2_norms)} W2 norm vectors for {len(per_neuron)} layers of statistics"
+        )
+    out = []
+    for a, w in zip(per_neuron, w2_norms, strict=True):
+        if a.shape != w.shape:
+            raise ValueError(f"activation statistics of {a.numel()} neurons, W2 of {w.numel()}")
+        out.append(a * w.double().cpu() ** power)
+    return out
+
+
 def topk_selection(ctx: PruneContext, scores: list[torch.Tensor], info: dict | None = None):
     """Scores → masks of ctx.k_total neurons (at least ctx.keep_min per layer), the per-layer
     counts decided by ``allocation=`` (default "global": one global top-k of the scores;

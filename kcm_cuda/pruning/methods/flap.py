@@ -17,21 +17,12 @@ import torch
 
 from kcm_cuda.pruning.activations import ActivationStats, token_variances
 from kcm_cuda.pruning.allocation import standardise
-from kcm_cuda.pruning.methods.base import ScoreMethod
+from kcm_cuda.pruning.methods.base import ScoreMethod, times_w2_norm
 
 
 def fluctuation_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer (n,) float64: Var_tokens(a_i) · ‖W2[:, i]‖² (not standardised)."""
-    if len(w2_norms) != len(stats.sq_sums):
-        raise ValueError(
-            f"{len(w2_norms)} W2 norm vectors for {len(stats.sq_sums)} layers of statistics"
-        )
-    out = []
-    for var, w in zip(token_variances(stats), w2_norms, strict=True):
-        if var.shape != w.shape:
-            raise ValueError(f"activation statistics of {var.numel()} neurons, W2 of {w.numel()}")
-        out.append(var * w.double().cpu() ** 2)
-    return out
+    return times_w2_norm(token_variances(stats), w2_norms, power=2)
 
 
 def flap_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,21 +11,12 @@ from __future__ import annotations
 import torch
 
 from kcm_cuda.pruning.activations import ActivationStats, token_norms
-from kcm_cuda.pruning.methods.base import ScoreMethod
+from kcm_cuda.pruning.methods.base import ScoreMethod, times_w2_norm
 
 
 def wanda_sp_scores(stats: ActivationStats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer (n,) float64: ‖W2[:, i]‖₂ · ‖a_i‖₂."""
-    if len(w2_norms) != len(stats.sq_sums):
-        raise ValueError(
-            f"{len(w2_norms)} W2 norm vectors for {len(stats.sq_sums)} layers of statistics"
-        )
-    out = []
-    for a, w in zip(token_norms(stats), w2_norms, strict=True):
-        if a.shape != w.shape:
-            raise ValueError(f"activation statistics of {a.numel()} neurons, W2 of {w.numel()}")
-        out.append(a * w.double().cpu())
-    return out
+    return times_w2_norm(token_norms(stats), w2_norms)
 
 
 class WandaSP(ScoreMethod):
