@@ -68,6 +68,7 @@ def refit_attention_output(
     t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)
     for layer, (tb, sb) in enumerate(zip(t_blocks, s_blocks, strict=True)):
         pruned = not bool(head_masks[layer].all())
+        t_next: list[torch.Tensor | None] = [None] * len(calls)
         if pruned:
             o_s = adapter.o(sb)
             w = o_s.in_features
@@ -79,8 +80,8 @@ def refit_attention_output(
             try:
                 for b, call in enumerate(calls):
                     t_tap.mask = s_tap.mask = call.mask
-                    run_block(tb, call, h_t[b])
-                    run_block(sb, call, h_s[b])
+                    t_next[b] = run_block(tb, call, h_t[b])  # the teacher's output: kept
+                    run_block(sb, call, h_s[b])  # recomputed below, after the refit
                     diff = real_tokens(h_t[b] - h_s[b], call.mask).double()
                     Z = t_tap.out + diff
                     X = torch.cat([s_tap.ctx, torch.ones_like(s_tap.ctx[:, :1])], dim=1)
@@ -125,7 +126,7 @@ def refit_attention_output(
             res.error_after.append(float("nan"))
             res.target_energy.append(float("nan"))
         for b, call in enumerate(calls):
-            h_t[b] = run_block(tb, call, h_t[b])
+            h_t[b] = t_next[b] if t_next[b] is not None else run_block(tb, call, h_t[b])
             h_s[b] = run_block(sb, call, h_s[b])
     return res
 
