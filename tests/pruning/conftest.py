@@ -231,3 +231,33 @@ def token_batch(n: int = 48, width: int = 24, vocab_size: int = 128, seed: int =
     mask[torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
     ids[mask == 0] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def word_level_tokenizer(pad: bool = False):
+    """A fast word-level tokenizer over ``WORDS`` with BOS/EOS and (``pad``) a padding token;
+    LLaMA-style when ``pad`` is False (no padding token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    if pad:
+        vocab["<pad>"] = 3
+    for w in sorted(set(WORDS)):
+        vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
+    )
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    """A saved tiny LLaMA (GQA) with its tokenizer, as a user's local checkpoint."""
+    tok = word_level_tokenizer()
+    model = tiny_decoder("llama", vocab_size=len(tok))
+    d = tmp_path / "llama"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -160,19 +160,10 @@ def test_sequences_longer_than_the_context_are_refused():
 
 
 def test_text_data_with_a_tokenizer_without_pad_token():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tests.pruning.conftest import make_sentences, word_level_tokenizer
 
-    from tests.pruning.conftest import WORDS, make_sentences
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in sorted(set(WORDS)):
-        vocab[w] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    tok = word_level_tokenizer()
+    vocab = tok.get_vocab()
     assert tok.pad_token is None
     model = tiny_decoder("llama", vocab_size=len(vocab))
     res = kcm_cuda.prune(model, make_sentences(120), flops=0.7, tokenizer=tok, progress=False)
@@ -269,3 +260,40 @@ def test_model_spread_over_devices_with_disk_offload(tmp_path):
     assert not any("_hf_hook" in m.__dict__ for m in a.model.modules())
     a.save(tmp_path / "pruned")
     assert kcm_cuda.load_pruned(tmp_path / "pruned") is not None
+
+
+def _tree_digest(path) -> dict:
+    import hashlib
+
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("extra", [[], ["--device-map", "auto", "--dtype", "float32"]])
+def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys):
+    pytest.importorskip("accelerate")
+    from kcm_cuda.cli import main
+    from tests.pruning.conftest import make_sentences
+
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(make_sentences(200)), encoding="utf-8")
+    before = _tree_digest(llama_dir)
+    out = tmp_path / "pruned"
+    rc = main([str(llama_dir), "--data", str(data), "--flops", "0.7", "--output", str(out),
+               "--quiet", *extra])
+    assert rc == 0, capsys.readouterr().err
+    assert _tree_digest(llama_dir) == before, "the input checkpoint was modified"
+    pruned = kcm_cuda.load_pruned(out)
+    assert sum(b.mlp.gate_proj.out_features for b in pruned.model.layers) < 3 * 176
+    import json
+
+    report = json.loads((out / "kcm_report.json").read_text())
+    assert report["architecture"] == "LLaMA" and report["flops"]["ratio"] <= 0.7 + 1e-9
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(["the movie was good"], return_tensors="pt")["input_ids"]
+    assert pruned.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
