@@ -1,16 +1,17 @@
 """Paired accuracy differences between methods of one or more saved kcm-eval runs.
 
-    python benchmarks/issue8_paired.py DIR [DIR ...] --pair "A vs B" [--pair "C vs D" ...]
+    python benchmarks/paired_accuracy.py DIR [DIR ...] --pair "A vs B" [--pair "C vs D" ...]
 
 Every DIR holds report.json and predictions.npz (``kcm-eval --save-predictions``) on the
-same task and test split (checked: identical labels), or, for a grid still running, its
-runs.partial.jsonl (the finished runs, with their logits; at least one DIR must be
-finished). A method is named by its kcm-eval label plus "/on" when Scale was on (e.g.
+same task and test split (checked: identical labels), or, for a grid still running or
+stopped, its runs.partial.jsonl (kcm-eval's checkpoint: the finished runs, with their
+logits; committed results name it runs.jsonl). Without a finished DIR, --task NAME[@ROWS]
+gives the labels. A method is named by its kcm-eval label plus "/on" when Scale was on (e.g.
 ``kcm:sigma=median``, ``kcm/on``). For each budget both methods have,
 d_i = (mean over seeds of A correct on test row i) − (same for B), and the difference is
 mean(d) ± sd(d)/sqrt(N) (the runner's paired standard error), over the seeds both have.
-Runs of the same
-(budget, method, seed) found in several DIRs must have the same mask digest (else refused).
+Runs of the same (budget, method, seed) found in several DIRs must have the same mask digest
+(else refused).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ import numpy as np
 
 
 def _task_labels(task: str) -> np.ndarray:
-    """Test labels of ``NAME`` or ``NAME@ROWS`` (the issue-8 grid's fixed test subset)."""
+    """Test labels of ``NAME`` or ``NAME@ROWS`` (accuracy_grid.py's fixed test subset)."""
     from kcm_cuda.evaluation.datasets import get_task
 
     name, _, rows = task.partition("@")
     t = get_task(name)
     if rows:
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "issue8"))
-        from grid import _subset
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from accuracy_grid import subset_test_rows
 
-        t = _subset(t, int(rows))
+        t = subset_test_rows(t, int(rows))
     return np.array([int(e.label) for e in t.test])
 
 
@@ -62,8 +63,8 @@ def load(dirs: list[str], task: str | None = None):
             "no finished report.json among the directories: pass --task NAME[@ROWS] for the labels"
         )
     for d in dirs:
-        partial = Path(d) / "runs.partial.jsonl"
-        if (Path(d) / "report.json").is_file() or not partial.is_file():
+        partial = _checkpoint(Path(d))
+        if (Path(d) / "report.json").is_file() or partial is None:
             continue
         for line in partial.read_text().splitlines():
             try:
@@ -76,6 +77,14 @@ def load(dirs: list[str], task: str | None = None):
                     raise ValueError(f"{partial}: another test split")
                 _add(runs, rec["run"], logits, labels)
     return labels, runs, dense
+
+
+def _checkpoint(d: Path) -> Path | None:
+    """A grid's finished runs: kcm-eval's runs.partial.jsonl, or runs.jsonl as committed."""
+    for name in ("runs.partial.jsonl", "runs.jsonl"):
+        if (d / name).is_file():
+            return d / name
+    return None
 
 
 def _add(runs: dict, r: dict, logits, y) -> None:

@@ -1,5 +1,5 @@
 """Time one full prune of the fine-tuned MiniLM (vader-movie, the kcm-eval cache) and print
-the stage timings. Usage: python benchmarks/issue8/time_prune.py [flops] [method] [k=v ...]"""
+the stage timings. Usage: python benchmarks/prune_time.py [flops] [method] [k=v ...]"""
 
 from __future__ import annotations
 

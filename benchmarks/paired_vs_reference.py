@@ -1,9 +1,10 @@
-"""Paired tables for the issue-8 grid: per task and budget, every cell's accuracy (mean over
-seeds), its drop vs dense, and its paired difference (± paired-bootstrap SE over the test
-rows, on the seeds both cells have) against a reference cell, from kcm-eval's report.json +
-predictions.npz. Several output directories of the same task (same test rows) are merged.
+"""Paired tables of kcm-eval grids against a reference cell: per task and budget, every cell's
+accuracy (mean over seeds), its drop vs dense, and its paired difference (± paired-bootstrap
+SE over the test rows, on the seeds both cells have) against the reference, from kcm-eval's
+report.json + predictions.npz. Several output directories of the same task (same test rows)
+are merged.
 
-    python benchmarks/issue8/findings.py OUTDIR [OUTDIR ...] [--ref METHOD_LABEL] [--boot 500]
+    python benchmarks/paired_vs_reference.py OUTDIR [OUTDIR ...] [--ref METHOD_LABEL] [--boot 500]
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""kcm-eval for the issue-8 reconstruction grid, with two adjustments for a shared 2-core CPU.
+"""kcm-eval's accuracy grid on a fixed subset of test rows, with two adjustments for a shared
+2-core CPU (the reconstruction and allocation studies of docs/RESULTS.md ran with it).
 
-    python benchmarks/issue8/grid.py --test-rows N <kcm-eval arguments>
+    python benchmarks/accuracy_grid.py --test-rows N <kcm-eval arguments>
 
 1. ``--test-rows N``: score on a fixed subset of N test rows (the rows whose
-   sha256("issue8" + id) is smallest; the same rows for every run, so the comparisons stay
+   sha256(SUBSET_SALT + id) is smallest; the same rows for every run, so the comparisons stay
    paired; the fine-tune is unchanged: its cache key covers train/dev only).
 2. Runs whose pruned weights differ only in W2 / b2 (bias and ridge reconstructions keep the
    masks and have no per-neuron scales) must not be taken for an earlier run with the same
@@ -45,13 +46,20 @@ def _patch_runner() -> None:
     runner._masks_digest = digest
 
 
-def _subset(task, n: int):
+# The salt of the test-row subset: the committed studies' rows; another salt, other rows.
+SUBSET_SALT = "issue8"
+
+
+def subset_test_rows(task, n: int):
+    """``task`` scored on N of its test rows: those whose sha256(SUBSET_SALT + id) is smallest."""
     if n <= 0 or n >= len(task.test):
         return task
-    key = lambda e: hashlib.sha256(f"issue8{e.id}".encode()).hexdigest()  # noqa: E731
+    key = lambda e: hashlib.sha256(f"{SUBSET_SALT}{e.id}".encode()).hexdigest()  # noqa: E731
     test = sorted(task.test, key=key)[:n]
     notes = dict(task.notes)
-    notes["test_subset"] = f"{n} of {len(task.test)} test rows (smallest sha256('issue8'+id))"
+    notes["test_subset"] = (
+        f"{n} of {len(task.test)} test rows (smallest sha256({SUBSET_SALT!r}+id))"
+    )
     return dataclasses.replace(task, test=test, notes=notes)
 
 
@@ -70,14 +78,14 @@ def main(argv: list[str]) -> int:
 
     _patch_runner()
     # On a CPU shared by many processes, OpenMP workers spin-wait: one thread is faster.
-    torch.set_num_threads(int(os.environ.get("ISSUE8_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("KCM_GRID_THREADS", "1")))
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     config.validate()
-    task = _subset(get_task(config.task, default_cache_dir(config.cache_dir)), n)
+    task = subset_test_rows(get_task(config.task, default_cache_dir(config.cache_dir)), n)
     t0 = time.perf_counter()
     print(
-        f"issue8 grid: {task.name}, test rows {len(task.test)}, torch threads "
+        f"accuracy grid: {task.name}, test rows {len(task.test)}, torch threads "
         f"{torch.get_num_threads()}",
         flush=True,
     )

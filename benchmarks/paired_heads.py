@@ -1,12 +1,14 @@
-"""Paired tables for the heads grid (this directory's kcm-eval outputs).
+"""Paired tables for the heads study (benchmarks/results/cpu-amd-epyc/heads/: kcm-eval outputs
+with heads=True cells).
 
-    PYTHONPATH=. python benchmarks/results/cpu/accuracy/issue8/heads/paired.py DIR [DIR ...]
+    PYTHONPATH=. python benchmarks/paired_heads.py DIR [DIR ...]
 
 Reads each DIR's report.json + predictions.npz, or, for a grid stopped early, its
-runs.partial.jsonl (finished runs with their test logits). Per budget and method: accuracy
-mean ± SE over seeds; against the reference at the same budget (``kcm`` FFN-only when present,
-else the first method): the per-seed paired accuracy difference (same unlabeled sample, same
-test rows) mean ± SE over seeds, and a paired bootstrap over test sentences.
+runs.partial.jsonl (finished runs with their test logits; runs.jsonl as committed). Per
+budget and method: accuracy mean ± SE over seeds; against the reference at the same budget
+(``kcm`` FFN-only when present, else the first method): the per-seed paired accuracy
+difference (same unlabeled sample, same test rows) mean ± SE over seeds, and a paired
+bootstrap over test sentences.
 """
 
 import json
@@ -31,10 +33,12 @@ def load(dirs):
                 if f"run_{i}" in pr.files:
                     lg = pr[f"run_{i}"].astype(np.float64)
                     runs[(r["budget"], r["method"], r["seed"])] = (lg[:, 1] - lg[:, 0], r)
-        elif (d / "runs.partial.jsonl").is_file():
+        elif (d / "runs.partial.jsonl").is_file() or (d / "runs.jsonl").is_file():
             if y is None:
                 y = np.array([e.label for e in get_task("vader-movie").test])
-            for line in (d / "runs.partial.jsonl").read_text().splitlines():
+            partial = d / "runs.partial.jsonl"
+            partial = partial if partial.is_file() else d / "runs.jsonl"
+            for line in partial.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
