@@ -37,7 +37,7 @@ CPU_GRID_BUDGETS = (0.7, 0.6, 0.5)
 # pick instead: FLAP as published (bias compensation), Wanda-sp + bias compensation, the
 # paper's KCM pipeline (mean-rank R2D2 + Scale), KCM's data-driven score D2 with the same ridge
 # reconstruction, and random. The labelled anchor `kwon` costs minutes per prune on this CPU:
-# it is in the full profile and measured in benchmarks/results/cpu/accuracy/issue8/kwon/.
+# it is in the full profile and measured in benchmarks/results/cpu-amd-epyc/kwon/.
 CPU_GRID_METHODS = (
     "random",
     "kcm_paper:reconstruct=scale",
@@ -50,9 +50,9 @@ CPU_GRID_MAX_SEEDS = 3
 CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated up front
 # Seconds per run on an idle 2-core CPU (this project's machine) for the default model and
 # task (all-MiniLM-L6-v2, 512 sentences, 2,131 test sentences), from
-# benchmarks/results/cpu/accuracy/make_run_default (eval ~5.3 s, prune per method) and, for
-# methods not measured there, a conservative guess. One-off stage costs are paid once per grid
-# (R2 solve) or once per seed (activation statistics), then memoised.
+# benchmarks/results/cpu-amd-epyc/default_vs_peers_vader-movie (eval ~5.3 s, prune per
+# method) and, for methods not measured there, a conservative guess. One-off stage costs are
+# paid once per grid (R2 solve) or once per seed (activation statistics), then memoised.
 EST_EVAL_S = 5.5
 EST_PRUNE_S = {
     "random": 0.2,
