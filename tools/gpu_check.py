@@ -552,17 +552,17 @@ def _run_stage(stage: Stage, log, timeout: float) -> tuple[str, float, str]:
 
 
 def _device_meta() -> dict[str, Any]:
-    """Device, versions and git state (benchmarks/harness.py's description of a machine)."""
+    """Device, versions and git state (benchmarks/results_file.py's description of a machine)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from benchmarks import harness
+    from benchmarks import results_file
 
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = harness.device_info(dev)
+    device = results_file.device_info(dev)
     if dev.type != "cuda":
         device["capability"] = None
-    return {"device": device, "versions": harness.versions(), "git": harness.git_info()}
+    return {"device": device, "versions": results_file.versions(), "git": results_file.git_info()}
 
 
 def _meta_from_results(out: Path) -> dict[str, Any]:
