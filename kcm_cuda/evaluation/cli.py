@@ -106,7 +106,7 @@ PROFILES = {
 
 def estimate_run_s(method: str, scale: bool) -> float:
     """Idle-CPU seconds of one run (prune + test evaluation) of ``method``."""
-    from kcm_cuda.evaluation.runner import parse_method
+    from kcm_cuda.evaluation.grid import parse_method
 
     spec = parse_method(method)
     opts = dict(spec.options)
@@ -126,7 +126,7 @@ def plan_cpu_grid(
 ) -> tuple[int, str]:
     """(seeds, the plan as one line): the most seeds (1..max_seeds) whose estimated grid time
     on a slow 2-core CPU fits ``target_min`` minutes (at least 1)."""
-    from kcm_cuda.evaluation.runner import _cells, parse_method
+    from kcm_cuda.evaluation.grid import _cells, parse_method
 
     cells = _cells(budgets, [parse_method(m) for m in methods], scales)
     per_seed = sum(estimate_run_s(m.label, s) for _, m, s in cells) + EST_ONCE_PER_SEED_S
@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from kcm_cuda.evaluation.finetune import FinetuneSettings, resolve_mode
-    from kcm_cuda.evaluation.runner import GridConfig, parse_method, resolve_device
-    from kcm_cuda.evaluation.runner import _parse_value as parse_value
+    from kcm_cuda.evaluation.grid import GridConfig, parse_method, resolve_device
+    from kcm_cuda.evaluation.grid import _parse_value as parse_value
 
     dev = resolve_device(args.device)
     profile = args.profile
