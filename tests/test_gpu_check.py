@@ -1,4 +1,5 @@
-"""tools/gpu_check.py (`make gpu-check`) on a machine without a GPU: the dry run (plan, files,
+"""tools/gpu_check.py (`make gpu-check`; its pieces gpu_summary.py, gpu_workloads.py,
+gpu_process.py) on a machine without a GPU: the dry run (plan, files,
 exit 0), the refusal to pass without a GPU, the junit and goal evaluation it reports."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import gpu_check  # noqa: E402
+import gpu_summary  # noqa: E402
+import gpu_workloads  # noqa: E402
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -77,9 +80,9 @@ def test_junit_counts(tmp_path):
         '<testcase classname="tests.test_parity" name="d"/>'
         '</testsuite></testsuites>'
     )
-    counts = gpu_check._junit_counts(xml)
+    counts = gpu_summary.junit_counts(xml)
     assert counts == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1, "cuda_ops_passed": 1}
-    assert gpu_check._junit_counts(tmp_path / "absent.xml")["cuda_ops_passed"] == 0
+    assert gpu_summary.junit_counts(tmp_path / "absent.xml")["cuda_ops_passed"] == 0
 
 
 def _rec(op, case, peer, ms, ours=True, pct=None):
@@ -102,7 +105,7 @@ def test_goals_from_records():
          "median_ms": None, "info": {"value": 0.41, "comparison": "<", "target": 0.5,
                                      "unit": "s", "passed": True}},
     ]
-    goals = {g["goal"]: g for g in gpu_check.evaluate_goals(records)}
+    goals = {g["goal"]: g for g in gpu_summary.evaluate_goals(records)}
     rbf = goals["RBF (3072, 768) vs torch.cdist+exp"]
     assert rbf["status"] == "PASS" and rbf["value"] == pytest.approx(2.5)
     assert goals["RBF (3072, 768) % of TF32 peak"]["status"] == "PASS"
@@ -122,7 +125,7 @@ def test_goal_records_survive_the_reader(tmp_path):
 
     rec = harness.goal_record("prune c=0.6", 12.0, "<", 30.0, "s")
     (tmp_path / "20260101T000000Z-bench-goals.json").write_text(json.dumps({"records": [rec]}))
-    goals = gpu_check.evaluate_goals(gpu_check._records(tmp_path))
+    goals = gpu_summary.evaluate_goals(gpu_summary.newest_records(tmp_path, gpu_check.BENCH_FILES))
     assert goals[0]["goal"] == "prune c=0.6" and goals[0]["status"] == "PASS"
 
 
@@ -160,14 +163,14 @@ def test_goals_only_run_over_saved_results(tmp_path):
 def test_sanitizer_workload_calls_are_valid(capsys):
     """The workload's calls, on the ops' CPU kernels (and the Triton interpreter when on):
     wrong arguments would fail here, not on a lent GPU under compute-sanitizer."""
-    assert gpu_check.workload("cpu") == 0
+    assert gpu_workloads.workload("cpu") == 0
     assert "workload OK" in capsys.readouterr().out
 
 
 def test_cuda_paths_timing_code_runs(tmp_path):
     """The cuda-paths stage's code on the CPU kernels (tiny sizes): the rows it writes."""
     out = tmp_path / "paths.json"
-    assert gpu_check.cuda_paths(out, "cpu") == 0
+    assert gpu_workloads.cuda_paths(out, "cpu") == 0
     rows = json.loads(out.read_text())["rows"]
     update = [r for r in rows if r["op"] == "convex_update"]
     assert {r["precision"] for r in update} == {"ieee", "tf32"}
