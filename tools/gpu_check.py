@@ -29,13 +29,19 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
 Results: <out>/<stamp>-gpu-check.json (device, versions, date, git, each stage's status and
 time, the test counts, the goals), <out>/<stamp>-gpu-check.log (every stage's output) and the
 benchmark JSONs <out>/<stamp>-bench-*.json; <out> defaults to benchmarks/results/<device
-slug>/. The device tool brings back at most 8 files from $OUT: the three calls that
-benchmarks/README.md gives return 3, 5 and 6. The goals stage reads
-the newest bench JSON of each benchmark in <out>, whichever call wrote it.
+slug>/. The device tool brings back at most 8 files from $OUT: --part 1 returns 4, --part 2
+returns 8. The goals stage reads the newest bench JSON of each benchmark in <out>, whichever
+call wrote it. The stages' bodies: gpu_workloads.py; running a stage: gpu_process.py; counts,
+goals and the summary: gpu_summary.py.
 
+    python tools/gpu_check.py --part 1 --out "$OUT"    # one lent-GPU command: build, GPU
+                                                       # parity tests, timing goals (<= 8 min)
+    python tools/gpu_check.py --part 2 --out "$OUT"    # the second: sanitizers, dispatch
+                                                       # table, the benchmarks (<= 8 min)
     python tools/gpu_check.py                          # every stage
     python tools/gpu_check.py --stages env,build,tests --out "$OUT"
-    python tools/gpu_check.py --dry-run                # the plan; checks the commands exist
+    python tools/gpu_check.py --dry-run [--part 1]     # the plan with estimated times; checks
+                                                       # the commands exist
     python tools/gpu_check.py --stages build,bench-rbf --budget 540   # inside one 10-min call
 
 The dry run needs neither a GPU nor torch: it prints each stage's command, checks that the
@@ -86,6 +92,26 @@ STAGES = ["env", "build", "tests", "memcheck", "racecheck", "cuda-paths", *BENCH
 NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES}
 STAGE_TIMEOUT_S = 540  # each stage ends well inside the device tool's 10 minutes
 
+# Seconds each stage should take on one H100, from the work it does. ESTIMATES: no gpu-check has
+# run on a lent GPU yet; each run's summary JSON records every stage's measured seconds: put
+# those here. "build" is a cold build (a warm machine keeps build/ and takes seconds).
+EST_S = {
+    "env": 15, "build": 120, "tests": 150, "memcheck": 90, "racecheck": 120, "cuda-paths": 30,
+    "bench-rbf": 120, "bench-update": 90, "bench-solver": 120, "bench-e2e": 60,
+    "bench-goals": 120, "bench-dispatch": 60, "goals": 1,
+}  # fmt: skip
+# The lent GPU (benchmarks/README.md): 10 min per command, 15 min of device time per session,
+# the machine's start included. So two commands of at most 8 min (PART_BUDGET_S plus the
+# summary), the first with the most valuable results: the build, the GPU parity tests, the
+# timing goals. Within a part the stages run in this order, the most valuable first; when the
+# budget is spent the rest are SKIPPED ("budget spent") and can be run later with --stages.
+PART_BUDGET_S = 470
+PARTS = {
+    "1": ["env", "build", "tests", "cuda-paths", "bench-goals", "goals"],
+    "2": ["build", "memcheck", "racecheck", "bench-dispatch", "bench-rbf", "bench-update",
+          "bench-solver", "bench-e2e", "goals"],
+}  # fmt: skip
+
 
 @dataclass
 class Stage:
@@ -114,7 +140,7 @@ def plan(out: Path, stamp: str, arch: str | None) -> list[Stage]:
             "env",
             "the GPU, its driver and the toolchain (fails without a CUDA GPU)",
             [[PY, "tools/gpu_check.py", "--probe"], ["nvidia-smi"], ["nvcc", "--version"]],
-            files=["tools/gpu_check.py"],
+            files=["tools/gpu_check.py", "tools/gpu_workloads.py"],
             executables=["nvidia-smi", "nvcc"],
             modules=["torch"],
         ),
@@ -206,11 +232,39 @@ def _module_found(name: str) -> bool:
         return False
 
 
-def dry_run(stages: list[Stage], out: Path) -> int:
+def part_command(part: str) -> str:
+    """The device-tool command of one part (its files come back from $OUT)."""
+    return f"python3 tools/gpu_check.py --part {part} --out $OUT"
+
+
+def print_parts(parts: list[str]) -> None:
+    """Each of ``parts``: its stages, estimated time and command."""
+    print("\ndevice-tool commands (estimates for one H100, not yet measured; budget "
+          f"{PART_BUDGET_S} s each, timeout_s=540):")  # fmt: skip
+    for part in parts:
+        stages = PARTS[part]
+        total = sum(EST_S[s] for s in stages)
+        fits = "fits" if total <= PART_BUDGET_S else "over the budget: the last stages are SKIPPED"
+        print(f"  part {part}: ~{total} s ({total / 60:.1f} min; {fits})")
+        print("    " + " + ".join(f"{s} {EST_S[s]}" for s in stages))
+        print(f"    run(command=\"{part_command(part)}\", timeout_s=540)")
+        left, cut = PART_BUDGET_S, []
+        for name in stages:
+            left -= EST_S[name]
+            if left < 0 and name != "goals":
+                cut.append(name)
+        if cut:
+            later = ",".join(["build", *cut, "goals"])
+            print(f"    by these estimates SKIPPED: {', '.join(cut)} (a later command: "
+                  f"--stages {later} --budget {PART_BUDGET_S})")  # fmt: skip
+
+
+def dry_run(stages: list[Stage], out: Path, parts: list[str] | None = None) -> int:
     print(f"gpu-check plan (dry run; results would go to {out})")
+    parts = list(PARTS) if parts is None else parts
     missing_files = []
     for stage in stages:
-        print(f"\n[{stage.name}] {stage.what}")
+        print(f"\n[{stage.name}] {stage.what} (est. ~{EST_S[stage.name]} s)")
         for key, value in stage.env.items():
             print(f"    env {key}={'<unset>' if value is None else value}")
         for cmd in stage.commands:
@@ -231,6 +285,7 @@ def dry_run(stages: list[Stage], out: Path) -> int:
     if missing_files:
         print(f"\nMISSING files: {missing_files}")
         return 1
+    print_parts(parts)
     print("\ndry run OK: every stage's files exist")
     return 0
 
@@ -240,7 +295,9 @@ def dry_run(stages: list[Stage], out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
+    parser.add_argument("--stages", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--part", choices=sorted(PARTS), default=None, help="one device-tool "
+                        f"command's stages ({PART_BUDGET_S} s budget unless --budget)")  # fmt: skip
     parser.add_argument("--out", default=None, help="result folder (default: benchmarks/"
                         "results/<device slug>/)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the plan, check files")
@@ -260,14 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
         return gpu_workloads.cuda_paths(Path(args.cuda_paths))
 
-    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if args.part and args.stages:
+        parser.error("--part and --stages: give one of them")
+    if args.part:
+        names = PARTS[args.part]
+        args.budget = PART_BUDGET_S if args.budget is None else args.budget
+    else:
+        names = [s.strip() for s in (args.stages or ",".join(STAGES)).split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; the stages are {STAGES}")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     if args.dry_run:
         out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "<device-slug>"
-        return dry_run([s for s in plan(out, stamp, None) if s.name in names], out)
+        by_name = {s.name: s for s in plan(out, stamp, None)}
+        parts = [args.part] if args.part else list(PARTS)
+        return dry_run([by_name[n] for n in names], out, parts)
 
     # goals alone over a folder: re-evaluating saved results, e.g. fetched from a GPU machine.
     saved = names == ["goals"] and args.out is not None
