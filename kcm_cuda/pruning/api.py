@@ -95,7 +95,7 @@ def prune(
       (||W1[i]||·||W2[:, i]||), "random" (kcm_cuda.pruning.methods.METHODS).
     scale: True runs the default reconstruction ("ridge"; kcm_paper: "scale"), False none
       (when reconstruct= is not given). The default, flap + ridge, is the measured best
-      (benchmarks/results/cpu/accuracy/issue8/FINDINGS.md).
+      (docs/RESULTS.md).
     seed: orders the unlabeled sample (which ``samples`` rows are drawn from ``data``, so the
       activation statistics and D2's votes) and seeds method="random"'s scores; R2 does not
       depend on it. Same seed, same data, same options → the same masks.
