@@ -399,6 +399,17 @@ def _new_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The output is never an input (nor contains / lies inside one), and one kcm-prune at a
+    time writes it: checked and locked before anything else (kcm_cuda.pruning.safety)."""
+    from kcm_cuda.pruning import safety
+
+    inputs = {"input model": args.model, "tokenizer": args.tokenizer, "data file": args.data}
+    safety.check_output_path(Path(args.output).expanduser(), inputs)
+    with safety.output_lock(Path(args.output).expanduser(), missing_parent_ok=True):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from kcm_cuda.pruning import prune
     from kcm_cuda.pruning.data import read_texts
     from kcm_cuda.pruning.flops import check_flops

@@ -350,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        from kcm_cuda.pruning.safety import check_output_path  # never into the input model
+
+        check_output_path(config.output, {"input model": args.model}, allow_contains=True)
         task = None
         if args.data:
             task = task_from_file(

@@ -41,6 +41,7 @@ from torch import nn
 from kcm_cuda.pruning.methods.base import Selection
 from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
 from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.safety import finite_refit
 from kcm_cuda.pruning.scale import (
     _Tap,
     capture_first_layer_calls,
@@ -313,6 +314,9 @@ def refit_layers(
                 m, lam_used = torch.ones(0, dtype=torch.float64, device=device), scale_lambda
             scales = m.float().cpu()
             W_new = W2k.double() * m.unsqueeze(0)
+        W_new, db, fell_back = finite_refit(W_new, db, W2k, fell_back)  # never NaN weights
+        if scales is not None and not bool(torch.isfinite(scales).all()):
+            scales = torch.ones_like(scales)
         err1 = fit.error(W_new, db)
         res.scales.append(scales)
         res.fallback.append(bool(fell_back))

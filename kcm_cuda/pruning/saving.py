@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.physical import HEADS_FIELD, SIZES_FIELD, record_heads, record_sizes
 
@@ -54,10 +55,17 @@ def save_pruned(
     report: dict | None = None,
     overwrite: bool = False,
     padded: bool = True,
+    protect: tuple = (),
 ) -> Path:
+    """``protect``: paths of inputs the output must not be, contain or lie inside (the
+    directory ``model`` was loaded from is always protected; kcm_cuda.pruning.safety)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     target = Path(path).expanduser()
+    if target.is_symlink():  # replace what the link points to, keep the link
+        target = Path(os.path.realpath(target))
+    safety.check_output_path(target, [*protect, *safety.model_sources(model)])
+    safety.check_finite(model, what="the model to save: its", then="nothing was saved")
     if target.exists() and not overwrite:
         raise FileExistsError(
             f"output path {target} already exists; pass overwrite=True (CLI: --overwrite)"
@@ -68,7 +76,7 @@ def save_pruned(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create output directory {parent}: {exc.strerror or exc}") from None
+        raise safety.save_error(exc, target, where=parent) from None
     adapter = get_adapter(model)
     sizes = record_sizes(model, adapter)
     heads = record_heads(model, adapter)
@@ -86,24 +94,31 @@ def save_pruned(
         setattr(model.config, SIZES_FIELD, sizes)
         if pad_heads:
             setattr(model.config, HEADS_FIELD, heads)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2, default=_json_default)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with safety.output_lock(target):  # one writer at a time; the old output stays whole
+        safety.clean_stale(target)
+        if target.exists() and not overwrite:
+            raise FileExistsError(
+                f"output path {target} already exists; pass overwrite=True (CLI: --overwrite)"
+            )
+        safety.check_free_space(parent, model, target)
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{safety.TMP_TAG}", dir=parent))
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=2, default=_json_default)
+            safety.publish(tmp, target, overwrite=overwrite)
+        except BaseException as exc:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (FileExistsError, safety.SaveError, KeyboardInterrupt, SystemExit)):
+                raise
+            if isinstance(exc, OSError) or "os error" in str(exc):
+                raise safety.save_error(exc, target) from None
+            raise
     return target
 
 
