@@ -243,6 +243,10 @@ class ModelSource:
 def load_config(src: ModelSource):
     import transformers
 
+    from kcm_cuda.loading import check_model_files
+
+    if src.local:
+        check_model_files(src.path, weights=False)  # one line naming config.json
     try:
         return transformers.AutoConfig.from_pretrained(src.path, **src.kwargs)
     except (OSError, ValueError) as exc:
@@ -261,9 +265,13 @@ def load_model(name: str | ModelSource, config=None):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
+    from kcm_cuda.loading import check_weights
+
+    if src.local:
+        check_weights(src.path)  # missing, truncated, corrupt: one line naming the file
     try:
         model = cls.from_pretrained(src.path, **src.kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type: one line
         raise CLIError(f"cannot load model weights from {src.name}: {_first_line(exc)}") from None
     return model
 

@@ -371,8 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(config.plan)
         report = run_grid(config, task=task, log=log)
         paths = write_report(report, config.output)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"kcm-eval: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # one line, no traceback
+        print(f"kcm-eval: error: {(str(e).strip().splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 2
     if not report["runs"]:
         print(

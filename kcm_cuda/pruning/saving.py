@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kcm_cuda.loading import check_model_files
 from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.physical import HEADS_FIELD, SIZES_FIELD, record_heads, record_sizes
@@ -150,6 +151,7 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         raise ValueError(f"pruned model directory not found: {p}")
     if not os.access(p, os.R_OK | os.X_OK) or not (p / "config.json").is_file():
         raise ValueError(f"{p} is not a readable saved model (no readable config.json)")
+    check_model_files(p)  # a corrupt, truncated or missing file: one line naming it
     try:
         config = transformers.AutoConfig.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
