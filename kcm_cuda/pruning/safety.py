@@ -323,7 +323,8 @@ def save_error(exc: BaseException, target: Path, *, where: Path | None = None) -
         code = int(m.group(1)) if m else None
     what = os.strerror(code) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     place = where if where is not None else target.parent
-    err = SaveError(f"cannot write the output in {place}: {what} ({target} is unchanged)")
+    left = f"{target} is unchanged" if target.exists() else "nothing was written"
+    err = SaveError(f"cannot write the output in {place}: {what} ({left})")
     err.errno = code
     return err
 
@@ -347,9 +348,10 @@ def check_free_space(directory: Path, model: nn.Module, target: Path) -> None:
     except OSError:
         return
     if free < need:
+        left = f"{target} is unchanged" if target.exists() else "nothing was written"
         raise SaveError(
             f"not enough free space in {directory}: the model needs about {_mb(need)}, "
-            f"{_mb(free)} free ({target} is unchanged)"
+            f"{_mb(free)} free ({left})"
         )
 
 
