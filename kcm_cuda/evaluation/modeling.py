@@ -111,6 +111,9 @@ def load_classifier(path: Path | str, num_labels: int, *, regression: bool = Fal
     if regression:
         kwargs["problem_type"] = "regression"
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    from kcm_cuda.pruning.safety import check_finite
+
+    check_finite(model, then="nothing was fine-tuned or pruned")  # before the long steps
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return SentenceClassifier(model), tokenizer

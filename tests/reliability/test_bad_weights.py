@@ -50,6 +50,24 @@ def test_cli_non_finite_input_weight_is_one_line(
     assert not out.exists() and tree_hash(model) == before
 
 
+def test_kcm_eval_non_finite_weight_is_one_line(tmp_path, capsys, copy_model):
+    from kcm_cuda.evaluation.cli import main as eval_main
+
+    model = copy_model()
+    _poison(model, W1, float("nan"))
+    before = tree_hash(model)
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text(
+        "id\tsentence\tlabel\n" + "".join(f"{i}\tfilm {i}\t{i % 2}\n" for i in range(40))
+    )
+    argv = ["--model", str(model), "--data", str(tsv), "--output", str(tmp_path / "rep")]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert eval_main(argv) == 2
+    err = one_line_error(capsys.readouterr().err, "kcm-eval")
+    assert W1 in err and "1 NaN" in err and "nothing was fine-tuned" in err
+    assert tree_hash(model) == before
+
+
 def test_api_checks_weights_before_the_long_steps(monkeypatch, tokenizer, data_file):
     from kcm_cuda.pruning import api
 

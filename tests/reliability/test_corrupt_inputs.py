@@ -106,7 +106,8 @@ def test_kcm_eval(tmp_path, capsys, broken):
     tsv.write_text(
         "id\tsentence\tlabel\n" + "".join(f"{i}\tfilm {i}\t{i % 2}\n" for i in range(40))
     )
-    rc = eval_main(["--model", str(d), "--data", str(tsv), "--output", str(tmp_path / "rep")])
+    argv = ["--model", str(d), "--data", str(tsv), "--output", str(tmp_path / "rep")]
+    rc = eval_main([*argv, "--cache-dir", str(tmp_path / "cache")])
     err = one_line_error(capsys.readouterr().err, "kcm-eval")
     assert rc == 2 and names in err and says in err, err
     assert tree_hash(d) == before

@@ -105,7 +105,8 @@ def test_eval_refuses_an_output_inside_the_model(capsys, model_dir, tmp_path):
 
     tsv = tmp_path / "t.tsv"
     tsv.write_text("id\tsentence\tlabel\n1\ta good film\t1\n")
-    rc = eval_main(["--model", str(model_dir), "--data", str(tsv), "--output", str(model_dir)])
+    argv = ["--model", str(model_dir), "--data", str(tsv), "--output", str(model_dir)]
+    rc = eval_main([*argv, "--cache-dir", str(tmp_path / "cache")])
     assert rc == 2
     err = one_line_error(capsys.readouterr().err, "kcm-eval")
     assert "is the input model directory" in err
