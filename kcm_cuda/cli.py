@@ -265,14 +265,15 @@ def load_model(name: str | ModelSource, config=None):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
-    from kcm_cuda.loading import check_weights
+    from kcm_cuda.loading import check_loading_info, check_weights
 
     if src.local:
         check_weights(src.path)  # missing, truncated, corrupt: one line naming the file
     try:
-        model = cls.from_pretrained(src.path, **src.kwargs)
+        model, info = cls.from_pretrained(src.path, **src.kwargs, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type: one line
         raise CLIError(f"cannot load model weights from {src.name}: {_first_line(exc)}") from None
+    check_loading_info(model, info, src.name)  # no randomly initialised layer to prune
     return model
 
 

@@ -163,3 +163,27 @@ def describe_load_error(name: object, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else type(exc).__name__
     return f"cannot load the model in {name}: {type(exc).__name__}: {first}"
+
+
+def check_loading_info(model, info: dict, name: object) -> None:
+    """ModelFileError when the checkpoint lacked tensors of the layers that are pruned or refit
+    (transformers would fill them with random values, and say so only in a load report that
+    kcm-prune hides): ``info`` is ``from_pretrained(..., output_loading_info=True)``'s."""
+    missing = set(info.get("missing_keys") or ())
+    if not missing:
+        return
+    try:
+        from kcm_cuda.pruning.adapters import get_adapter
+
+        adapter = get_adapter(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        prefixes = tuple(names[id(b)] + "." for b in adapter.layers(model))
+    except Exception:  # noqa: BLE001 - not a supported family: the pruner reports that itself
+        return
+    lost = sorted(k for k in missing if k.startswith(prefixes))
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise ModelFileError(
+            f"the weights in {name} lack {lost[0]}{more}: they would be random values; "
+            "the weights file does not match config.json (incomplete or another model)"
+        )

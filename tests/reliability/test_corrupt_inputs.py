@@ -166,3 +166,21 @@ def test_load_error_past_the_checks_is_one_line(tmp_path, capsys, copy_model, da
     err = one_line_error(captured)
     assert rc == 2 and "cannot load model weights" in err, err
     assert not out.exists()
+
+
+def test_kcm_prune_refuses_weights_that_lack_a_pruned_layer(tmp_path, capsys, copy_model, data_file):
+    """A weights file from which one pruned layer's tensor is missing: transformers would fill it
+    with random values (and say so only in a load report); kcm-prune says which tensor is absent."""
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model("partial")
+    tensors = load_file(d / SAFE)
+    lost = next(k for k in tensors if ".intermediate.dense.weight" in k)
+    del tensors[lost]
+    save_file(tensors, d / SAFE, metadata={"format": "pt"})
+    before = tree_hash(d)
+    out = tmp_path / "out"
+    rc = main([str(d), "--data", str(data_file), "--output", str(out), *PRUNE_ARGS])
+    err = one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "intermediate.dense.weight" in err and "random values" in err, err
+    assert not out.exists() and tree_hash(d) == before
