@@ -350,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        from kcm_cuda.pruning.safety import check_output_path  # never into the input model
+
+        check_output_path(config.output, {"input model": args.model}, allow_contains=True)
         task = None
         if args.data:
             task = task_from_file(
@@ -368,8 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(config.plan)
         report = run_grid(config, task=task, log=log)
         paths = write_report(report, config.output)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"kcm-eval: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # one line, no traceback
+        print(f"kcm-eval: error: {(str(e).strip().splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 2
     if not report["runs"]:
         print(
