@@ -109,7 +109,7 @@ def score_memo(stats: dict | None = None):
     memoised by content (model weights, sample tokens, options): exact reuse, no
     approximation. ``stats`` (if given) counts hits and misses."""
     try:
-        from kcm_cuda.pruning import api
+        from kcm_cuda.pruning import stages
     except ImportError:  # pragma: no cover - pruning layer missing
         yield
         return
@@ -135,15 +135,15 @@ def score_memo(stats: dict | None = None):
         return memoised
 
     for name in ("r2_scores", "collect_activation_stats", "collect_head_stats"):
-        fn = getattr(api, name, None)
+        fn = getattr(stages, name, None)
         if callable(fn):
             originals[name] = fn
-            setattr(api, name, wrap(name, fn))
+            setattr(stages, name, wrap(name, fn))
     try:
         yield
     finally:
         for name, fn in originals.items():
-            setattr(api, name, fn)
+            setattr(stages, name, fn)
 
 
 # --- the grid ----------------------------------------------------------------------------------

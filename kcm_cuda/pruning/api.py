@@ -34,8 +34,8 @@ from kcm_cuda.pruning.saving import save_pruned
 
 # The method names (the registry is kcm_cuda.pruning.methods.METHODS).
 METHODS = tuple(METHOD_REGISTRY)
-# Patched by tools that memoise the expensive stages (kcm_cuda.evaluation.runner.score_memo);
-# the context looks them up here.
+# The expensive passes are re-exported for callers; tools that memoise them patch
+# kcm_cuda.pruning.stages, where the context looks them up.
 __all__ = [
     "METHODS",
     "PruneResult",

@@ -3,7 +3,8 @@
 Built by :func:`build_context` (the "data" stage: device, backend, token sample, FLOPs model,
 neuron budget, the unpruned teacher copy). The expensive statistics are computed lazily, on
 first use, and memoised (also across calls, through the ``cache=`` dict of ``prune()``):
-``activation_stats()`` (one forward pass with hooks), ``d2()`` and ``r2()``.
+``activation_stats()`` (one forward pass with hooks), ``d2()``, ``r2()`` and ``head_stats()``;
+the passes themselves are called through kcm_cuda.pruning.stages.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from torch import nn
 
 from kcm_cuda.dispatch import resolve_backend
+from kcm_cuda.pruning import stages
 from kcm_cuda.pruning.adapters import FFNAdapter
 from kcm_cuda.pruning.blockwise import map_blocks
 from kcm_cuda.pruning.cache import fingerprint, model_fingerprint
 from kcm_cuda.pruning.d2 import D2Result, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
 from kcm_cuda.pruning.flops import FlopsModel
+from kcm_cuda.pruning.heads import HeadEnergyRecorder, HeadStats, proportional_split
 from kcm_cuda.pruning.masks import resolve_min_keep
 from kcm_cuda.pruning.options import PruneOptions
 from kcm_cuda.pruning.r2_cache import cached_r2_scores, resolve_r2_cache
@@ -72,10 +75,6 @@ class PruneContext:
         diag(C) of the first batches); timed as "activations"."""
         if "stats" in self._memo:
             return self._memo["stats"]
-        # Looked up on the api module so that tools patching it (the evaluation's
-        # score_memo) keep working.
-        from kcm_cuda.pruning import api
-
         o = self.options
         t0 = time.perf_counter()
         key = None
@@ -91,7 +90,7 @@ class PruneContext:
             stats = self.cache[key]
             self.cache_hits.append("activations")
         else:
-            stats = api.collect_activation_stats(
+            stats = stages.collect_activation_stats(
                 self.teacher,
                 self.adapter,
                 self.sample,
@@ -129,8 +128,6 @@ class PruneContext:
         """S_R2 per layer (float64); timed as "r2"."""
         if "r2" in self._memo:
             return self._memo["r2"]
-        from kcm_cuda.pruning import api
-
         o = self.options
         t0 = time.perf_counter()
         key = None
@@ -143,7 +140,7 @@ class PruneContext:
         else:
 
             def compute():
-                return api.r2_scores(
+                return stages.r2_scores(
                     self.teacher,
                     self.adapter,
                     points=o.r2_points,
@@ -182,6 +179,46 @@ class PruneContext:
         self.timings["r2"] = time.perf_counter() - t0
         return r2
 
+    def head_stats(self) -> HeadStats:
+        """The teacher's head energies on the sample (memoised; in ``cache`` when given):
+        recorded during the D2 activation pass when that pass still has to run, else one pass
+        of their own; timed as "head_energies"."""
+        if "head_stats" in self._memo:
+            return self._memo["head_stats"]
+        o = self.options
+        key = None
+        if self.cache is not None:
+            sample_fp = fingerprint([self.sample.input_ids, self.sample.attention_mask])
+            key = ("head_stats", self._model_fp(), sample_fp, o.batch_size)
+            if key in self.cache:
+                self.cache_hits.append("head_stats")
+                self._memo["head_stats"] = self.cache[key]
+                return self.cache[key]
+        stats = None
+        if "stats" not in self._memo:
+            rec = HeadEnergyRecorder(self.teacher, self.adapter)
+            try:
+                self.activation_stats()
+            finally:
+                shared = rec.detach()
+            if shared.n_batches == self.sample.n_batches(o.batch_size):
+                stats = shared
+        if stats is None:
+            t0 = time.perf_counter()
+            stats = stages.collect_head_stats(
+                self.teacher,
+                self.adapter,
+                self.sample,
+                batch_size=o.batch_size,
+                device=self.device,
+                progress=o.progress,
+            )
+            self.timings["head_energies"] = time.perf_counter() - t0
+        if key is not None:
+            self.cache[key] = stats
+        self._memo["head_stats"] = stats
+        return stats
+
 
 # -- the data stage -------------------------------------------------------------------------
 def ffn_flops_model(model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes) -> FlopsModel:
@@ -205,7 +242,6 @@ def ffn_flops_model(model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes
         causal=True,
         lm_head=seq_len * d * vocab,
     )
-
 
 
 def resolve_device(model: nn.Module, device: object) -> torch.device:
@@ -307,8 +343,6 @@ def build_context(
     data_s = time.perf_counter() - t0
 
     if o.heads or METHODS[o.method].selects_heads:
-        from kcm_cuda.pruning.heads import proportional_split
-
         fm = FlopsModel(
             sample.mean_tokens,
             adapter.hidden_size(model.config),

@@ -32,7 +32,6 @@ a layer without heads). The neuron count then fills what the kept heads leave of
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -370,50 +369,6 @@ class HeadPlan:
         }
 
 
-def context_head_stats(ctx) -> HeadStats:
-    """The teacher's head energies on ``ctx.sample`` (memoised; in ``ctx.cache`` when given):
-    recorded during the D2 activation pass when that pass still has to run, else one pass
-    of their own (``api.collect_head_stats``, which evaluation tools may memoise)."""
-    if "head_stats" in ctx._memo:
-        return ctx._memo["head_stats"]
-    from kcm_cuda.pruning import api
-    from kcm_cuda.pruning.cache import fingerprint
-
-    o = ctx.options
-    key = None
-    if ctx.cache is not None:
-        sample_fp = fingerprint([ctx.sample.input_ids, ctx.sample.attention_mask])
-        key = ("head_stats", ctx._model_fp(), sample_fp, o.batch_size)
-        if key in ctx.cache:
-            ctx.cache_hits.append("head_stats")
-            ctx._memo["head_stats"] = ctx.cache[key]
-            return ctx.cache[key]
-    stats = None
-    if "stats" not in ctx._memo:
-        rec = HeadEnergyRecorder(ctx.teacher, ctx.adapter)
-        try:
-            ctx.activation_stats()
-        finally:
-            shared = rec.detach()
-        if shared.n_batches == ctx.sample.n_batches(o.batch_size):
-            stats = shared
-    if stats is None:
-        t0 = time.perf_counter()
-        stats = api.collect_head_stats(
-            ctx.teacher,
-            ctx.adapter,
-            ctx.sample,
-            batch_size=o.batch_size,
-            device=ctx.device,
-            progress=o.progress,
-        )
-        ctx.timings["head_energies"] = time.perf_counter() - t0
-    if key is not None:
-        ctx.cache[key] = stats
-    ctx._memo["head_stats"] = stats
-    return stats
-
-
 def plan_heads(ctx) -> HeadPlan:
     """The heads stage (``heads=True``): split the FLOPs budget between heads and neurons
     (``head_split``), pick the heads (``head_score``), and set the context's neuron budget
@@ -421,7 +376,7 @@ def plan_heads(ctx) -> HeadPlan:
     from kcm_cuda.pruning.d2 import batch_energies
 
     o = ctx.options
-    stats = context_head_stats(ctx)
+    stats = ctx.head_stats()
     if o.head_split == "proportional":
         k_h, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
     else:
