@@ -40,15 +40,20 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Gradient-free structured pruning (KCM, Nova et al. 2023) of the FFN neurons of a "
             "Hugging Face BERT / DistilBERT / RoBERTa model (a base model or one with a task "
-            "head, e.g. *ForSequenceClassification), using unlabeled text only. Keeps the fraction "
-            "C (--flops) of the encoder's FLOPs (attention + FFN; only FFN neurons are removed), "
-            "saves the physically pruned model (load it back with "
-            "kcm_cuda.load_pruned(DIR)) with its tokenizer and a JSON report."
+            "head, e.g. *ForSequenceClassification) or the MLP channels of a LLaMA / Mistral / "
+            "Qwen2 decoder LM (*ForCausalLM; statistics gathered one block at a time, so a "
+            "model larger than the GPU prunes with --device-map auto), using unlabeled text "
+            "only. Keeps the fraction C (--flops) of the transformer blocks' FLOPs (attention + "
+            "FFN; FFN neurons are removed, and heads with --heads), saves the physically pruned "
+            "model (load it back with kcm_cuda.load_pruned(DIR)) with its tokenizer and a JSON "
+            "report."
         ),
         epilog=(
             "Data file formats: .txt (one text per line), .jsonl / .csv / .tsv (text column "
-            "detected, or --text-column / --pair-column). Example: kcm-prune ./bert-sst2 "
-            "--data unlabeled.txt --flops 0.6 --output ./bert-sst2-pruned"
+            "detected, or --text-column / --pair-column). Examples: kcm-prune ./bert-sst2 "
+            "--data unlabeled.txt --flops 0.6 --output ./bert-sst2-pruned; kcm-prune "
+            "./llama-7b --data calib.txt --flops 0.7 --max-length 512 --dtype bfloat16 "
+            "--device-map auto --output ./llama-7b-pruned"
         ),
     )
     p.add_argument(
@@ -90,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights' dtype when loading MODEL (auto: the checkpoint's own)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="load MODEL with accelerate's device_map (e.g. auto: spread over the GPUs, the "
+        "CPU and disk); the model is then pruned where it lies, one block at a time on "
+        "--device (needs the accelerate package)",
     )
     p.add_argument(
         "--no-scale",
@@ -251,8 +270,9 @@ def load_config(src: ModelSource):
         raise CLIError(f"cannot load model config from {src.name}: {_first_line(exc)}") from None
 
 
-def load_model(name: str | ModelSource, config=None):
-    """The model (its architecture from config.json) from a local directory or a hub name."""
+def load_model(name: str | ModelSource, config=None, *, dtype: str = "auto", device_map=None):
+    """The model (its architecture from config.json) from a local directory or a hub name;
+    ``dtype``: "auto" (the checkpoint's) or a torch dtype name; ``device_map``: accelerate's."""
     import transformers
 
     src = name if isinstance(name, ModelSource) else ModelSource(name)
@@ -261,8 +281,21 @@ def load_model(name: str | ModelSource, config=None):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
+    kwargs = dict(src.kwargs)
+    if dtype != "auto":
+        import torch
+
+        kwargs["dtype"] = getattr(torch, dtype)
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise CLIError(
+                "--device-map needs the accelerate package: pip install accelerate"
+            ) from None
+        kwargs["device_map"] = device_map
     try:
-        model = cls.from_pretrained(src.path, **src.kwargs)
+        model = cls.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CLIError(f"cannot load model weights from {src.name}: {_first_line(exc)}") from None
     return model
@@ -431,7 +464,12 @@ def run(args: argparse.Namespace) -> int:
         name=args.tokenizer or args.model,
         vocab_size=getattr(config, "vocab_size", None),
     )
-    model = load_model(src, config)
+    model = load_model(
+        src,
+        config,
+        dtype=getattr(args, "dtype", "auto"),
+        device_map=getattr(args, "device_map", None),
+    )
     device = args.device
     if device is None:
         import torch

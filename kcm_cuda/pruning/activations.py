@@ -1,4 +1,6 @@
-"""One forward pass of the unpruned model over the unlabeled sample, with forward hooks.
+"""One forward pass of the unpruned model over the unlabeled sample, with forward hooks, run
+one layer block at a time (kcm_cuda.pruning.blockwise: peak memory is one block plus the
+sample's hidden states, and models spread over devices or offloaded run as they are).
 
 Per layer and per batch we keep the sums over the batch's real tokens of each neuron's
 activation (the input of W2) and of its square: Σa (bias compensation, FLAP's mean) and Σa²
@@ -17,7 +19,6 @@ C = kcm_coefficients(K); only diag(C) is kept.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,12 @@ from torch import nn
 
 from kcm_cuda.kernels import kcm_coefficients, rbf_kernel
 from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.blockwise import (
+    capture_block_inputs,
+    executing,
+    hidden_store,
+    run_block,
+)
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.progress import progress_bar
 from kcm_cuda.pruning.r2 import median_sigma
@@ -77,15 +84,6 @@ def token_variances(stats: ActivationStats) -> list[torch.Tensor]:
 def token_norms(stats: ActivationStats) -> list[torch.Tensor]:
     """Per layer (n,) float64: ‖a_i‖₂ over all real tokens."""
     return [s.sum(dim=0).clamp_min(0.0).sqrt() for s in stats.sq_sums]
-
-
-def model_inputs(model: nn.Module, batch: dict) -> dict:
-    """Drop inputs the model's forward does not take (DistilBERT has no token_type_ids)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return batch
-    return {k: v for k, v in batch.items() if k in params}
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -142,29 +140,26 @@ def collect_activation_stats(
 
         return hook
 
-    handles = [adapter.w2(b).register_forward_pre_hook(make_hook(i)) for i, b in enumerate(blocks)]
-    if grams:
-        handles += [
-            adapter.w1(b).register_forward_pre_hook(make_input_hook(i))
-            for i, b in enumerate(blocks)
-        ]
-    tokens = []
-    try:
-        bar = progress_bar(
-            sample.batches(batch_size, device),
-            total=sample.n_batches(batch_size),
-            desc="activations (D2)",
-            enabled=progress,
-            unit="batch",
-        )
-        for b, batch in enumerate(bar):
-            current["mask"] = batch["attention_mask"]
-            current["batch"] = b
-            tokens.append(int(batch["attention_mask"].sum()))
-            model(**model_inputs(model, batch))
-    finally:
-        for h in handles:
-            h.remove()
+    calls, hidden = capture_block_inputs(
+        model, adapter, sample, batch_size, store=hidden_store(model, adapter, sample, device)
+    )
+    tokens = [int(call.mask.sum()) for call in calls]
+    bar = progress_bar(
+        range(len(blocks)), total=len(blocks), desc="activations", enabled=progress, unit="layer"
+    )
+    for i in bar:
+        with executing(blocks[i], device) as (block, dev):
+            handles = [adapter.w2(block).register_forward_pre_hook(make_hook(i))]
+            if grams:
+                handles.append(adapter.w1(block).register_forward_pre_hook(make_input_hook(i)))
+            try:
+                for b, call in enumerate(calls):
+                    current["mask"] = call.mask.to(dev)
+                    current["batch"] = b
+                    hidden[b] = run_block(block, call, hidden[b], dev)
+            finally:
+                for h in handles:
+                    h.remove()
     return ActivationStats(
         sq_sums=[torch.stack(x) for x in per_layer],
         tokens=torch.tensor(tokens, dtype=torch.long),

@@ -146,6 +146,19 @@ def prune(
     if unknown:
         raise TypeError(f"prune() got unknown option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
     opts = PruneOptions(flops=flops, **options)  # type: ignore[arg-type]
+    if not adapter.causal:
+        return _run(model, adapter, data, opts, tokenizer, device, cache, t_start)
+    # decoders are read in place, block by block: no dropout while measuring
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        return _run(model, adapter, data, opts, tokenizer, device, cache, t_start)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
     ctx = build_context(model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache)
 
     method = METHOD_REGISTRY[opts.method]

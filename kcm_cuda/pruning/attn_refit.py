@@ -23,8 +23,8 @@ from torch import nn
 
 from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.blockwise import capture_block_inputs, run_block
 from kcm_cuda.pruning.data import TokenizedSample
-from kcm_cuda.pruning.scale import _hidden_of, capture_first_layer_calls, run_block
 
 
 @dataclass
@@ -61,8 +61,7 @@ def refit_attention_output(
 ) -> ORefitResult:
     """Refit, in place, the O of every layer of ``student`` (its heads already removed per
     ``head_masks``) that lost heads."""
-    calls = capture_first_layer_calls(teacher, adapter, sample, batch_size, device)
-    h_t = [_hidden_of(c) for c in calls]
+    calls, h_t = capture_block_inputs(teacher, adapter, sample, batch_size)
     h_s = [h.clone() for h in h_t]
     res = ORefitResult()
     t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)

@@ -18,6 +18,7 @@ from torch import nn
 
 from kcm_cuda.dispatch import resolve_backend
 from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.blockwise import executing
 from kcm_cuda.pruning.cache import fingerprint, model_fingerprint
 from kcm_cuda.pruning.d2 import D2Result, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
@@ -179,6 +180,30 @@ class PruneContext:
 
 
 # -- the data stage -------------------------------------------------------------------------
+def ffn_flops_model(model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes) -> FlopsModel:
+    """The FFN-only FLOPs model of ``model`` (decoders: gated MLP, GQA, causal attention, the
+    LM head reported beside the budget)."""
+    cfg = model.config
+    d = adapter.hidden_size(cfg)
+    if not adapter.causal:
+        return FlopsModel(seq_len, d, tuple(sizes))
+    d_h = adapter.head_size(cfg)
+    h, h_kv = adapter.num_heads(cfg), adapter.num_kv_heads(cfg)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(getattr(out, "out_features", 0) or 0)
+    return FlopsModel(
+        seq_len,
+        d,
+        tuple(sizes),
+        ffn_mats=adapter.ffn_matrices,
+        proj_width=float(2 * h * d_h + 2 * h_kv * d_h),
+        attn_width=h * d_h,
+        causal=True,
+        lm_head=seq_len * d * vocab,
+    )
+
+
+
 def resolve_device(model: nn.Module, device: object) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
@@ -243,6 +268,11 @@ def build_context(
         from kcm_cuda.kernels import default_precision
 
         o.precision = default_precision(dev)
+    if adapter.causal and (o.heads or METHODS[o.method].selects_heads):
+        raise ValueError(
+            f"heads=True / method={o.method!r} is not supported for {adapter.name} models yet: "
+            "decoders prune MLP channels only (grouped-query head pruning is not built)"
+        )
     uses_kernels = METHODS[o.method].uses_kernels(o)
     backend_name = resolve_backend(o.backend, dev) if uses_kernels else None
     sizes = adapter.intermediate_sizes(model)
@@ -259,6 +289,8 @@ def build_context(
         text_column=o.text_column,
         text_pair_column=o.text_pair_column,
         labels=o.labels,
+        causal=adapter.causal,
+        context=adapter.context_length(model.config),
     )
     need = max(sizes)
     if sample.n_tokens < need:
@@ -283,16 +315,23 @@ def build_context(
         # provisional (the heads stage, heads.plan_heads, sets the final split)
         k_total = proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
     else:
-        fm = FlopsModel(sample.mean_tokens, adapter.hidden_size(model.config), tuple(sizes))
+        fm = ffn_flops_model(model, adapter, sample.mean_tokens, sizes)
         k_total = fm.neuron_budget(o.flops, sum(keep_min))
     quotas = [round(k_total * n / sum(sizes)) for n in sizes]
 
-    teacher = copy.deepcopy(model).to(dev).eval()
-    # Feed-forward chunking splits the FFN call per sequence chunk, which the hooks (that see
-    # whole batches) do not expect; it saves memory only, so turn it off in our copy.
-    chunking = set_ff_chunking(teacher, 0)
-    blocks = adapter.layers(teacher)
-    w2_norms = [adapter.w2(b).weight.detach().float().norm(dim=0).cpu() for b in blocks]
+    if adapter.causal:
+        # Decoders (possibly larger than the device, spread over devices or offloaded): the
+        # caller's model is only read, one block at a time (kcm_cuda.pruning.blockwise).
+        teacher, chunking = model, 0
+    else:
+        teacher = copy.deepcopy(model).to(dev).eval()
+        # Feed-forward chunking splits the FFN call per sequence chunk, which the hooks (that
+        # see whole batches) do not expect; it saves memory only, so turn it off in our copy.
+        chunking = set_ff_chunking(teacher, 0)
+    w2_norms = []
+    for b in adapter.layers(teacher):
+        with executing(b, dev) as (blk, _):
+            w2_norms.append(adapter.w2(blk).weight.detach().float().norm(dim=0).cpu())
     return PruneContext(
         model=model,
         teacher=teacher,

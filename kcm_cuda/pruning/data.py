@@ -95,6 +95,46 @@ class TokenizedSample:
     def n_batches(self, batch_size: int) -> int:
         return -(-self.n_sequences // batch_size)
 
+    def right_aligned(self) -> TokenizedSample:
+        """The same sequences with their padding moved to the right (a causal LM's real
+        tokens then never see a padding token, and positions start at 0 without
+        position_ids). Refuses masks with padding between real tokens."""
+        mask = self.attention_mask.bool()
+        n = mask.sum(dim=1)
+        first = torch.where(mask.any(dim=1), mask.float().argmax(dim=1), torch.zeros_like(n))
+        width = mask.shape[1]
+        pos = torch.arange(width).unsqueeze(0)
+        contiguous = (mask == ((pos >= first.unsqueeze(1)) & (pos < (first + n).unsqueeze(1))))
+        if not bool(contiguous.all()):
+            row = int((~contiguous.all(dim=1)).nonzero()[0])
+            raise ValueError(
+                f"attention_mask row {row} has padding between real tokens: a causal LM's "
+                "sample must be padded on one side only"
+            )
+        if not bool(first.any()):
+            return self
+        src = (pos + first.unsqueeze(1)).clamp_max(width - 1)
+        keep = pos < n.unsqueeze(1)
+
+        def shift(t: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep, t.gather(1, src), torch.zeros_like(t))
+
+        ids = torch.where(keep, self.input_ids.gather(1, src), self.input_ids[:, :1].clone())
+        tt = shift(self.token_type_ids) if self.token_type_ids is not None else None
+        return TokenizedSample(ids, keep.long(), tt, self.rows, self.labels)
+
+    def check_context(self, limit: int | None) -> None:
+        """ValueError when a sequence has more real tokens than the model's context."""
+        if limit is None:
+            return
+        longest = int(self.attention_mask.sum(dim=1).max()) if self.n_sequences else 0
+        if longest > limit:
+            raise ValueError(
+                f"the sample has sequences of {longest} tokens but the model's context is "
+                f"{limit} tokens (max_position_embeddings): truncate the data to at most "
+                f"{limit} tokens (max_length=)"
+            )
+
 
 # -- reading ------------------------------------------------------------------------------
 def _read_text(path: Path) -> str:
@@ -313,10 +353,43 @@ def prepare_sample(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     labels: object = None,
+    causal: bool = False,
+    context: int | None = None,
 ) -> TokenizedSample:
-    """Draw and tokenize the sample (see module docstring for ``data`` and ``labels``)."""
+    """Draw and tokenize the sample (see module docstring for ``data`` and ``labels``).
+    ``causal``: a decoder-only LM's sample (padding moved to the right; a tokenizer without a
+    padding token pads with its end-of-sequence token); ``context``: the model's longest
+    sequence (longer pre-tokenized sequences are refused, texts are truncated to it)."""
     if isinstance(data, Mapping):  # dict or a tokenizer's BatchEncoding
-        return _pretokenized(dict(data), samples, seed, labels)
+        sample = _pretokenized(dict(data), samples, seed, labels)
+        sample.check_context(context)
+        return sample.right_aligned() if causal else sample
+    sample = _tokenized(
+        data,
+        tokenizer,
+        samples=samples,
+        max_length=max_length if context is None else min(max_length, context),
+        seed=seed,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        labels=labels,
+        causal=causal,
+    )
+    return sample.right_aligned() if causal else sample
+
+
+def _tokenized(
+    data: object,
+    tokenizer: object | None,
+    *,
+    samples: int,
+    max_length: int,
+    seed: int,
+    text_column: str | None,
+    text_pair_column: str | None,
+    labels: object,
+    causal: bool,
+) -> TokenizedSample:
     if isinstance(data, (str, os.PathLike)):
         if labels is not None:
             raise ValueError(
@@ -340,6 +413,20 @@ def prepare_sample(
     idx = drawn.tolist()
     chosen = [texts[i] for i in idx]
     kwargs = dict(truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    if causal and getattr(tokenizer, "pad_token", "") is None:
+        # LLaMA-style tokenizers have no padding token: tokenize unpadded and pad here (the
+        # tokenizer itself is left as it is; the mask hides the filler)
+        kwargs = dict(truncation=True, max_length=max_length)
+        if isinstance(chosen[0], tuple):
+            raise ValueError("text pairs are not supported for a causal LM: join them first")
+        rows = [list(r) for r in tokenizer(chosen, **kwargs)["input_ids"]]  # type: ignore[operator]
+        width = max(max((len(r) for r in rows), default=1), 1)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        att = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            att[i, : len(r)] = 1
+        return TokenizedSample(ids, att, None, drawn, y[drawn] if y is not None else None)
     if isinstance(chosen[0], tuple):
         enc = tokenizer([a for a, _ in chosen], [b for _, b in chosen], **kwargs)  # type: ignore[operator]
     else:

@@ -8,6 +8,13 @@ With attention heads (``heads`` and ``head_size`` given), attention is counted p
 4·s·d·d_h (its Q, K, V rows and O columns) + 2·s²·d_h (its scores and weighted sum), so a full
 layer (H·d_h = d) costs exactly the FFN-only formula and budgets below the attention floor
 become reachable; the joint floor keeps ``min_heads`` heads per layer and no neuron.
+
+Decoders (LLaMA family): a gated MLP has three matrices per neuron (``ffn_mats=3``: 3·s·d per
+neuron); grouped-query attention projects K and V to ``kv_heads``·d_h only, so a layer's
+projections cost s·d·(2·H·d_h + 2·H_kv·d_h) (``proj_width``); causal attention computes
+about half the score matrix (s²·H·d_h instead of 2·s²·H·d_h). The LM head (s·d·V, never
+pruned) is reported beside the budget (``lm_head``), not inside it: like the encoders' task
+head and embeddings, the budget ``c`` is a fraction of the transformer blocks' FLOPs.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ class FlopsModel:
     sizes: tuple[int, ...]  # FFN neurons per layer (before pruning)
     heads: tuple[int, ...] | None = None  # attention heads per layer (before pruning)
     head_size: int | None = None  # d_h
+    ffn_mats: int = 2  # weight matrices per FFN neuron (3 for a gated MLP)
+    proj_width: float | None = None  # Σ output widths of Q, K, V, O per layer (None: 4·d)
+    attn_width: int | None = None  # H·d_h (None: d)
+    causal: bool = False  # causal attention: half of the s² terms
+    lm_head: float = 0.0  # MACs of the LM head over the sequence (reported, not budgeted)
 
     def __post_init__(self) -> None:
         if (self.heads is None) != (self.head_size is None):
@@ -50,11 +62,13 @@ class FlopsModel:
     def attention_per_layer(self) -> float:
         """An unpruned layer's attention (with heads: its own H·d_h instead of d)."""
         s, d = self.seq_len, self.hidden
-        return 4.0 * s * d * d + 2.0 * s * s * d
+        proj = 4.0 * d if self.proj_width is None else float(self.proj_width)
+        width = d if self.attn_width is None else self.attn_width
+        return s * d * proj + (1.0 if self.causal else 2.0) * s * s * width
 
     @property
     def per_neuron(self) -> float:
-        return 2.0 * self.seq_len * self.hidden
+        return float(self.ffn_mats) * self.seq_len * self.hidden
 
     @property
     def per_head(self) -> float:

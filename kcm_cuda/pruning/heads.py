@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kcm_cuda.pruning.activations import model_inputs, real_tokens
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.blockwise import model_inputs
 from kcm_cuda.pruning.d2 import combine_with_tiebreak, vote_fractions
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.flops import FlopsModel

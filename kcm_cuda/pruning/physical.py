@@ -28,6 +28,35 @@ def record_sizes(model: nn.Module, adapter: FFNAdapter) -> list[int]:
     return sizes
 
 
+MLP_BIAS_FIELD = "kcm_mlp_bias"
+
+
+def record_mlp_bias(model: nn.Module, adapter: FFNAdapter) -> bool:
+    """When the refit gave the FFN output (down_proj) a bias the family's config does not
+    declare, record it: the family's own field (LLaMA: ``mlp_bias``) when it has one, else
+    ``kcm_mlp_bias`` (``load_pruned`` adds the biases back). True when W2 has a bias."""
+    blocks = adapter.layers(model)
+    has = [adapter.w2(b).bias is not None for b in blocks]
+    if not any(has) or not adapter.causal:
+        return any(has)
+    for b in blocks:  # every layer alike, as the family's class builds them
+        adapter.ensure_w2_bias(b)
+    if adapter.mlp_bias_field is not None:
+        setattr(model.config, adapter.mlp_bias_field, True)
+    else:
+        setattr(model.config, MLP_BIAS_FIELD, True)
+    return True
+
+
+def check_masks(adapter: FFNAdapter, blocks: list, masks: list[torch.Tensor]) -> None:
+    if len(masks) != len(blocks):
+        raise ValueError(f"got {len(masks)} masks for {len(blocks)} layers")
+    for i, (block, mask) in enumerate(zip(blocks, masks, strict=True)):
+        n = adapter.w1(block).out_features
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.numel() != n:
+            raise ValueError(f"mask of layer {i} must be a bool tensor of {n} entries")
+
+
 @torch.no_grad()
 def prune_in_place(
     model: nn.Module,
@@ -37,12 +66,8 @@ def prune_in_place(
 ) -> nn.Module:
     """Shrink every layer of ``model`` (a copy the caller owns) to its mask."""
     blocks = adapter.layers(model)
-    if len(masks) != len(blocks):
-        raise ValueError(f"got {len(masks)} masks for {len(blocks)} layers")
+    check_masks(adapter, blocks, masks)
     for i, (block, mask) in enumerate(zip(blocks, masks, strict=True)):
-        n = adapter.w1(block).out_features
-        if mask.dtype != torch.bool or mask.numel() != n:
-            raise ValueError(f"mask of layer {i} must be a bool tensor of {n} entries")
         scale = scales[i] if scales is not None else None
         adapter.shrink_ffn(block, mask, scale)
     record_sizes(model, adapter)

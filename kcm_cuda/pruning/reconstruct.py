@@ -38,15 +38,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kcm_cuda.pruning.methods.base import Selection
-from kcm_cuda.pruning.physical import prune_heads_in_place, prune_in_place, record_sizes
-from kcm_cuda.pruning.progress import progress_bar
-from kcm_cuda.pruning.scale import (
-    _Tap,
-    capture_first_layer_calls,
+from kcm_cuda.pruning.blockwise import (
+    block_device,
+    capture_block_inputs,
+    detached_copy,
+    executing,
+    hidden_store,
+    is_placeholder,
     run_block,
-    solve_with_retries,
+    set_block,
+    skeleton_copy,
 )
+from kcm_cuda.pruning.methods.base import Selection
+from kcm_cuda.pruning.physical import (
+    check_masks,
+    prune_heads_in_place,
+    prune_in_place,
+    record_mlp_bias,
+    record_sizes,
+)
+from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.scale import _Tap, solve_with_retries
 
 
 @dataclass
@@ -182,14 +194,22 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
     name = o.reconstruction()
     masks = selection.masks
     if name == "none":
-        student = prune_in_place(copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales)
-        if selection.head_masks is not None:
+        if selection.head_masks is None:
+            student = pruned_copy(ctx.teacher, ctx.adapter, masks, selection.scales)
+        else:
+            student = prune_in_place(
+                copy.deepcopy(ctx.teacher), ctx.adapter, masks, selection.scales
+            )
             _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
             prune_heads_in_place(student, ctx.adapter, selection.head_masks)
         return student, _plain("none", o.reconstruct_mode, selection, len(masks))
-    student = copy.deepcopy(ctx.teacher)
+    # The student is made block by block during the refit (one block at a time on the
+    # execution device); with heads pruned, whole first (encoders: the O refit runs on it).
     o_refit = None
-    if selection.head_masks is not None:
+    if selection.head_masks is None:
+        student = skeleton_copy(ctx.teacher, ctx.adapter)
+    else:
+        student = copy.deepcopy(ctx.teacher)
         # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
         _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
         prune_heads_in_place(student, ctx.adapter, selection.head_masks)
@@ -222,10 +242,31 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         progress=o.progress,
     )
     record_sizes(student, ctx.adapter)
+    record_mlp_bias(student, ctx.adapter)
     if selection.scales is not None:
         res.notes.append("the selection's own scales were replaced by the reconstruction")
     res.o_refit = o_refit
     return student, res
+
+
+@torch.no_grad()
+def pruned_copy(
+    teacher: nn.Module,
+    adapter,
+    masks: list[torch.Tensor],
+    scales: list[torch.Tensor | None] | None = None,
+) -> nn.Module:
+    """A physically pruned copy of ``teacher`` (no refit), made one block at a time: each
+    block is copied where it lives and shrunk before the next is copied."""
+    blocks = adapter.layers(teacher)
+    check_masks(adapter, blocks, masks)
+    student = skeleton_copy(teacher, adapter)
+    for i, tb in enumerate(blocks):
+        sb = detached_copy(tb)
+        adapter.shrink_ffn(sb, masks[i], scales[i] if scales is not None else None)
+        set_block(student, adapter, i, sb.to(block_device(tb)))
+    record_sizes(student, adapter)
+    return student
 
 
 @torch.no_grad()
@@ -252,82 +293,95 @@ def refit_layers(
     if mode not in ("sequential", "oneshot"):
         raise ValueError(f"mode must be 'sequential' or 'oneshot', got {mode!r}")
     seq = mode == "sequential"
-    calls = capture_first_layer_calls(teacher, adapter, sample, batch_size, device)
-    h_t = [c.args[0] if c.args else c.kwargs["hidden_states"] for c in calls]
+    store = hidden_store(teacher, adapter, sample, device)
+    calls, h_t = capture_block_inputs(teacher, adapter, sample, batch_size, store=store)
     h_s = [h.clone() for h in h_t] if seq else None
     t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)
     res = ReconstructionResult(variant, mode, [], tokens=sample.n_tokens)
     updates = []
+    with_bias = variant in ("bias", "ridge")  # these write a b2 (added where the family has none)
     bar = progress_bar(
         range(len(t_blocks)), total=len(t_blocks), desc=variant, enabled=progress, unit="layer"
     )
     for layer in bar:
-        tb, sb = t_blocks[layer], s_blocks[layer]
-        keep = masks[layer].to(device)
-        k = int(keep.sum())
-        w2 = adapter.w2(tb)
-        W2 = w2.weight.detach().float()
-        W2k = W2[:, keep]
-        fit = LinearRefit(k, W2.shape[0], device, fit_bias=True)
-        a_sum = torch.zeros(W2.shape[1], dtype=torch.float64, device=device)
-        t_tap = _Tap(adapter, tb, output=True)
-        s_tap = _Tap(adapter, sb) if seq else None
-        try:
-            for b, call in enumerate(calls):
-                t_tap.mask = call.mask
-                h_t[b] = run_block(tb, call, h_t[b])
-                if seq:
-                    s_tap.mask = call.mask
-                    run_block(sb, call, h_s[b])  # output unused: recomputed after the refit
-                    Y = t_tap.y + t_tap.x - s_tap.x
-                    a = s_tap.a
+        with executing(t_blocks[layer], device) as (tb, dev):
+            sb = s_blocks[layer]
+            lazy = is_placeholder(sb)
+            home = block_device(t_blocks[layer])
+            if lazy:  # a skeleton student: this block is made now, on the execution device
+                sb = detached_copy(tb, dev)
+            elif block_device(sb) != dev:
+                sb.to(dev)
+            keep = masks[layer].to(dev)
+            k = int(keep.sum())
+            w2 = adapter.w2(tb)
+            W2 = w2.weight.detach().float()
+            W2k = W2[:, keep]
+            fit = LinearRefit(k, W2.shape[0], dev, fit_bias=True)
+            a_sum = torch.zeros(W2.shape[1], dtype=torch.float64, device=dev)
+            t_tap = _Tap(adapter, tb, output=True)
+            s_tap = _Tap(adapter, sb) if seq else None
+            try:
+                for b, call in enumerate(calls):
+                    mask = call.mask.to(dev)
+                    t_tap.mask = mask
+                    h_t[b] = run_block(tb, call, h_t[b], dev)
+                    if seq:
+                        s_tap.mask = mask
+                        run_block(sb, call, h_s[b], dev)  # output unused: redone after the refit
+                        Y = t_tap.y + t_tap.x - s_tap.x
+                        a = s_tap.a
+                    else:
+                        Y, a = t_tap.y, t_tap.a
+                    fit.add(a[:, keep], Y)
+                    a_sum += a.sum(dim=0, dtype=torch.float64)
+                    t_tap.x = t_tap.y = t_tap.a = None
+                    if seq:
+                        s_tap.x = s_tap.a = None
+            finally:
+                t_tap.remove()
+                if s_tap is not None:
+                    s_tap.remove()
+            err0 = fit.error(W2k)
+            scales = None
+            fell_back, lam_used = False, float(ridge_lambda)
+            db = torch.zeros(W2.shape[0], dtype=torch.float64)
+            if variant == "ridge":
+                W_new, db, fell_back = fit.ridge(W2k, float(ridge_lambda))
+            elif variant == "bias":
+                lam_used = 0.0
+                mean_a = (a_sum / max(fit.tokens, 1)).float()
+                db = (W2[:, ~keep] @ mean_a[~keep]).double().cpu()
+                W_new = W2k.double()
+            else:  # scale
+                M = (W2k.t() @ W2k).double() * fit.G[:k, :k]
+                r = (fit.C[:k] * W2k.t().double()).sum(dim=1)
+                if k > 0:
+                    lam = float(scale_lambda)
+                    m, fell_back, lam_used = solve_with_retries(M, r, lam, scale_retries)
                 else:
-                    Y, a = t_tap.y, t_tap.a
-                fit.add(a[:, keep], Y)
-                a_sum += a.sum(dim=0, dtype=torch.float64)
-                t_tap.x = t_tap.y = t_tap.a = None
-                if seq:
-                    s_tap.x = s_tap.a = None
-        finally:
-            t_tap.remove()
-            if s_tap is not None:
-                s_tap.remove()
-        err0 = fit.error(W2k)
-        scales = None
-        fell_back, lam_used = False, float(ridge_lambda)
-        db = torch.zeros(W2.shape[0], dtype=torch.float64)
-        if variant == "ridge":
-            W_new, db, fell_back = fit.ridge(W2k, float(ridge_lambda))
-        elif variant == "bias":
-            lam_used = 0.0
-            mean_a = (a_sum / max(fit.tokens, 1)).float()
-            db = (W2[:, ~keep] @ mean_a[~keep]).double().cpu()
-            W_new = W2k.double()
-        else:  # scale
-            M = (W2k.t() @ W2k).double() * fit.G[:k, :k]
-            r = (fit.C[:k] * W2k.t().double()).sum(dim=1)
-            if k > 0:
-                lam = float(scale_lambda)
-                m, fell_back, lam_used = solve_with_retries(M, r, lam, scale_retries)
+                    m, lam_used = torch.ones(0, dtype=torch.float64, device=dev), scale_lambda
+                scales = m.float().cpu()
+                W_new = W2k.double() * m.unsqueeze(0)
+            err1 = fit.error(W_new, db)
+            res.scales.append(scales)
+            res.fallback.append(bool(fell_back))
+            res.lambda_used.append(float(lam_used))
+            res.error_before.append(err0)
+            res.error_after.append(err1)
+            res.target_energy.append(float(fit.yy))
+            update = (keep, W_new, db, with_bias)
+            if seq:
+                _apply(adapter, sb, *update)
+                for b, call in enumerate(calls):
+                    h_s[b] = run_block(sb, call, h_s[b], dev)
             else:
-                m, lam_used = torch.ones(0, dtype=torch.float64, device=device), scale_lambda
-            scales = m.float().cpu()
-            W_new = W2k.double() * m.unsqueeze(0)
-        err1 = fit.error(W_new, db)
-        res.scales.append(scales)
-        res.fallback.append(bool(fell_back))
-        res.lambda_used.append(float(lam_used))
-        res.error_before.append(err0)
-        res.error_after.append(err1)
-        res.target_energy.append(float(fit.yy))
-        update = (keep, W_new, db)
-        if seq:
-            _apply(adapter, sb, *update)
-            for b, call in enumerate(calls):
-                h_s[b] = run_block(sb, call, h_s[b])
-        else:
-            updates.append(update)
-    for sb, update in zip(s_blocks, updates, strict=False):
+                updates.append(update)
+            if home != dev:
+                sb.to(home)
+            if lazy:
+                set_block(student, adapter, layer, sb)
+    for sb, update in zip(adapter.layers(student), updates, strict=False):
         _apply(adapter, sb, *update)
     if any(res.fallback):
         res.notes.append(
@@ -337,8 +391,18 @@ def refit_layers(
     return res
 
 
-def _apply(adapter, block: nn.Module, keep: torch.Tensor, W: torch.Tensor, db: torch.Tensor):
-    """Shrink the block's FFN to ``keep`` and write the refitted W2 and b2."""
+def _apply(
+    adapter,
+    block: nn.Module,
+    keep: torch.Tensor,
+    W: torch.Tensor,
+    db: torch.Tensor,
+    with_bias: bool = True,
+):
+    """Shrink the block's FFN to ``keep`` and write the refitted W2 and b2 (a family without
+    an FFN output bias gets one first, when the variant writes b2)."""
+    if with_bias:
+        adapter.ensure_w2_bias(block)
     adapter.shrink_ffn(block, keep)
     w2 = adapter.w2(block)
     w2.weight.copy_(W.to(w2.weight.device, w2.weight.dtype))

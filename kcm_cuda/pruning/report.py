@@ -95,6 +95,13 @@ def build_report(ctx, selection: Selection, recon) -> dict:
         "layers": layers,
         "timings_s": ctx.timings,
     }
+    if fm.lm_head:
+        # the LM head is never pruned and lies outside the budget (like a task head); the
+        # ratio of the whole model with it, for the record
+        report["flops"].update(
+            lm_head=fm.lm_head,
+            ratio_with_lm_head=(after + fm.lm_head) / (before + fm.lm_head),
+        )
     if fm.heads is not None:
         report["flops"].update(
             per_head=fm.per_head,

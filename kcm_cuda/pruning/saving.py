@@ -18,6 +18,12 @@ Pruned attention heads: ``config.kcm_attention_heads`` holds each layer's head c
 save pads every layer back to the config's head count with all-zero heads (zero Q, K, V rows and
 biases, zero O columns: such a head's context is softmax(0)·0 = 0 and adds exactly nothing);
 ``load_pruned`` checks that the padding is zero and strips it.
+
+Decoders: the refit gives down_proj a bias. LLaMA's class declares it (``mlp_bias=True``, with
+zero gate/up biases), so the padded save loads with plain ``from_pretrained`` too. Mistral's
+and Qwen2's classes cannot hold it: such a model records ``kcm_mlp_bias`` and is saved for
+``load_pruned`` only (its config's FFN width is 0, so plain ``from_pretrained`` fails with a
+size mismatch rather than silently dropping the biases).
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.adapters import get_adapter
-from kcm_cuda.pruning.physical import HEADS_FIELD, SIZES_FIELD, record_heads, record_sizes
+from kcm_cuda.pruning.physical import (
+    HEADS_FIELD,
+    MLP_BIAS_FIELD,
+    SIZES_FIELD,
+    record_heads,
+    record_sizes,
+)
 
 REPORT_NAME = "kcm_report.json"
 
@@ -73,7 +85,10 @@ def save_pruned(
     sizes = record_sizes(model, adapter)
     heads = record_heads(model, adapter)
     full_heads = adapter.num_heads(model.config)
-    pad_ffn = padded and len(set(sizes)) > 1
+    # A down_proj bias the family's class cannot hold (Mistral, Qwen2): plain from_pretrained
+    # would drop it without an error, so such a model is saved for load_pruned only (below).
+    bias_only_ours = bool(getattr(model.config, MLP_BIAS_FIELD, False))
+    pad_ffn = padded and len(set(sizes)) > 1 and not bias_only_ours
     pad_heads = padded and any(h != full_heads for h in heads)
     if pad_ffn or pad_heads:
         model = copy.deepcopy(model)
@@ -89,6 +104,8 @@ def save_pruned(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if bias_only_ours:
+            _refuse_plain_loading(tmp / "config.json", adapter.intermediate_field)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -105,6 +122,17 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _refuse_plain_loading(config_json: Path, field: str) -> None:
+    """Set the config's FFN width to 0: plain ``from_pretrained`` then fails with a size
+    mismatch instead of loading the model without its down_proj biases; ``load_pruned``
+    reads the widths from the weights."""
+    with open(config_json, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg[field] = 0
+    with open(config_json, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -143,6 +171,8 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise ValueError(f"config.json in {p} names no known architecture ({archs})")
+    if getattr(config, MLP_BIAS_FIELD, False) and not getattr(config, "intermediate_size", 1):
+        config.intermediate_size = 1  # saved as 0 (see _refuse_plain_loading); resized below
     model = cls(config)
     adapter = get_adapter(model)
     sizes = getattr(config, SIZES_FIELD, None)
@@ -176,6 +206,9 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         stored_heads.append(rows // d_h)
         if adapter.block_heads(block, d_h) != rows // d_h:
             adapter.resize_heads(block, rows // d_h, d_h)
+    if getattr(config, MLP_BIAS_FIELD, False):  # the refit's down_proj bias (Mistral, Qwen2)
+        for block in blocks:
+            adapter.ensure_w2_bias(block)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):

@@ -16,29 +16,18 @@ procedure costs about three forward passes of the Scale sample.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kcm_cuda.pruning.activations import model_inputs, real_tokens
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import FFNAdapter
+from kcm_cuda.pruning.blockwise import capture_block_inputs, run_block
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.progress import progress_bar
 
 MAX_ABS_SCALE = 10.0
-
-
-class _StopForward(Exception):
-    pass
-
-
-@dataclass
-class LayerCall:
-    args: tuple
-    kwargs: dict
-    mask: torch.Tensor
 
 
 @dataclass
@@ -51,53 +40,6 @@ class ScaleResult:
     target_energy: list[float]  # Σ_t ||Y||²
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-@torch.no_grad()
-def capture_first_layer_calls(
-    model: nn.Module,
-    adapter: FFNAdapter,
-    sample: TokenizedSample,
-    batch_size: int,
-    device: torch.device,
-) -> list[LayerCall]:
-    """The (args, kwargs) the model passes to its first block, per batch (rest of the forward
-    skipped)."""
-    first = adapter.layers(model)[0]
-    calls: list[LayerCall] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(_module, args, kwargs):
-        calls.append(LayerCall(tuple(args), dict(kwargs), current["mask"]))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in sample.batches(batch_size, device):
-            current["mask"] = batch["attention_mask"]
-            with contextlib.suppress(_StopForward):
-                model(**model_inputs(model, batch))
-    finally:
-        handle.remove()
-    return calls
-
-
-def _hidden_of(call: LayerCall) -> torch.Tensor:
-    if call.args:
-        return call.args[0]
-    return call.kwargs["hidden_states"]
-
-
-def run_block(block: nn.Module, call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
-    if call.args:
-        out = block(hidden, *call.args[1:], **call.kwargs)
-    else:
-        kwargs = dict(call.kwargs)
-        kwargs["hidden_states"] = hidden
-        out = block(**kwargs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 class _Tap:
@@ -185,8 +127,7 @@ def scale_and_prune(
 ) -> ScaleResult:
     """Run Scale bottom-up; ``student`` (a copy of ``teacher``) is physically pruned in place,
     each layer's scales folded into its W2 columns."""
-    calls = capture_first_layer_calls(teacher, adapter, sample, batch_size, device)
-    h_t = [_hidden_of(c) for c in calls]
+    calls, h_t = capture_block_inputs(teacher, adapter, sample, batch_size)
     h_s = [h.clone() for h in h_t]
     t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)
     result = ScaleResult([], [], [], [], [], [], tokens=sample.n_tokens)

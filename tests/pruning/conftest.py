@@ -185,3 +185,79 @@ def builders():
 @pytest.fixture(scope="session")
 def sentence_maker():
     return make_sentences
+
+
+def tiny_decoder(
+    family: str = "llama",
+    layers: int = 3,
+    hidden: int = 64,
+    inter: int = 176,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    vocab_size: int = 128,
+    context: int = 64,
+):
+    """A tiny causal LM of the LLaMA family (grouped-query attention: ``kv_heads`` <
+    ``heads``), random weights widened like the encoders'."""
+    import transformers
+
+    torch.manual_seed(seed)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{prefix}Config")(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+    )
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+    _spread_weights(model)
+    return model
+
+
+DECODER_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def token_batch(n: int = 48, width: int = 24, vocab_size: int = 128, seed: int = 0) -> dict:
+    """Pre-tokenized random sequences with some right padding."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n, width), generator=gen)
+    mask = torch.ones_like(ids)
+    lengths = torch.randint(width // 2, width + 1, (n,), generator=gen)
+    mask[torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def word_level_tokenizer(pad: bool = False):
+    """A fast word-level tokenizer over ``WORDS`` with BOS/EOS and (``pad``) a padding token;
+    LLaMA-style when ``pad`` is False (no padding token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    if pad:
+        vocab["<pad>"] = 3
+    for w in sorted(set(WORDS)):
+        vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
+    )
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    """A saved tiny LLaMA (GQA) with its tokenizer, as a user's local checkpoint."""
+    tok = word_level_tokenizer()
+    model = tiny_decoder("llama", vocab_size=len(tok))
+    d = tmp_path / "llama"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -48,7 +48,7 @@ def _all_activations(model, adapter, sample, batch_size):
                 lambda _m, a, i=i: ins[i].append(real_tokens(a[0], cur["m"]).double())
             )
         )
-    from kcm_cuda.pruning.activations import model_inputs
+    from kcm_cuda.pruning.blockwise import model_inputs
 
     with torch.no_grad():
         for batch in sample.batches(batch_size, "cpu"):

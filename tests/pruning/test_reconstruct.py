@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kcm_cuda.pruning import load_pruned, prune
-from kcm_cuda.pruning.activations import model_inputs, real_tokens
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import get_adapter
+from kcm_cuda.pruning.blockwise import model_inputs
 from kcm_cuda.pruning.data import prepare_sample
 from kcm_cuda.pruning.methods import METHODS, Method, Selection
 from kcm_cuda.pruning.reconstruct import LinearRefit, refit_layers, refit_linear

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kcm_cuda.pruning import prune
-from kcm_cuda.pruning.activations import model_inputs, real_tokens
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import get_adapter
+from kcm_cuda.pruning.blockwise import model_inputs
 from kcm_cuda.pruning.data import prepare_sample
 from kcm_cuda.pruning.scale import solve_scale, solve_with_retries
 

@@ -16,6 +16,14 @@ Every block keeps at least one head (``shrink_heads`` refuses 0): the 5.x forwar
 reshape an empty projection (``view(..., -1, d_h)`` of 0 elements is ambiguous).
 The config's head-count field is never changed (it fixes d_h = hidden / heads); the per-layer
 counts live in ``config.kcm_attention_heads`` (see physical.py).
+
+Decoder families (``causal=True``: LLaMA, Mistral, Qwen2) have a gated MLP,
+down(act(gate(x)) ⊙ up(x)): W1 is ``gate_proj`` and ``ffn_in_paths`` names the other input
+linear(s) (``up_proj``) whose rows are removed together with W1's; the activation statistic is
+still W2's (``down_proj``'s) input. Their MLP has no biases, so the refit adds a zero down_proj
+bias first (:meth:`FFNAdapter.ensure_w2_bias`); it is recorded in the config (``mlp_bias``
+where the family's transformers class reads it, else ``kcm_mlp_bias`` for ``load_pruned``).
+Grouped-query attention: ``kv_heads_field`` holds the number of key/value heads.
 """
 
 from __future__ import annotations
@@ -45,6 +53,12 @@ class FFNAdapter:
     o_path: tuple[str, ...] = ()
     heads_attrs: tuple[str, ...] = ()  # attributes of the attention module = number of heads
     all_head_size_attrs: tuple[str, ...] = ()  # attributes = heads · d_h
+    # -- decoders -------------------------------------------------------------------------
+    causal: bool = False  # a causal (decoder-only) LM: causal attention, right padding
+    ffn_in_paths: tuple[tuple[str, ...], ...] = ()  # gated MLP: the other input linears (up)
+    kv_heads_field: str | None = None  # grouped-query attention: config field of KV heads
+    head_dim_field: str | None = None  # config field of d_h when the family has one
+    mlp_bias_field: str | None = None  # config field that gives the MLP linears a bias
 
     # -- access ---------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -83,6 +97,42 @@ class FFNAdapter:
     def w2(self, block: nn.Module) -> nn.Linear:
         return self._get(block, self.w2_path)
 
+    def ffn_inputs(self, block: nn.Module) -> list[nn.Linear]:
+        """Every linear whose output rows are the FFN's neurons: W1 (and up_proj when gated)."""
+        return [self.w1(block)] + [self._get(block, p) for p in self.ffn_in_paths]
+
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices per neuron (2, or 3 for a gated MLP): the FLOPs per neuron."""
+        return 2 + len(self.ffn_in_paths)
+
+    def num_kv_heads(self, config) -> int:
+        if self.kv_heads_field is None:
+            return self.num_heads(config)
+        return int(getattr(config, self.kv_heads_field, None) or self.num_heads(config))
+
+    def context_length(self, config) -> int | None:
+        n = getattr(config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @torch.no_grad()
+    def ensure_w2_bias(self, block: nn.Module) -> bool:
+        """Give W2 a zero bias when it has none (the refit writes one); with a
+        ``mlp_bias_field`` the other MLP linears get zero biases too, so that the family's
+        own class (``mlp_bias=True``) loads the saved model. True when a bias was added."""
+        w2 = self.w2(block)
+        if w2.bias is not None:
+            return False
+        linears = [w2] + (self.ffn_inputs(block) if self.mlp_bias_field else [])
+        for lin in linears:
+            if lin.bias is None:
+                w = lin.weight
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, device=w.device, dtype=w.dtype),
+                    requires_grad=w.requires_grad,
+                )
+        return True
+
     def hidden_size(self, config) -> int:
         return int(getattr(config, self.hidden_field))
 
@@ -94,59 +144,67 @@ class FFNAdapter:
 
     # -- surgery --------------------------------------------------------------------------
     def resize_ffn(self, block: nn.Module, n: int) -> None:
-        """Replace the block's W1/W2 by fresh linears with ``n`` neurons (callers fill the
-        weights)."""
-        w1, w2 = self.w1(block), self.w2(block)
-        dev, dt = w1.weight.device, w1.weight.dtype
-        new1 = nn.Linear(w1.in_features, n, bias=w1.bias is not None, device=dev, dtype=dt)
+        """Replace the block's FFN linears (W1, up_proj when gated, W2) by fresh linears with
+        ``n`` neurons (callers fill the weights)."""
+        for path in (self.w1_path, *self.ffn_in_paths):
+            old = self._get(block, path)
+            dev, dt = old.weight.device, old.weight.dtype
+            new = nn.Linear(old.in_features, n, bias=old.bias is not None, device=dev, dtype=dt)
+            self._set(block, path, new)
+        w2 = self.w2(block)
+        dev, dt = w2.weight.device, w2.weight.dtype
         new2 = nn.Linear(n, w2.out_features, bias=w2.bias is not None, device=dev, dtype=dt)
-        self._set(block, self.w1_path, new1)
         self._set(block, self.w2_path, new2)
+
+    def _ffn_state(self, block: nn.Module):
+        ins = [
+            (lin.weight.clone(), lin.bias.clone() if lin.bias is not None else None)
+            for lin in self.ffn_inputs(block)
+        ]
+        w2 = self.w2(block)
+        return ins, w2.weight.clone(), (w2.bias.clone() if w2.bias is not None else None)
 
     def shrink_ffn(
         self, block: nn.Module, keep: torch.Tensor, scale: torch.Tensor | None = None
     ) -> None:
         """Keep only neurons ``keep`` (bool mask or index tensor); W2's kept columns are
         multiplied by ``scale`` (one value per kept neuron) when given."""
-        w1, w2 = self.w1(block), self.w2(block)
+        w1 = self.w1(block)
         idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep.flatten()
         idx = idx.to(w1.weight.device)
         with torch.no_grad():
-            W1 = w1.weight[idx].clone()
-            b1 = w1.bias[idx].clone() if w1.bias is not None else None
-            W2 = w2.weight[:, idx].clone()
+            ins, W2, b2 = self._ffn_state(block)
+            W2 = W2[:, idx]
             if scale is not None:
                 W2 = W2 * scale.to(W2.device, W2.dtype).unsqueeze(0)
-            b2 = w2.bias.clone() if w2.bias is not None else None
             self.resize_ffn(block, int(idx.numel()))
-            new1, new2 = self.w1(block), self.w2(block)
-            new1.weight.copy_(W1)
-            if b1 is not None:
-                new1.bias.copy_(b1)
+            for lin, (w, b) in zip(self.ffn_inputs(block), ins, strict=True):
+                lin.weight.copy_(w[idx])
+                if b is not None:
+                    lin.bias.copy_(b[idx])
+            new2 = self.w2(block)
             new2.weight.copy_(W2)
             if b2 is not None:
                 new2.bias.copy_(b2)
 
     def pad_ffn(self, block: nn.Module, n: int) -> None:
-        """Grow the block's FFN to ``n`` neurons with zero W1 rows, b1 entries and W2 columns
-        (the added neurons contribute exactly nothing)."""
-        w1, w2 = self.w1(block), self.w2(block)
-        k = w1.out_features
+        """Grow the block's FFN to ``n`` neurons with zero W1 (and up_proj) rows and biases and
+        zero W2 columns (the added neurons contribute exactly nothing)."""
+        k = self.w1(block).out_features
         if n < k:
             raise ValueError(f"cannot pad an FFN of {k} neurons to {n}")
         with torch.no_grad():
-            W1, W2 = w1.weight.clone(), w2.weight.clone()
-            b1 = w1.bias.clone() if w1.bias is not None else None
-            b2 = w2.bias.clone() if w2.bias is not None else None
+            ins, W2, b2 = self._ffn_state(block)
             self.resize_ffn(block, n)
-            new1, new2 = self.w1(block), self.w2(block)
-            new1.weight.zero_()
-            new1.weight[:k].copy_(W1)
+            for lin, (w, b) in zip(self.ffn_inputs(block), ins, strict=True):
+                lin.weight.zero_()
+                lin.weight[:k].copy_(w)
+                if b is not None:
+                    lin.bias.zero_()
+                    lin.bias[:k].copy_(b)
+            new2 = self.w2(block)
             new2.weight.zero_()
             new2.weight[:, :k].copy_(W2)
-            if b1 is not None:
-                new1.bias.zero_()
-                new1.bias[:k].copy_(b1)
             if b2 is not None:
                 new2.bias.copy_(b2)
 
@@ -171,7 +229,12 @@ class FFNAdapter:
         return self._get(block, self.o_path)
 
     def head_size(self, config) -> int:
-        """d_h = hidden / heads (from the config, which keeps the unpruned head count)."""
+        """d_h: the config's head-dim field when the family has one, else hidden / heads
+        (from the config, which keeps the unpruned head count)."""
+        if self.head_dim_field is not None:
+            d_h = getattr(config, self.head_dim_field, None)
+            if isinstance(d_h, int) and d_h > 0:
+                return d_h
         return self.hidden_size(config) // self.num_heads(config)
 
     def block_heads(self, block: nn.Module, head_size: int) -> int:
