@@ -80,6 +80,10 @@ class LMSettings:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
 
 
+def _log(msg: str) -> None:
+    print(msg, flush=True)  # progress must show while training, also when piped to a file
+
+
 def model_config(settings: LMSettings, tokenizer):
     from transformers import LlamaConfig
 
@@ -157,7 +161,7 @@ def train_small_lm(
     settings: LMSettings | None = None,
     *,
     time_budget_s: float | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log,
     log_every: int = 50,
 ):
     """(model, tokenizer, meta): train the tokenizer and the LM from scratch on
@@ -291,7 +295,7 @@ def load_small_lm(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     time_budget_s: float | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log,
     log_every: int = 50,
 ):
     """(model, tokenizer, meta): the cached small LM for ``text`` and ``settings``, trained
