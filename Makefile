@@ -41,9 +41,12 @@ clean:
 # interpreter), compute-sanitizer memcheck/racecheck, the benchmarks and the timing goals;
 # results under benchmarks/results/<device>/ (see tools/gpu_check.py, benchmarks/README.md).
 # Runs with the GPU machine's own python (its CUDA torch), not the CPU venv:
+#   make gpu-check PART=1        one lent-GPU command (<= 8 min): build, GPU parity tests, timing goals
+#   make gpu-check PART=2        the second: sanitizers, dispatch table, the benchmarks
 #   make gpu-check [STAGES=env,build,tests] [GPU_CHECK_OUT=dir] [BUDGET=seconds] [GPU_PYTHON=python3]
-#   make gpu-check DRY_RUN=1     the plan and a check that its files exist (no GPU needed)
+#   make gpu-check DRY_RUN=1 [PART=1]   the plan with each stage's estimated time, and a check
+#                                       that its files exist (no GPU needed)
 GPU_PYTHON ?= python3
 .PHONY: gpu-check
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(STAGES),--stages $(STAGES)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(BUDGET),--budget $(BUDGET))
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(PART),--part $(PART)) $(if $(STAGES),--stages $(STAGES)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(BUDGET),--budget $(BUDGET))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import Peer, Skipped
+from benchmarks.peers import Peer, Skipped, auto_backend, our_backends, try_compile
 
 FULL_SIZES = [1536, 3072, 11008]
 CPU_MAX_N = 3072  # an 11008 update is ~2.7 TFLOP: tens of seconds per call on a small CPU
@@ -73,7 +73,7 @@ def test_convex_update(case: UpdateCase, profile: harness.Profile, device: torch
     K3, C3 = K.unsqueeze(0), C.unsqueeze(0)
     flops = harness.update_flops(case.n)
     peers: list[Peer | Skipped] = []
-    backends, skipped = harness.our_backends(device, case.n)
+    backends, skipped = our_backends(device, case.n)
     for name in backends:
         module = dispatch.backend_module(name)
         peers.append(Peer(
@@ -82,7 +82,7 @@ def test_convex_update(case: UpdateCase, profile: harness.Profile, device: torch
             ours=True, flops=flops,
         ))
     peers.extend(skipped)
-    auto = harness.auto_backend(device)
+    auto = auto_backend(device)
     peers.append(Peer(
         f"kcm-api[{auto}]",
         lambda: kcm_cuda.convex_update(K, C, precision=case.precision),
@@ -93,7 +93,7 @@ def test_convex_update(case: UpdateCase, profile: harness.Profile, device: torch
         peers.append(Skipped("torch-compile", "not in smoke runs / --kcm-no-compile"))
     else:
         if "fn" not in _compiled:
-            _compiled["fn"], _compiled["why"] = harness.try_compile(update_eager)
+            _compiled["fn"], _compiled["why"] = try_compile(update_eager)
         fn = _compiled["fn"]
         if fn is None:
             peers.append(Skipped("torch-compile", str(_compiled["why"])))

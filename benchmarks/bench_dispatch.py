@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.harness import Peer
+from benchmarks import harness, results_file
+from benchmarks.peers import Peer
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 # n, d of the measured shapes; where the table goes (None: results/<device-slug>/). Changed by
@@ -89,7 +89,7 @@ def test_write_table(case: DispatchCase, profile: harness.Profile, device: torch
 
     capability = torch.cuda.get_device_capability(device)
     rows = harness.dispatch_rows(_MEASURED, dispatch.capability_key(capability))
-    folder = SIZES["out_dir"] or harness.RESULTS_DIR / recorder.device_info["slug"]
+    folder = SIZES["out_dir"] or results_file.RESULTS_DIR / recorder.device_info["slug"]
     out = Path(folder) / "dispatch_table.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")

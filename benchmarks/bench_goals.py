@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import Peer
+from benchmarks.peers import Peer
 
 SIGMA = 1.0
 # The goals' sizes (the issue's). benchmarks/test_harness.py shrinks them to dry-run this file

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import Peer
+from benchmarks.peers import Peer
 
 RATIOS = (0.6, 0.7)
 FULL_BATCHES = (1, 8, 32, 128)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.harness import Peer
+from benchmarks import harness, results_file
+from benchmarks.peers import Peer, auto_backend
 
 FLOPS_C = 0.6
 TINY_CONFIG = {
@@ -111,7 +111,7 @@ def test_prune_e2e(case: E2ECase, profile: harness.Profile, device: torch.device
 
     heavy = device.type == "cpu" and not profile.smoke
     warmup = 0 if device.type == "cpu" else 1  # a GPU warm-up compiles / autotunes
-    peer = Peer(f"kcm-prune[{harness.auto_backend(device)}]", run, ours=True, info=info)
+    peer = Peer(f"kcm-prune[{auto_backend(device)}]", run, ours=True, info=info)
     (record,) = bench(
         op="prune_e2e", case=case.id,
         params={"samples": case.samples, "seq": case.seq, "flops": FLOPS_C,
@@ -130,7 +130,7 @@ def test_prune_e2e(case: E2ECase, profile: harness.Profile, device: torch.device
     stages = sorted({name for call in timed for name in call})
     for name in stages:
         samples = [call[name] * 1e3 for call in timed if name in call]
-        recorder.records.append(harness.blank_record(
+        recorder.records.append(results_file.blank_record(
             op="prune_stage", case=case.id, peer=name, ours=True, samples_ms=samples,
             params=record["params"], baseline=None, note="from PruneResult.report",
         ))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import Peer, Skipped
+from benchmarks.peers import Peer, Skipped, auto_backend, our_backends, try_compile
 
 SIGMA = 1.0
 FULL_SHAPES = [(1536, 384), (3072, 768), (11008, 4096)]
@@ -62,7 +62,7 @@ _compiled: dict[str, object] = {}
 
 def _compiled_eager():
     if "fn" not in _compiled:
-        _compiled["fn"], _compiled["why"] = harness.try_compile(rbf_eager)
+        _compiled["fn"], _compiled["why"] = try_compile(rbf_eager)
     return _compiled["fn"], _compiled["why"]
 
 
@@ -91,7 +91,7 @@ def test_rbf(case: RbfCase, profile: harness.Profile, device: torch.device, benc
     x = (torch.randn(case.n, case.d, generator=gen) / case.d**0.5).to(device)
     flops = harness.rbf_flops(case.n, case.n, case.d)
     peers: list[Peer | Skipped] = []
-    backends, skipped = harness.our_backends(device, case.n)
+    backends, skipped = our_backends(device, case.n)
     for name in backends:
         peers.append(Peer(
             f"kcm[{name}]",
@@ -125,7 +125,7 @@ def test_rbf(case: RbfCase, profile: harness.Profile, device: torch.device, benc
     else:
         peers.append(_keops_peer(x, SIGMA, flops))
     primary = next((p.name for p in peers if isinstance(p, Peer) and p.ours
-                    and p.name == f"kcm[{harness.auto_backend(device)}]"), None)
+                    and p.name == f"kcm[{auto_backend(device)}]"), None)
     records = bench(
         op="rbf", case=case.id, params={"n": case.n, "m": case.n, "d": case.d, "sigma": SIGMA},
         peers=peers, precision=case.precision, primary=primary, baseline=baseline,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import Peer, Skipped
+from benchmarks.peers import Peer, Skipped, auto_backend, our_backends
 
 ALPHA, MAX_ITER = 0.01, 100
 MEDIAN_K = 0.48
@@ -112,11 +112,11 @@ def test_solver(case: SolverCase, profile: harness.Profile, device: torch.device
 
         return Peer(label, run, ours=True, flops=flops, info=info)
 
-    backends, skipped = harness.our_backends(device, case.n)
+    backends, skipped = our_backends(device, case.n)
     for name in backends:
         peers.append(solver_peer(f"kcm[{name}]", name))
     peers.extend(skipped)
-    auto = harness.auto_backend(device)
+    auto = auto_backend(device)
     if device.type == "cuda":
         peers.append(solver_peer(f"kcm-looped[{auto}]", auto, looped=True))
     # On a CPU a bert-base-like solve is minutes: one untimed warm-up would double that.

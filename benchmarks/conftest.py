@@ -20,7 +20,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks import harness  # noqa: E402 (after the environment is set)
+from benchmarks import harness, results_file  # noqa: E402 (after the environment is set)
 
 _SMOKE_ENV = "KCM_BENCH_SMOKE"
 
@@ -163,7 +163,7 @@ def bench(request: pytest.FixtureRequest, recorder: harness.Recorder) -> Any:
 def smoke_output_dir(slug: str) -> Path:
     """Where a smoke run writes: the repository's out/ folder (ignored by git), never the
     system temp directory or another fixed folder outside the repo."""
-    return harness.REPO_ROOT / "out" / "bench-smoke" / slug
+    return results_file.REPO_ROOT / "out" / "bench-smoke" / slug
 
 
 def _output_path(config: pytest.Config, recorder: harness.Recorder) -> Path | None:

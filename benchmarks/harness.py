@@ -1,45 +1,39 @@
-"""Timing engine, FLOP counts, device peaks and the result file of the benchmark suite.
+"""The benchmark session: FLOP counts, device peaks, profiles, the recorder that measures a case
+and writes the result file, goal records and dispatch rows.
 
-Used by the pytest files (bench_*.py) through the fixtures of benchmarks/conftest.py, and by
-benchmarks/report.py to read results back. Nothing here asserts a timing.
-
-Timing semantics (the same as ``triton.testing.do_bench``):
-- warm-up calls (compilation, autotuning, allocator growth) run before and outside the timing;
-- before every timed call the last-level cache is flushed by overwriting a large buffer;
-- on CUDA a call is timed with a pair of CUDA events around it (GPU time, no host sync inside);
-  on the CPU with ``time.perf_counter``;
-- the peers of one case are **alternated**: round r runs every peer once, in an order rotated
-  by r, so drift (clocks, other processes on a shared machine) hits every peer alike;
-- every peer of a case runs at the same pinned matmul precision
-  (``torch.backends.cuda.matmul.allow_tf32`` on for "tf32" only).
+Used by the pytest files (bench_*.py) through the fixtures of benchmarks/conftest.py. The
+pieces it builds on: timing.py (timing a call, precision, memory), peers.py (Peer, the
+alternation of peers, our backends), results_file.py (the JSON: schema, machine, records);
+report.py reads results back (tables.py formats them). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
-import gc
-import importlib.metadata
 import json
-import math
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SCHEMA = "kcm-bench/1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.peers import Peer, Skipped, measure_peers
+from benchmarks.results_file import (
+    RESULTS_DIR,
+    SCHEMA,
+    blank_record,
+    device_info,
+    git_info,
+    json_safe,
+    versions,
+)
+from benchmarks.tables import format_table
+from benchmarks.timing import Timer, measure_peak_memory, pinned_precision, summarize
 
 # Element-wise FLOPs counted per entry of the convex update besides the K @ C product:
 # K / KC, sqrt, C * (.), C_new - C, |.| accumulated into delta, |C| accumulated into mass.
@@ -113,416 +107,6 @@ def encoder_flops(batch: int, seq: int, hidden: int, intermediate: list[int]) ->
     attention = 4 * seq * hidden**2 + 2 * seq**2 * hidden
     macs = sum(attention + 2 * seq * hidden * k for k in intermediate)
     return 2.0 * batch * macs
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment description
-# ---------------------------------------------------------------------------------------------
-def slugify(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug or "unknown"
-
-
-def cpu_model_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if lines else None
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """Name, slug (the results sub-folder), and what else identifies the machine."""
-    info: dict[str, Any] = {
-        "type": device.type,
-        "cpu_model": cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        info.update(
-            name=props.name,
-            slug=slugify(props.name),
-            capability=f"{props.major}.{props.minor}",
-            total_memory_bytes=int(props.total_memory),
-            multiprocessors=int(props.multi_processor_count),
-            driver=_nvidia_driver(),
-        )
-    else:
-        name = info["cpu_model"]
-        info.update(name=name, slug="cpu-" + slugify(name), driver=None)
-    return info
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of what was measured (triton read from its metadata: no import needed)."""
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None if cudnn is None else str(cudnn),
-        "triton": _package_version("triton"),
-        "numpy": _package_version("numpy"),
-        "scikit-learn": _package_version("scikit-learn"),
-        "transformers": _package_version("transformers"),
-        "pykeops": _package_version("pykeops"),
-        "pytest-benchmark": _package_version("pytest-benchmark"),
-        "kcm_cuda": _package_version("kcm_cuda") or _kcm_version(),
-    }
-
-
-def _kcm_version() -> str | None:
-    """kcm_cuda's version when it runs from the source tree (not pip-installed)."""
-    try:
-        import kcm_cuda
-    except ImportError:
-        return None
-    return getattr(kcm_cuda, "__version__", None)
-
-
-def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """sha (None before the first commit or outside git), branch, and dirty: whether tracked
-    files differ from that commit (untracked files are not counted)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(root), *args],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=True,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-
-    sha = git("rev-parse", "--verify", "--quiet", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "sha": sha or None,
-        "branch": git("rev-parse", "--abbrev-ref", "HEAD") if sha else None,
-        "dirty": None if status is None else bool(status),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Precision pinning and memory
-# ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def pinned_precision(precision: str) -> Iterator[None]:
-    """Pin torch's fp32 matmul mode for a peer: TF32 allowed for "tf32" only (a "tf32x3" case
-    runs its peers in exact fp32, the accuracy class that mode stands in for)."""
-    allow = precision == "tf32"
-    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
-def _proc_status_kb(key: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc), so that RSS growth during the next call
-    counts the memory that call touches, not only what the heap had never held before."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
-
-
-def measure_peak_memory(
-    fn: Callable[[], object], device: torch.device
-) -> tuple[int | None, str | None]:
-    """Extra memory one call needs beyond what was allocated before it (inputs excluded,
-    output included). CUDA: torch's allocator high-water mark; CPU: growth of the process's
-    peak resident set (Linux only; None elsewhere)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return int(peak), "cuda_max_allocated"
-    _malloc_trim()
-    if not _reset_cpu_peak():
-        return None, None
-    base = _proc_status_kb("VmRSS")
-    out = fn()
-    peak = _proc_status_kb("VmHWM")
-    del out
-    if base is None or peak is None:
-        return None, None
-    return max(0, peak - base) * 1024, "cpu_rss_hwm_growth"
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------
-class Timer:
-    """Times single calls on one device with a cache flush before each."""
-
-    CUDA_FLUSH_BYTES = 256 * 1024 * 1024  # as triton.testing.do_bench
-    CPU_FLUSH_BYTES = 64 * 1024 * 1024
-
-    def __init__(self, device: torch.device, flush: bool = True) -> None:
-        self.device = device
-        self.is_cuda = device.type == "cuda"
-        nbytes = self.CUDA_FLUSH_BYTES if self.is_cuda else self.CPU_FLUSH_BYTES
-        self._cache = torch.empty(nbytes, dtype=torch.int8, device=device) if flush else None
-        self.last_cpu_ms: float | None = None
-
-    def flush(self) -> None:
-        if self._cache is not None:
-            self._cache.zero_()
-
-    def sync(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)
-
-    def time_call(self, fn: Callable[[], object], flush: bool = True) -> float:
-        """Milliseconds of one call of ``fn``; its result is dropped."""
-        if flush:
-            self.flush()
-        self.last_cpu_ms = None
-        if self.is_cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            del out
-            return float(start.elapsed_time(end))
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = fn()
-        t1, c1 = time.perf_counter(), time.process_time()
-        del out
-        # CPU time of the whole process (all its threads): unlike the wall time, it does not
-        # grow when neighbours on a shared machine take our cores away.
-        self.last_cpu_ms = (c1 - c0) * 1e3
-        return (t1 - t0) * 1e3
-
-
-@dataclass
-class Peer:
-    """One implementation of a case. ``fn`` runs it once on prepared inputs; ``flops`` is the
-    useful work of one call (a callable is evaluated after the run, e.g. from iterations);
-    ``info`` is a dict the callable may fill (iterations, report) that lands in the record."""
-
-    name: str
-    fn: Callable[[], object]
-    ours: bool = False
-    flops: float | Callable[[], float | None] | None = None
-    precision: str | None = None  # the precision the peer effectively runs at
-    same_op: bool = True  # False: a related, not identical, computation (e.g. a ceiling)
-    note: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Skipped:
-    """A peer that could not run here (not installed, unsupported), recorded with the reason."""
-
-    name: str
-    reason: str
-    ours: bool = False
-
-
-def _rotation(names: list[str], r: int) -> list[str]:
-    k = r % len(names) if names else 0
-    return names[k:] + names[:k]
-
-
-def measure_peers(
-    peers: list[Peer],
-    timer: Timer,
-    *,
-    warmup: int,
-    rounds: int | None,
-    min_rounds: int,
-    max_rounds: int,
-    budget_s: float,
-    benchmark: Any = None,
-    primary: str | None = None,
-    pin: str = "ieee",
-    cpu_samples: dict[str, list[float]] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, str], int]:
-    """Alternate the peers round by round. Returns (samples in ms per peer, errors per peer,
-    rounds). ``rounds=None`` picks rounds from ``budget_s`` and a warm-up estimate, clamped to
-    [min_rounds, max_rounds]. With an enabled pytest-benchmark fixture and a ``primary`` peer,
-    that peer's calls are driven by ``benchmark.pedantic`` (its table then shows the primary)
-    while the other peers run in its untimed setup/teardown, still alternated. On a CPU,
-    ``cpu_samples`` (when given) receives each timed call's process CPU time."""
-    errors: dict[str, str] = {}
-    estimate: dict[str, float] = {}
-
-    def call(peer: Peer, flush: bool = True) -> float:
-        with pinned_precision(pin):
-            return timer.time_call(peer.fn, flush=flush)
-
-    for peer in peers:
-        try:
-            t = math.nan  # no warm-up: no estimate (rounds then fixed or min_rounds)
-            for _ in range(warmup):
-                t = call(peer)
-            estimate[peer.name] = t
-        except Exception as exc:  # noqa: BLE001 (a failing peer is recorded, not fatal)
-            errors[peer.name] = f"{type(exc).__name__}: {exc}"[:500]
-    live = [p for p in peers if p.name not in errors]
-    by_name = {p.name: p for p in live}
-    names = [p.name for p in live]
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    if not live:
-        return samples, errors, 0
-    if rounds is None:
-        per_round_s = sum(estimate[n] for n in names) / 1e3
-        if math.isnan(per_round_s):
-            rounds = min_rounds
-        else:
-            rounds = int(budget_s / per_round_s) if per_round_s > 0 else max_rounds
-            rounds = max(min_rounds, min(max_rounds, rounds))
-
-    def keep(name: str, ms: float) -> None:
-        samples[name].append(ms)
-        if cpu_samples is not None and timer.last_cpu_ms is not None:
-            cpu_samples.setdefault(name, []).append(timer.last_cpu_ms)
-
-    def run_named(name: str) -> None:
-        if name in errors:
-            return
-        try:
-            keep(name, call(by_name[name]))
-        except Exception as exc:  # noqa: BLE001
-            errors[name] = f"{type(exc).__name__}: {exc}"[:500]
-
-    use_fixture = (
-        benchmark is not None
-        and primary in by_name
-        and not getattr(benchmark, "disabled", True)
-    )
-    gc.collect()
-    if not use_fixture:
-        for r in range(rounds):
-            for name in _rotation(names, r):
-                run_named(name)
-    else:
-        order = {"r": -1, "after": []}
-
-        def setup() -> None:
-            order["r"] += 1
-            rotated = _rotation(names, order["r"])
-            i = rotated.index(primary)
-            for name in rotated[:i]:
-                run_named(name)
-            order["after"] = rotated[i + 1 :]
-            # Flush here, untimed by pytest-benchmark on a CPU. On a GPU the flush kernel is
-            # only queued (no sync), as in time_call: it hides the launch latency of the
-            # primary from its CUDA events (pytest-benchmark's own wall time then includes it).
-            timer.flush()
-
-        def target() -> None:
-            keep(primary, call(by_name[primary], flush=False))
-
-        def teardown() -> None:
-            for name in order["after"]:
-                run_named(name)
-
-        benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=0)
-    for name in list(samples):
-        if name in errors:
-            samples[name] = []
-    return samples, errors, rounds
-
-
-def summarize(samples_ms: list[float]) -> dict[str, float | None]:
-    if not samples_ms:
-        return {k: None for k in ("median_ms", "mean_ms", "min_ms", "max_ms", "stdev_ms", "iqr_ms")}
-    ordered = sorted(samples_ms)
-    if len(ordered) >= 2:
-        q = statistics.quantiles(ordered, n=4, method="inclusive")
-        iqr = q[2] - q[0]
-        stdev = statistics.stdev(ordered)
-    else:
-        iqr, stdev = 0.0, 0.0
-    return {
-        "median_ms": statistics.median(ordered),
-        "mean_ms": statistics.fmean(ordered),
-        "min_ms": ordered[0],
-        "max_ms": ordered[-1],
-        "stdev_ms": stdev,
-        "iqr_ms": iqr,
-    }
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    """A JSON-serialisable copy (tensors → lists/scalars when small, else a shape note)."""
-    if depth > 6:
-        return repr(value)[:200]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, torch.Tensor):
-        if value.numel() <= 64:
-            return _json_safe(value.detach().cpu().tolist(), depth + 1)
-        return f"<tensor {tuple(value.shape)} {value.dtype}>"
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        if len(value) > 256:
-            return f"<{type(value).__name__} of {len(value)}>"
-        return [_json_safe(v, depth + 1) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        with contextlib.suppress(Exception):
-            return _json_safe(value.item(), depth + 1)
-    return repr(value)[:200]
-
-
-json_safe = _json_safe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,7 +215,7 @@ class Recorder:
             target = target / self.default_path().name
         target.parent.mkdir(parents=True, exist_ok=True)
         payload = {"meta": self.meta(), "records": self.records}
-        target.write_text(json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n")
+        target.write_text(json.dumps(json_safe(payload), indent=1, allow_nan=False) + "\n")
         return target
 
     # -----------------------------------------------------------------------------------------
@@ -719,7 +303,7 @@ class Recorder:
                 "primary": peer.name == primary,
                 "baseline": baseline,
                 "note": peer.note,
-                "info": _json_safe(peer.info),
+                "info": json_safe(peer.info),
             }
             new.append(record)
         for sk in skipped:
@@ -745,78 +329,9 @@ class Recorder:
         return new
 
 
-def blank_record(**fields: Any) -> dict[str, Any]:
-    """A record with every field present (None / empty), updated with ``fields``."""
-    record: dict[str, Any] = {
-        "op": None, "case": None, "peer": None, "ours": False, "same_op": True,
-        "status": "ok", "reason": None, "params": {}, "dtype": "float32",
-        "precision": "ieee", "peer_precision": None, "rounds": 0, "samples_ms": [],
-        **summarize([]), "cpu_samples_ms": [], "cpu_median_ms": None,
-        "flops": None, "tflops": None, "peak_tflops": None, "pct_peak": None,
-        "peak_mem_bytes": None, "mem_kind": None, "primary": False, "baseline": None,
-        "note": None, "info": {}, "speedup_vs_baseline": None,
-    }
-    record.update(fields)
-    if record["samples_ms"]:
-        record.update(summarize(record["samples_ms"]))
-        record["rounds"] = len(record["samples_ms"])
-    return record
-
-
 def records_table(records: list[dict[str, Any]]) -> str:
-    """A plain text table of records (used by the terminal summary and the report)."""
-    from benchmarks.report import format_table
-
+    """A plain text table of records (the terminal summary)."""
     return format_table(records)
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared by the bench files
-# ---------------------------------------------------------------------------------------------
-TRITON_INTERPRETER_MAX_N = 256  # the Triton CPU interpreter is only usable at tiny sizes
-
-
-def our_backends(device: torch.device, n: int) -> tuple[list[str], list[Skipped]]:
-    """kcm_cuda's backends to measure on ``device`` at size ``n`` (the float64 "reference"
-    is never measured), and the ones that are not, with the reason."""
-    from kcm_cuda import dispatch
-
-    usable = [b for b in dispatch.available_backends(device) if b != "reference"]
-    chosen: list[str] = []
-    skipped: list[Skipped] = []
-    for name in ("cuda", "triton", "torch"):
-        label = f"kcm[{name}]"
-        if name not in usable:
-            if name == "cuda" and device.type != "cuda":
-                continue  # the compiled backend is for GPUs only: not worth a line on a CPU
-            why = "not available here"
-            if name == "triton" and device.type != "cuda":
-                why += " (on CPU tensors it needs TRITON_INTERPRET=1)"
-            skipped.append(Skipped(label, why, ours=True))
-        elif name == "triton" and device.type != "cuda" and n > TRITON_INTERPRETER_MAX_N:
-            why = f"Triton interpreter on CPU: measured at n <= {TRITON_INTERPRETER_MAX_N} only"
-            skipped.append(Skipped(label, why, ours=True))
-        else:
-            chosen.append(name)
-    return chosen, skipped
-
-
-def auto_backend(device: torch.device) -> str:
-    from kcm_cuda import dispatch
-
-    return dispatch.resolve_backend("auto", device)
-
-
-def try_compile(fn: Callable[..., Any]) -> tuple[Callable[..., Any] | None, str | None]:
-    """torch.compile(fn) or (None, reason) when compile is unusable here. Compilation itself
-    happens at the first call, i.e. in the warm-up, outside the timing."""
-    compile_fn = getattr(torch, "compile", None)
-    if compile_fn is None:
-        return None, "torch.compile not available in this torch"
-    try:
-        return compile_fn(fn, dynamic=False), None
-    except Exception as exc:  # noqa: BLE001
-        return None, f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Accuracy of the LABELLED ``kwon`` anchor (Kwon et al. 2022) against ``d2`` on the embedded
-task (issue 8), paired on the same test rows.
+task, paired on the same test rows.
 
 Per seed: kwon draws ``--samples`` labelled TRAIN examples (the seed changes the sample) and
 prunes heads + neurons; d2 (Scale on, the project's default reconstruction) draws the same
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=["kwon", "d2"])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", default="benchmarks/results/cpu/accuracy/issue8/kwon")
+    p.add_argument("--output", default="benchmarks/results/cpu-amd-epyc/kwon")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

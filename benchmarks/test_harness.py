@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness, report
+from benchmarks import harness, report, results_file, timing
 from benchmarks.bench_inference import ffn_keep, intermediate_sizes, uniform_pruned
 from benchmarks.bench_prune_e2e import stage_times
+from benchmarks.peers import Peer, Skipped, measure_peers
 
 
 def test_peaks_table() -> None:
@@ -35,13 +36,13 @@ def test_flop_counts() -> None:
 
 
 def test_slug_and_git_info() -> None:
-    assert harness.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert harness.slugify("  ") == "unknown"
-    info = harness.git_info(Path("/"))  # not a repository: no sha, no crash
+    assert results_file.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert results_file.slugify("  ") == "unknown"
+    info = results_file.git_info(Path("/"))  # not a repository: no sha, no crash
     assert info["sha"] is None
 
 
-class FakeTimer(harness.Timer):
+class FakeTimer(timing.Timer):
     """Records the call order instead of timing (each call 'takes' 1 ms)."""
 
     def __init__(self) -> None:
@@ -55,14 +56,14 @@ class FakeTimer(harness.Timer):
 def test_peers_alternate_and_failures_are_recorded() -> None:
     calls: list[str] = []
 
-    def peer(name: str) -> harness.Peer:
-        return harness.Peer(name, lambda: calls.append(name))
+    def peer(name: str) -> Peer:
+        return Peer(name, lambda: calls.append(name))
 
     def broken() -> None:
         raise RuntimeError("boom")
 
-    peers = [peer("a"), peer("b"), peer("c"), harness.Peer("bad", broken)]
-    samples, errors, rounds = harness.measure_peers(
+    peers = [peer("a"), peer("b"), peer("c"), Peer("bad", broken)]
+    samples, errors, rounds = measure_peers(
         peers, FakeTimer(), warmup=1, rounds=3, min_rounds=1, max_rounds=9, budget_s=1.0
     )
     assert rounds == 3 and set(errors) == {"bad"} and "boom" in errors["bad"]
@@ -77,8 +78,8 @@ def test_recorder_writes_a_readable_result(tmp_path: Path) -> None:
     x = torch.randn(32, 8)
     rec.run_case(
         op="rbf", case="n=32", params={"n": 32},
-        peers=[harness.Peer("mm", lambda: x @ x.t(), flops=harness.rbf_flops(32, 32, 8)),
-               harness.Skipped("gone", "not installed")],
+        peers=[Peer("mm", lambda: x @ x.t(), flops=harness.rbf_flops(32, 32, 8)),
+               Skipped("gone", "not installed")],
         baseline="mm",
     )
     path = rec.write(tmp_path)
@@ -97,9 +98,9 @@ def test_recorder_writes_a_readable_result(tmp_path: Path) -> None:
 
 def _result(slug: str, medians: dict[str, float], iqr: float = 0.0) -> dict:
     return {
-        "meta": {"schema": harness.SCHEMA, "profile": "full", "device": {"slug": slug}},
+        "meta": {"schema": results_file.SCHEMA, "profile": "full", "device": {"slug": slug}},
         "records": [
-            harness.blank_record(op="rbf", case="n=8", peer=p, median_ms=m, iqr_ms=iqr)
+            results_file.blank_record(op="rbf", case="n=8", peer=p, median_ms=m, iqr_ms=iqr)
             for p, m in medians.items()
         ],
     }
@@ -175,7 +176,7 @@ def test_goal_records_and_lines():
     ok = harness.goal_record("rbf vs cdist+exp", 2.5, ">=", 2.0, "x")
     bad = harness.goal_record("R2 12x3072 seconds", 0.61, "<", 0.5, "s")
     assert ok["info"]["passed"] is True and bad["info"]["passed"] is False
-    lines = harness.goals_lines([ok, bad, harness.blank_record(op="rbf")])
+    lines = harness.goals_lines([ok, bad, results_file.blank_record(op="rbf")])
     assert lines == [
         "PASS  rbf vs cdist+exp: 2.5 x (goal >= 2 x)",
         "FAIL  R2 12x3072 seconds: 0.61 s (goal < 0.5 s)",
@@ -205,8 +206,8 @@ def test_smoke_results_stay_inside_the_repo():
     from benchmarks import conftest
 
     out = conftest.smoke_output_dir("cpu-test")
-    assert out.is_relative_to(harness.REPO_ROOT / "out")
-    ignore = (harness.REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert out.is_relative_to(results_file.REPO_ROOT / "out")
+    ignore = (results_file.REPO_ROOT / ".gitignore").read_text().splitlines()
     assert "/out/" in ignore
 
 

@@ -262,6 +262,10 @@ class ModelSource:
 def load_config(src: ModelSource):
     import transformers
 
+    from kcm_cuda.loading import check_model_files
+
+    if src.local:
+        check_model_files(src.path, weights=False)  # one line naming config.json
     try:
         return transformers.AutoConfig.from_pretrained(src.path, **src.kwargs)
     except (OSError, ValueError) as exc:
@@ -294,10 +298,15 @@ def load_model(name: str | ModelSource, config=None, *, dtype: str = "auto", dev
                 "--device-map needs the accelerate package: pip install accelerate"
             ) from None
         kwargs["device_map"] = device_map
+    from kcm_cuda.loading import check_loading_info, check_weights
+
+    if src.local:
+        check_weights(src.path)  # missing, truncated, corrupt: one line naming the file
     try:
-        model = cls.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+        model, info = cls.from_pretrained(src.path, **kwargs, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type: one line
         raise CLIError(f"cannot load model weights from {src.name}: {_first_line(exc)}") from None
+    check_loading_info(model, info, src.name)  # no randomly initialised layer to prune
     return model
 
 
@@ -432,6 +441,17 @@ def _new_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The output is never an input (nor contains / lies inside one), and one kcm-prune at a
+    time writes it: checked and locked before anything else (kcm_cuda.pruning.safety)."""
+    from kcm_cuda.pruning import safety
+
+    inputs = {"input model": args.model, "tokenizer": args.tokenizer, "data file": args.data}
+    safety.check_output_path(Path(args.output).expanduser(), inputs)
+    with safety.output_lock(Path(args.output).expanduser(), missing_parent_ok=True):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from kcm_cuda.pruning import prune
     from kcm_cuda.pruning.data import read_texts
     from kcm_cuda.pruning.flops import check_flops

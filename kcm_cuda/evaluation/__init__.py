@@ -1,5 +1,6 @@
 """Accuracy evaluation of KCM pruning: tasks (datasets), fine-tuning (finetune), metrics,
-the pruning grid (runner), reports (report) and the ``kcm-eval`` command (cli).
+the pruning grid (grid: its plan, runner: running it, scoring: summary and paired
+differences), reports (report) and the ``kcm-eval`` command (cli).
 
 Everything here is optional to the pruning library; modules import transformers lazily.
 """

@@ -41,7 +41,7 @@ CPU_GRID_BUDGETS = (0.7, 0.6, 0.5)
 # pick instead: FLAP as published (bias compensation), Wanda-sp + bias compensation, the
 # paper's KCM pipeline (mean-rank R2D2 + Scale), KCM's data-driven score D2 with the same ridge
 # reconstruction, and random. The labelled anchor `kwon` costs minutes per prune on this CPU:
-# it is in the full profile and measured in benchmarks/results/cpu/accuracy/issue8/kwon/.
+# it is in the full profile and measured in benchmarks/results/cpu-amd-epyc/kwon/.
 CPU_GRID_METHODS = (
     "random",
     "kcm_paper:reconstruct=scale",
@@ -54,9 +54,9 @@ CPU_GRID_MAX_SEEDS = 3
 CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated up front
 # Seconds per run on an idle 2-core CPU (this project's machine) for the default model and
 # task (all-MiniLM-L6-v2, 512 sentences, 2,131 test sentences), from
-# benchmarks/results/cpu/accuracy/make_run_default (eval ~5.3 s, prune per method) and, for
-# methods not measured there, a conservative guess. One-off stage costs are paid once per grid
-# (R2 solve) or once per seed (activation statistics), then memoised.
+# benchmarks/results/cpu-amd-epyc/default_vs_peers_vader-movie (eval ~5.3 s, prune per
+# method) and, for methods not measured there, a conservative guess. One-off stage costs are
+# paid once per grid (R2 solve) or once per seed (activation statistics), then memoised.
 EST_EVAL_S = 5.5
 EST_PRUNE_S = {
     "random": 0.2,
@@ -110,7 +110,7 @@ PROFILES = {
 
 def estimate_run_s(method: str, scale: bool) -> float:
     """Idle-CPU seconds of one run (prune + test evaluation) of ``method``."""
-    from kcm_cuda.evaluation.runner import parse_method
+    from kcm_cuda.evaluation.grid import parse_method
 
     spec = parse_method(method)
     opts = dict(spec.options)
@@ -130,7 +130,7 @@ def plan_cpu_grid(
 ) -> tuple[int, str]:
     """(seeds, the plan as one line): the most seeds (1..max_seeds) whose estimated grid time
     on a slow 2-core CPU fits ``target_min`` minutes (at least 1)."""
-    from kcm_cuda.evaluation.runner import _cells, parse_method
+    from kcm_cuda.evaluation.grid import _cells, parse_method
 
     cells = _cells(budgets, [parse_method(m) for m in methods], scales)
     per_seed = sum(estimate_run_s(m.label, s) for _, m, s in cells) + EST_ONCE_PER_SEED_S
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from kcm_cuda.evaluation.finetune import FinetuneSettings, resolve_mode
-    from kcm_cuda.evaluation.runner import GridConfig, parse_method, resolve_device
-    from kcm_cuda.evaluation.runner import _parse_value as parse_value
+    from kcm_cuda.evaluation.grid import GridConfig, parse_method, resolve_device
+    from kcm_cuda.evaluation.grid import _parse_value as parse_value
 
     dev = resolve_device(args.device)
     profile = args.profile
@@ -364,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         config.validate()
+        from kcm_cuda.pruning.safety import check_output_path  # never into the input model
+
+        check_output_path(config.output, {"input model": args.model}, allow_contains=True)
         task = None
         if args.data:
             task = task_from_file(
@@ -382,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(config.plan)
         report = run_grid(config, task=task, log=log)
         paths = write_report(report, config.output)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"kcm-eval: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # one line, no traceback
+        print(f"kcm-eval: error: {(str(e).strip().splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 2
     if not report["runs"]:
         print(

@@ -60,6 +60,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path | str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ValueError(f"model directory {p} has no config.json")
+        from kcm_cuda.loading import check_model_files
+
+        check_model_files(p)  # corrupt / truncated / missing files: one line naming the file
         return p
     return str(model)  # a hub name: transformers resolves it (offline: from its cache)
 
@@ -108,6 +111,9 @@ def load_classifier(path: Path | str, num_labels: int, *, regression: bool = Fal
     if regression:
         kwargs["problem_type"] = "regression"
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    from kcm_cuda.pruning.safety import check_finite
+
+    check_finite(model, then="nothing was fine-tuned or pruned")  # before the long steps
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return SentenceClassifier(model), tokenizer

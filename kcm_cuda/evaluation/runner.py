@@ -1,5 +1,6 @@
-"""The evaluation grid: fine-tune once, then prune at every (budget, method, Scale, seed) and
-score the pruned model on the whole test split.
+"""Running the evaluation grid: fine-tune once, then prune at every (budget, method, Scale,
+seed) and score the pruned model on the whole test split. The grid's plan (methods, cells,
+configuration): grid.py; the summary and paired differences: scoring.py.
 
 Seeds change the unlabeled sample the pruner draws from the pool (as in the paper: results
 averaged over seeds). A method that needs labels (``needs_labels``: e.g. kwon) is given the
@@ -31,16 +32,29 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from kcm_cuda.evaluation.datasets import TaskData, default_cache_dir, get_task
-from kcm_cuda.evaluation.finetune import FinetuneSettings, finetune, resolve_mode, split_metrics
-from kcm_cuda.evaluation.metrics import mean_std_stderr
+from kcm_cuda.evaluation.finetune import finetune, resolve_mode, split_metrics
+from kcm_cuda.evaluation.grid import (  # noqa: F401 - also re-exported (kcm_cuda/cli.py, users)
+    DEFAULT_BUDGETS,
+    GridConfig,
+    MethodSpec,
+    _cells,
+    cpu_defaults,
+    default_method,
+    known_methods,
+    model_label,
+    needs_labels,
+    parse_method,
+    resolve_device,
+)
 from kcm_cuda.evaluation.modeling import SentenceClassifier, predict, resolve_model_path, tokenize
+from kcm_cuda.evaluation.scoring import _what_ran, save_predictions, summarise
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -51,200 +65,6 @@ __all__ = [
     "run_grid",
     "score_memo",
 ]
-
-DEFAULT_BUDGETS = (0.8, 0.7, 0.6, 0.5)
-ALL_METHODS = ("kcm", "r2", "d2", "magnitude", "random")
-# methods known to need labels when the pruning registry (kcm_cuda.pruning.methods) is absent
-LABEL_METHODS_FALLBACK = frozenset({"kwon"})
-
-
-def _registry() -> dict | None:
-    try:
-        from kcm_cuda.pruning.methods import METHODS as registry  # noqa: N811
-    except ImportError:
-        return None
-    return registry if isinstance(registry, dict) else None
-
-
-def known_methods() -> tuple[str, ...]:
-    """The method names prune() accepts (the registry's, else kcm_cuda.pruning.api.METHODS)."""
-    reg = _registry()
-    if reg is not None:
-        return tuple(reg)
-    try:
-        from kcm_cuda.pruning.api import METHODS
-    except ImportError:  # pragma: no cover - pruning layer missing
-        return ALL_METHODS
-    return tuple(METHODS)
-
-
-def needs_labels(name: str) -> bool:
-    """Whether method ``name`` selects with labels (registry ``needs_labels``)."""
-    reg = _registry()
-    if reg is not None and name in reg:
-        return bool(getattr(reg[name], "needs_labels", False))
-    return name in LABEL_METHODS_FALLBACK
-
-
-def default_method() -> str:
-    """The project's default method: prune()'s default ``method=``."""
-    import dataclasses
-    import inspect
-
-    try:  # issue 8's pruning: every option lives in the PruneOptions dataclass
-        from kcm_cuda.pruning.options import PruneOptions
-
-        for f in dataclasses.fields(PruneOptions):
-            if f.name == "method" and isinstance(f.default, str):
-                return f.default
-    except ImportError:
-        pass
-    try:
-        from kcm_cuda.pruning import prune
-    except ImportError:  # pragma: no cover
-        return "kcm"
-    default = inspect.signature(prune).parameters.get("method")
-    return default.default if default is not None and isinstance(default.default, str) else "kcm"
-
-
-def default_reconstruction(method: str | None = None) -> str | None:
-    """The reconstruction prune() runs for ``method`` (default: the default method) with its
-    default options."""
-    try:
-        from kcm_cuda.pruning.options import PruneOptions
-
-        return PruneOptions(method=method or default_method()).reconstruction()
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return None
-
-
-def default_rows(rows: list[dict], default: str) -> list[dict]:
-    """The rows that run prune()'s defaults: the default method with no other option and, when
-    one of them ran the default reconstruction, only those (FLAP as published or the default
-    method without reconstruction are then peers like any other)."""
-    cands = [
-        r
-        for r in rows
-        if r.get("base_method") == default
-        and not {k for k in (r.get("options") or {}) if k != "reconstruct"}
-    ]
-    recon = default_reconstruction(default)
-    exact = [r for r in cands if recon is not None and r.get("reconstruct") == recon]
-    return exact or cands
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method and its variant options, written ``name`` or ``name:key=value,key=value``
-    (e.g. ``kcm:merge=weighted,r2_weight=0.25``, ``d2:d2_mode=energy``)."""
-
-    name: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def label(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
-
-
-def _parse_value(v: str) -> object:
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
-
-
-def parse_method(spec: str | MethodSpec) -> MethodSpec:
-    if isinstance(spec, MethodSpec):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"method must be a non-empty string, got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    known = known_methods()
-    if name not in known and name not in LABEL_METHODS_FALLBACK:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {list(known)}")
-    opts = []
-    if rest:
-        for item in rest.split(","):
-            k, eq, v = item.partition("=")
-            if not eq or not k.strip():
-                raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
-            opts.append((k.strip(), _parse_value(v.strip())))
-    return MethodSpec(name, tuple(opts))
-
-
-@dataclass
-class GridConfig:
-    task: str = "vader-movie"
-    model: str | None = None  # None: the packaged all-MiniLM-L6-v2
-    budgets: tuple[float, ...] = DEFAULT_BUDGETS
-    methods: tuple[str, ...] = ALL_METHODS
-    scales: tuple[bool, ...] = (False, True)
-    seeds: int = 10
-    samples: int = 2048
-    max_length: int = 128
-    device: str = "auto"
-    cache_dir: str | None = None
-    output: str = "out/accuracy"
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    prune_options: dict = field(default_factory=dict)  # passed to every prune() call
-    # wall-clock budget of the whole run_grid (fine-tune included): no seed round is started
-    # that would end past it, and no run is started once it has passed
-    time_limit_s: float | None = None
-    profile: str = "custom"
-    save_predictions: bool = False  # write <output>/predictions.npz (per-run test logits)
-    use_cache: bool = True  # reuse / store the fine-tuned model in <cache_dir>/finetuned
-    resume: bool = False  # go on from <output>/runs.partial.jsonl of an interrupted grid
-    eval_batch_size: int = 128
-    # how the grid was sized (the cpu profile: cells, seeds and the time estimate), for the report
-    plan: str | None = None
-    prune_progress: bool | None = None  # prune stage bars; None: when stderr is a terminal
-
-    def validate(self) -> None:
-        if not self.budgets:
-            raise ValueError("budgets must not be empty")
-        for c in self.budgets:
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-                raise ValueError(f"every budget must be a FLOPs fraction in (0, 1], got {c!r}")
-        if not self.methods:
-            raise ValueError("methods must not be empty")
-        _cells(self.budgets, [parse_method(m) for m in self.methods], self.scales or (False,))
-        if not self.scales or any(not isinstance(s, bool) for s in self.scales):
-            raise ValueError(f"scales must be a non-empty tuple of booleans, got {self.scales!r}")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
-        if self.time_limit_s is not None and not self.time_limit_s > 0:
-            raise ValueError(f"time limit must be > 0, got {self.time_limit_s!r}")
-
-
-def cpu_defaults() -> dict:
-    """The grid that fits the 15-minute budget of `make run` on a 2-core CPU (see cli.py)."""
-    return {
-        "budgets": (0.7, 0.6),
-        "methods": ("kcm", "d2", "r2", "magnitude", "random"),
-        "scales": (False,),
-        "seeds": 3,
-        "samples": 512,
-    }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 # --- memoisation of the seed/budget-independent work of prune() ----------------------------------
@@ -676,32 +496,6 @@ class _Checkpoint:
             os.unlink(self.path)
 
 
-def _cells(budgets, methods: list[MethodSpec], scales) -> list[tuple]:
-    """(budget, method, scale) cells. A method spec with its own ``scale=`` option (e.g.
-    ``kcm:scale=true``) runs with that value only, whatever the grid's scales are."""
-    out = []
-    for c in budgets:
-        for m in methods:
-            opts = dict(m.options)
-            if "scale" in opts:
-                fixed = opts.pop("scale")
-                fixed = {"on": True, "off": False}.get(fixed, fixed)
-                if not isinstance(fixed, bool):
-                    raise ValueError(f"method {m.label!r}: scale must be on/off or true/false")
-                base = MethodSpec(m.name, tuple(opts.items()))
-                if (c, base, fixed) not in out:
-                    out.append((c, base, fixed))
-                continue
-            for s in scales:
-                if (c, m, s) not in out:
-                    out.append((c, m, s))
-    return out
-
-
-def model_label(model: str | None) -> str:
-    return "all-MiniLM-L6-v2 (packaged)" if model in (None, "default") else str(model)
-
-
 def _accepts(fn: Callable, name: str) -> bool:
     import inspect
 
@@ -819,159 +613,6 @@ def _one_run(
     run["_logits"] = logits
     scored[digest] = (run["metrics"], run.get("_correct"), logits)
     return run
-
-
-def _what_ran(runs: Sequence[dict], seeds_planned: int) -> dict:
-    """What the grid actually ran (the report header shows this, not the configuration)."""
-    per_cell: dict[tuple, int] = {}
-    for r in runs:
-        key = (r["budget"], r["method"], r["scale"])
-        per_cell[key] = per_cell.get(key, 0) + 1
-    counts = sorted(set(per_cell.values()))
-    return {
-        "runs": len(runs),
-        "cells": len(per_cell),
-        "seeds_planned": seeds_planned,
-        "seeds_per_cell": counts,
-        "reconstructions": sorted({r.get("reconstruct", "none") for r in runs}),
-        "uses_labels": sorted({r["method"] for r in runs if r.get("uses_labels")}),
-        "runs_with_reused_stages": sum(1 for r in runs if r.get("reused_stages")),
-        "runs_with_reused_eval": sum(1 for r in runs if r.get("reused_eval")),
-    }
-
-
-def summarise(
-    runs: Sequence[dict], dense: dict, metric_names: Sequence[str], default: str = "kcm"
-) -> list[dict]:
-    """One row per (budget, method, scale): mean / std / stderr of each metric over seeds,
-    the drop vs dense, mean prune time and FLOPs ratio, the reconstruction that ran, whether the
-    method used labels, the stages reused from earlier runs, and paired accuracy differences
-    (``default``: the project's default method, excluded from the label-free peers)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["budget"], r["method"], r["scale"]), []).append(r)
-    rows = []
-    for (c, m, s), rs in groups.items():
-        row = {
-            "budget": c,
-            "method": m,
-            "base_method": rs[0].get("base_method", m.split(":")[0]),
-            "options": dict(rs[0].get("options") or {}),
-            "scale": s,
-            "n_seeds": len(rs),
-            "reconstruct": "/".join(sorted({r.get("reconstruct", "none") for r in rs})),
-            "uses_labels": any(r.get("uses_labels") for r in rs),
-            "reused_stages": sorted({x for r in rs for x in r.get("reused_stages") or []}),
-        }
-        for name in metric_names:
-            vals = [r["metrics"].get(name, float("nan")) for r in rs]
-            row[name] = mean_std_stderr(vals)
-            if name in dense and name not in ("positive_rate", "mse"):
-                row[name]["drop_vs_dense"] = dense[name] - row[name]["mean"]
-        row["prune_seconds"] = mean_std_stderr([r["prune_seconds"] for r in rs])
-        ratios = [r["flops_ratio"] for r in rs if r.get("flops_ratio") is not None]
-        row["flops_ratio"] = float(np.mean(ratios)) if ratios else None
-        row["identical_masks_across_seeds"] = len({r["mask_digest"] for r in rs}) == 1
-        rows.append(row)
-    _paired_differences(rows, groups)
-    _best_peer_differences(rows, groups, default)
-    return rows
-
-
-PAIRED_REFERENCES = ("random", "d2", "no Scale")
-
-
-def _paired_differences(rows: list[dict], groups: dict[tuple, list[dict]]) -> None:
-    """Accuracy difference to each reference, paired over the test examples:
-    d_i = (mean over seeds of A correct on i) - (same for the reference), stderr =
-    sd(d) / sqrt(N). This removes the test-set noise the two share, which the seed standard
-    error does not see. References: ``random`` and ``d2`` (same budget, Scale off), and for a
-    row with Scale on, ``no Scale`` (the same method and budget without Scale)."""
-    for row in rows:
-        rs = groups[(row["budget"], row["method"], row["scale"])]
-        if any(r.get("_correct") is None for r in rs):
-            continue
-        a = np.mean([r["_correct"] for r in rs], axis=0)
-        row["paired_accuracy_diff"] = {}
-        for ref in PAIRED_REFERENCES:
-            if ref == "no Scale":
-                if not row["scale"]:
-                    continue
-                ref_runs = groups.get((row["budget"], row["method"], False))
-            else:
-                if row["method"] == ref and not row["scale"]:
-                    continue
-                ref_runs = groups.get((row["budget"], ref, False))
-            if not ref_runs or any(r.get("_correct") is None for r in ref_runs):
-                continue
-            b = np.mean([r["_correct"] for r in ref_runs], axis=0)
-            d = a - b
-            row["paired_accuracy_diff"][ref] = {
-                "diff": float(d.mean()),
-                "stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
-            }
-
-
-BEST_PEER = "best label-free peer"
-
-
-def _correct_mean(rs: list[dict]) -> np.ndarray | None:
-    if not rs or any(r.get("_correct") is None for r in rs):
-        return None
-    return np.mean([r["_correct"] for r in rs], axis=0)
-
-
-def _best_peer_differences(rows: list[dict], groups: dict[tuple, list[dict]], default: str):
-    """Per budget, the paired accuracy difference of every row to the BEST label-free peer at
-    that budget: peers are the label-free rows other than the one that runs the project's
-    defaults (``default`` method with its default reconstruction; FLAP as published, or the
-    default method without reconstruction, are peers), the best the one with the highest
-    mean accuracy. Stored in
-    ``paired_accuracy_diff[BEST_PEER]`` with the peer's name; the best peer's own row has no
-    entry (nothing to compare to), and each budget's choice goes to ``best_peer``."""
-    by_budget: dict = {}
-    for row in rows:
-        by_budget.setdefault(row["budget"], []).append(row)
-    for _c, brows in by_budget.items():
-        defaults = default_rows(brows, default)
-        peers = [
-            r
-            for r in brows
-            if not r.get("uses_labels")
-            and not any(r is d for d in defaults)
-            and (r.get("accuracy") or {}).get("mean") is not None
-            and _correct_mean(groups[(r["budget"], r["method"], r["scale"])]) is not None
-        ]
-        if not peers:
-            continue
-        best = max(peers, key=lambda r: r["accuracy"]["mean"])
-        b = _correct_mean(groups[(best["budget"], best["method"], best["scale"])])
-        label = best["method"] + (f" ({best['reconstruct']})" if best["scale"] else "")
-        for row in brows:
-            row["best_peer"] = label
-            if row is best:
-                continue
-            a = _correct_mean(groups[(row["budget"], row["method"], row["scale"])])
-            if a is None:
-                continue
-            d = a - b
-            row.setdefault("paired_accuracy_diff", {})[BEST_PEER] = {
-                "diff": float(d.mean()),
-                "stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
-                "peer": label,
-            }
-
-
-def save_predictions(runs: Sequence[dict], dense_logits: np.ndarray, path, labels=None) -> None:
-    """Per-run test logits (float16, original test order) for later paired analyses:
-    ``dense``, ``run_<i>`` (i = index in report["runs"]) and ``labels``."""
-    arrays = {"dense": dense_logits.astype(np.float16)}
-    if labels is not None:
-        arrays["labels"] = np.asarray(labels)
-    for i, r in enumerate(runs):
-        if r.get("_logits") is not None:
-            arrays[f"run_{i}"] = r["_logits"].astype(np.float16)
-    np.savez_compressed(path, **arrays)
 
 
 def _fmt_metrics(m: dict) -> str:

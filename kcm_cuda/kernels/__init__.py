@@ -30,7 +30,7 @@ def default_precision(device: torch.device | str) -> str:
     """The precision ``precision="auto"`` resolves to for tensors on ``device``: "tf32" on
     CUDA GPUs with TF32 tensor cores (compute capability 8.0+), "ieee" elsewhere (the CPU,
     V100/T4). The R2 ranking under TF32 was measured against ieee on real MiniLM weights (TF32
-    emulated on the CPU): benchmarks/results/cpu/r2_precision.md."""
+    emulated on the CPU): benchmarks/results/cpu-amd-epyc/r2_precision/."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return "tf32"

@@ -225,7 +225,9 @@ def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], d
     if stats.grams is None or stats.input_sq is None or stats.sums is None:
         raise ValueError("allocation='error' needs activation Grams (collected with grams=True)")
     n = stats.n_tokens
-    w2 = [ctx.adapter.w2(b).weight.detach() for b in ctx.adapter.layers(ctx.teacher)]
+    from kcm_cuda.pruning.blockwise import map_blocks
+
+    w2 = map_blocks(ctx.teacher, ctx.adapter, lambda b: ctx.adapter.w2(b).weight.detach().clone())
     centered = o.reconstruction() in CENTERED_RECONSTRUCTIONS
     counts, curves = error_allocation(
         scores,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.activations import collect_activation_stats
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.context import build_context, set_ff_chunking
@@ -58,6 +59,7 @@ class PruneResult:
     report: dict
     tokenizer: object | None = field(default=None, repr=False)
     head_masks: dict[int, torch.Tensor] | None = None  # heads pruned: per layer, kept heads
+    source_dirs: list[Path] = field(default_factory=list, repr=False)  # input dirs, protected
 
     def save(self, path: str | Path, overwrite: bool = False, *, padded: bool = True) -> Path:
         """Save model, config (per-layer FFN sizes), tokenizer and report atomically.
@@ -70,6 +72,7 @@ class PruneResult:
             report=self.report,
             overwrite=overwrite,
             padded=padded,
+            protect=tuple(self.source_dirs),  # never the input model's directory
         )
 
     def summary(self) -> str:
@@ -95,7 +98,7 @@ def prune(
       (||W1[i]||·||W2[:, i]||), "random" (kcm_cuda.pruning.methods.METHODS).
     scale: True runs the default reconstruction ("ridge"; kcm_paper: "scale"), False none
       (when reconstruct= is not given). The default, flap + ridge, is the measured best
-      (benchmarks/results/cpu/accuracy/issue8/FINDINGS.md).
+      (docs/RESULTS.md).
     seed: orders the unlabeled sample (which ``samples`` rows are drawn from ``data``, so the
       activation statistics and D2's votes) and seeds method="random"'s scores; R2 does not
       depend on it. Same seed, same data, same options → the same masks.
@@ -146,6 +149,7 @@ def prune(
     if unknown:
         raise TypeError(f"prune() got unknown option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
     opts = PruneOptions(flops=flops, **options)  # type: ignore[arg-type]
+    safety.check_finite(model)  # before the long steps: NaN in, NaN out
     if not adapter.causal:
         return _run(model, adapter, data, opts, tokenizer, device, cache, t_start)
     # decoders are read in place, block by block: no dropout while measuring
@@ -180,6 +184,10 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
     ctx.teacher = None  # free it before the report
     set_ff_chunking(pruned, ctx.chunking)
     pruned.eval()
+    setattr(pruned, safety.SOURCES_ATTR, safety.model_sources(model))  # save_pruned protects them
+    safety.check_finite(
+        pruned, what="after the reconstruction, the pruned model's", then="try reconstruct='none'"
+    )
     ctx.timings["total"] = time.perf_counter() - t_start
 
     report = build_report(ctx, selection, recon)
@@ -190,6 +198,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         report=report,
         tokenizer=ctx.tokenizer,
         head_masks=dict(enumerate(selection.head_masks)) if selection.head_masks else None,
+        source_dirs=safety.model_sources(model),
     )
 
 

@@ -259,3 +259,16 @@ def hidden_store(model: nn.Module, adapter, sample, device: torch.device) -> tor
 def is_placeholder(block: nn.Module) -> bool:
     """A block slot of a :func:`skeleton_copy` not filled yet."""
     return type(block) is nn.Module
+
+
+def map_blocks(model: nn.Module, adapter, fn, device: torch.device | None = None) -> list:
+    """``[fn(block) for each layer block]`` with each block's real weights at hand (an
+    offloaded block is loaded, one at a time, on ``device`` or the CPU)."""
+    out = []
+    for block in adapter.layers(model):
+        if is_offloaded(block):
+            with executing(block, device or torch.device("cpu")) as (blk, _):
+                out.append(fn(blk))
+        else:
+            out.append(fn(block))
+    return out

@@ -18,7 +18,7 @@ from torch import nn
 
 from kcm_cuda.dispatch import resolve_backend
 from kcm_cuda.pruning.adapters import FFNAdapter
-from kcm_cuda.pruning.blockwise import executing
+from kcm_cuda.pruning.blockwise import map_blocks
 from kcm_cuda.pruning.cache import fingerprint, model_fingerprint
 from kcm_cuda.pruning.d2 import D2Result, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
@@ -60,9 +60,11 @@ class PruneContext:
         """The error-driven allocation reads each layer's activation Gram."""
         return self.options.allocation == "error"
 
-    def _model_fp(self) -> str:
+    def _model_fp(self) -> str | None:
+        """The weights' fingerprint (None for a model with offloaded weights: not memoised)."""
         if "model_fp" not in self._memo:
-            self._memo["model_fp"] = model_fingerprint(self.teacher)
+            offloaded = any(p.device.type == "meta" for p in self.teacher.parameters())
+            self._memo["model_fp"] = None if offloaded else model_fingerprint(self.teacher)
         return self._memo["model_fp"]
 
     def activation_stats(self):
@@ -77,7 +79,7 @@ class PruneContext:
         o = self.options
         t0 = time.perf_counter()
         key = None
-        if self.cache is not None:
+        if self.cache is not None and self._model_fp() is not None:
             sample_fp = fingerprint([self.sample.input_ids, self.sample.attention_mask])
             key = ("activations", self._model_fp(), sample_fp, o.batch_size)
             if self.needs_grams():
@@ -131,9 +133,11 @@ class PruneContext:
 
         o = self.options
         t0 = time.perf_counter()
-        key = ("r2", self._model_fp(), o.r2_points, o.sigma, o.alpha, o.max_iter, o.precision)
-        key += (self.backend_name,)
-        if self.cache is not None and key in self.cache:
+        key = None
+        if self.cache is not None and self._model_fp() is not None:
+            key = ("r2", self._model_fp(), o.r2_points, o.sigma, o.alpha, o.max_iter)
+            key += (o.precision, self.backend_name)
+        if key is not None and key in self.cache:
             r2, iters = self.cache[key]
             self.cache_hits.append("r2")
         else:
@@ -169,7 +173,7 @@ class PruneContext:
                 "dir": None if directory is None else str(directory),
                 "hit": on_disk,
             }
-            if self.cache is not None:
+            if key is not None:
                 self.cache[key] = (r2, iters)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -328,10 +332,9 @@ def build_context(
         # Feed-forward chunking splits the FFN call per sequence chunk, which the hooks (that
         # see whole batches) do not expect; it saves memory only, so turn it off in our copy.
         chunking = set_ff_chunking(teacher, 0)
-    w2_norms = []
-    for b in adapter.layers(teacher):
-        with executing(b, dev) as (blk, _):
-            w2_norms.append(adapter.w2(blk).weight.detach().float().norm(dim=0).cpu())
+    w2_norms = map_blocks(
+        teacher, adapter, lambda b: adapter.w2(b).weight.detach().float().norm(dim=0).cpu()
+    )
     return PruneContext(
         model=model,
         teacher=teacher,

@@ -19,7 +19,7 @@ import torch
 from kcm_cuda.pruning.d2 import combine_with_tiebreak
 
 MERGES = ("mean_rank", "energy_weighted", "d2_r2_tiebreak", "r2_within_d2", "weighted")
-# Measured on all-MiniLM-L6-v2 / VADER (benchmarks/results/cpu/accuracy/): the spec's
+# Measured on all-MiniLM-L6-v2 / VADER (docs/RESULTS.md): the spec's
 # mean_rank loses 1.9-2.7 points of accuracy to D2 alone at c = 0.6; d2_r2_tiebreak matches or
 # beats D2 at every budget measured, so it is the default R2D2 merge.
 DEFAULT_MERGE = "d2_r2_tiebreak"

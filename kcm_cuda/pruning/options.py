@@ -22,7 +22,7 @@ from kcm_cuda.pruning.r2_cache import resolve_r2_cache
 # Reconstruction variants (kcm_cuda.pruning.reconstruct) and their modes.
 RECONSTRUCTIONS = ("none", "bias", "scale", "ridge")
 RECONSTRUCT_MODES = ("sequential", "oneshot")
-# The default pipeline (measured, benchmarks/results/cpu/accuracy/issue8/FINDINGS.md): FLAP's
+# The default pipeline (measured, docs/RESULTS.md): FLAP's
 # selection (standardised fluctuation, one global sort) with the ridge refit of W2 and b2.
 DEFAULT_METHOD = "flap"
 # What scale=True (and reconstruct=None) runs, unless the method names its own default.

@@ -147,7 +147,9 @@ def r2_scores(
     progress: bool = False,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """S_R2 per layer (float64 (n_l,), higher = more representative) and solver iterations."""
-    sets = [neuron_points(adapter, b, points) for b in adapter.layers(model)]
+    from kcm_cuda.pruning.blockwise import map_blocks
+
+    sets = map_blocks(model, adapter, lambda b: neuron_points(adapter, b, points))
     return diag_coefficients(
         sets,
         sigma=sigma,

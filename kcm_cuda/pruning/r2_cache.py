@@ -149,11 +149,12 @@ def cached_r2_scores(
     if directory is None:
         scores, iters = compute()
         return scores, iters, False
+    from kcm_cuda.pruning.blockwise import map_blocks
     from kcm_cuda.pruning.r2 import neuron_points
 
-    blocks = adapter.layers(model)
+    point_sets = map_blocks(model, adapter, lambda b: neuron_points(adapter, b, points))
     key = r2_key(
-        [neuron_points(adapter, b, points) for b in blocks],
+        point_sets,
         dict(
             points=points,
             sigma=sigma,

@@ -58,6 +58,7 @@ from kcm_cuda.pruning.physical import (
     record_sizes,
 )
 from kcm_cuda.pruning.progress import progress_bar
+from kcm_cuda.pruning.safety import finite_refit
 from kcm_cuda.pruning.scale import _Tap, solve_with_retries
 
 
@@ -363,6 +364,9 @@ def refit_layers(
                     m, lam_used = torch.ones(0, dtype=torch.float64, device=dev), scale_lambda
                 scales = m.float().cpu()
                 W_new = W2k.double() * m.unsqueeze(0)
+            W_new, db, fell_back = finite_refit(W_new, db, W2k, fell_back)  # never NaN weights
+            if scales is not None and not bool(torch.isfinite(scales).all()):
+                scales = torch.ones_like(scales)
             err1 = fit.error(W_new, db)
             res.scales.append(scales)
             res.fallback.append(bool(fell_back))

@@ -3,7 +3,12 @@
 A save directory holds: ``config.json`` (with ``kcm_intermediate_sizes``, the FFN size of every
 layer, and the architecture), ``model.safetensors``, the tokenizer files when a tokenizer is
 known, and ``kcm_report.json``. It is written to a temporary sibling directory and renamed into
-place, so a crash never leaves a half-written model at ``path``.
+place, so a crash never leaves a half-written model at ``path``; with ``overwrite`` the old and
+the new directory are exchanged atomically, so ``path`` always holds one of them whole. One
+writer per output at a time (a lock next to it); an output that is, contains or lies inside
+the directory the model was loaded from is refused; a model with a NaN or infinite weight is
+not saved (kcm_cuda.pruning.safety). ``load_pruned`` checks the files first
+(kcm_cuda.loading): a corrupt or truncated one is a one-line ValueError naming it.
 
 By default (``padded=True``) every layer's FFN is stored zero-padded to the widest kept layer
 (zero W1 rows, b1 entries and W2 columns: the padding neurons contribute exactly nothing) and
@@ -38,6 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kcm_cuda.loading import check_model_files
+from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.physical import (
     HEADS_FIELD,
@@ -66,10 +73,17 @@ def save_pruned(
     report: dict | None = None,
     overwrite: bool = False,
     padded: bool = True,
+    protect: tuple = (),
 ) -> Path:
+    """``protect``: paths of inputs the output must not be, contain or lie inside (the
+    directory ``model`` was loaded from is always protected; kcm_cuda.pruning.safety)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     target = Path(path).expanduser()
+    if target.is_symlink():  # replace what the link points to, keep the link
+        target = Path(os.path.realpath(target))
+    safety.check_output_path(target, [*protect, *safety.model_sources(model)])
+    safety.check_finite(model, what="the model to save: its", then="nothing was saved")
     if target.exists() and not overwrite:
         raise FileExistsError(
             f"output path {target} already exists; pass overwrite=True (CLI: --overwrite)"
@@ -80,7 +94,7 @@ def save_pruned(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create output directory {parent}: {exc.strerror or exc}") from None
+        raise safety.save_error(exc, target, where=parent) from None
     adapter = get_adapter(model)
     sizes = record_sizes(model, adapter)
     heads = record_heads(model, adapter)
@@ -101,26 +115,33 @@ def save_pruned(
         setattr(model.config, SIZES_FIELD, sizes)
         if pad_heads:
             setattr(model.config, HEADS_FIELD, heads)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if bias_only_ours:
-            _refuse_plain_loading(tmp / "config.json", adapter.intermediate_field)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2, default=_json_default)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with safety.output_lock(target):  # one writer at a time; the old output stays whole
+        safety.clean_stale(target)
+        if target.exists() and not overwrite:
+            raise FileExistsError(
+                f"output path {target} already exists; pass overwrite=True (CLI: --overwrite)"
+            )
+        safety.check_free_space(parent, model, target)
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{safety.TMP_TAG}", dir=parent))
+            model.save_pretrained(tmp, safe_serialization=True)
+            if bias_only_ours:
+                _refuse_plain_loading(tmp / "config.json", adapter.intermediate_field)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=2, default=_json_default)
+            safety.publish(tmp, target, overwrite=overwrite)
+        except BaseException as exc:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (FileExistsError, safety.SaveError, KeyboardInterrupt, SystemExit)):
+                raise
+            if isinstance(exc, OSError) or "os error" in str(exc):
+                raise safety.save_error(exc, target) from None
+            raise
     return target
 
 
@@ -163,6 +184,7 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         raise ValueError(f"pruned model directory not found: {p}")
     if not os.access(p, os.R_OK | os.X_OK) or not (p / "config.json").is_file():
         raise ValueError(f"{p} is not a readable saved model (no readable config.json)")
+    check_model_files(p)  # a corrupt, truncated or missing file: one line naming it
     try:
         config = transformers.AutoConfig.from_pretrained(str(p))
     except (OSError, ValueError) as exc:

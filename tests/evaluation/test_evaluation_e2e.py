@@ -9,8 +9,9 @@ import pytest
 from kcm_cuda.evaluation import datasets as D
 from kcm_cuda.evaluation.cli import main
 from kcm_cuda.evaluation.finetune import FinetuneSettings
+from kcm_cuda.evaluation.grid import GridConfig, parse_method
 from kcm_cuda.evaluation.report import write_report
-from kcm_cuda.evaluation.runner import GridConfig, parse_method, run_grid
+from kcm_cuda.evaluation.runner import run_grid
 
 METHODS = ["kcm", "d2", "r2", "magnitude", "random"]
 

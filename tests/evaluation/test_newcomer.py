@@ -13,7 +13,8 @@ import torch
 
 from kcm_cuda.evaluation import datasets as D
 from kcm_cuda.evaluation import finetune as F
-from kcm_cuda.evaluation import runner as R
+from kcm_cuda.evaluation import grid as G
+from kcm_cuda.evaluation import scoring as S
 from kcm_cuda.evaluation.cli import (
     CPU_GRID_BUDGETS,
     CPU_GRID_METHODS,
@@ -23,8 +24,9 @@ from kcm_cuda.evaluation.cli import (
     plan_cpu_grid,
 )
 from kcm_cuda.evaluation.finetune import FinetuneSettings
+from kcm_cuda.evaluation.grid import GridConfig
 from kcm_cuda.evaluation.report import format_markdown, write_report
-from kcm_cuda.evaluation.runner import GridConfig, run_grid
+from kcm_cuda.evaluation.runner import run_grid
 
 
 def _cfg(tiny_model_dir, tmp_path, **kw):
@@ -152,8 +154,8 @@ def test_labelled_method_gets_the_train_split_and_is_marked(
         res.report["uses_labels"] = labels is not None
         return res
 
-    monkeypatch.setattr(R, "_registry", lambda: None)  # the fallback set {"kwon"}
-    monkeypatch.setattr(R, "known_methods", lambda: ("kcm", "random", "kwon"))
+    monkeypatch.setattr(G, "_registry", lambda: None)  # the fallback set {"kwon"}
+    monkeypatch.setattr(G, "known_methods", lambda: ("kcm", "random", "kwon"))
     cfg = _cfg(tiny_model_dir, tmp_path, methods=("kwon", "random"), seeds=2)
     report = run_grid(cfg, task=task, prune_fn=fake, log=lambda *_: None)
     kwon = [c for c in calls if c[0] == "kwon"]
@@ -216,7 +218,7 @@ def test_paired_difference_against_the_best_label_free_peer():
     truth = {m: rng.random(n) < p for m, p in [("random", 0.6), ("d2", 0.8), ("kcm", 0.9)]}
     truth["kwon"] = rng.random(n) < 0.95
     runs = [_row(m, float(c.mean()), c, uses_labels=m == "kwon") for m, c in truth.items()]
-    rows = R.summarise(runs, {"accuracy": 0.9}, ["accuracy"], default="kcm")
+    rows = S.summarise(runs, {"accuracy": 0.9}, ["accuracy"], default="kcm")
     by = {r["method"]: r for r in rows}
     # peers: label-free and not the default (kcm) → random, d2; the best is d2 (kwon excluded)
     assert all(r["best_peer"] == "d2" for r in rows)
@@ -277,9 +279,9 @@ def test_best_peer_excludes_only_the_default_configuration():
             row["options"] = {"reconstruct": m.split("=")[1]}
             row["reconstruct"] = m.split("=")[1]
         runs.append(row)
-    rows = R.summarise(runs, {"accuracy": 0.9}, ["accuracy"], default="flap")
+    rows = S.summarise(runs, {"accuracy": 0.9}, ["accuracy"], default="flap")
     by = {r["method"]: r for r in rows}
-    assert R.default_reconstruction("flap") == "ridge"
+    assert G.default_reconstruction("flap") == "ridge"
     assert all(r["best_peer"] == "flap:reconstruct=bias" for r in rows)
     d = by["flap:reconstruct=ridge"]["paired_accuracy_diff"]["best label-free peer"]
     diff = truth["flap:reconstruct=ridge"].astype(float) - truth["flap:reconstruct=bias"]

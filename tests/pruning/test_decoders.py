@@ -223,9 +223,10 @@ def test_blockwise_statistics_equal_a_full_forward(build):
         assert torch.allclose(sq, torch.stack(seen[i]), rtol=1e-5, atol=1e-6)
 
 
-def test_model_spread_over_devices_with_disk_offload(tmp_path):
-    """A model loaded with accelerate's device_map (here: CPU + disk offload) prunes as it
-    is, gives the pruned model of the same weights loaded plainly, and is left working."""
+def _offloaded_llama(tmp_path):
+    """A tiny LLaMA saved and loaded back with accelerate's device_map: CPU + disk offload
+    (the blocks on disk have their weights on the meta device behind hooks), and the same
+    weights loaded plainly."""
     pytest.importorskip("accelerate")
     import transformers
 
@@ -245,6 +246,23 @@ def test_model_spread_over_devices_with_disk_offload(tmp_path):
     )
     assert sharded.model.layers[1].mlp.down_proj.weight.device.type == "meta"
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src")
+    return sharded, plain
+
+
+@pytest.mark.parametrize(
+    "options", [dict(method="magnitude", scale=False), dict(method="kcm", backend="torch")]
+)
+def test_weight_scores_of_an_offloaded_model(tmp_path, options):
+    sharded, plain = _offloaded_llama(tmp_path)
+    a = kcm_cuda.prune(sharded, token_batch(), flops=0.6, progress=False, r2_cache=False, **options)
+    b = kcm_cuda.prune(plain, token_batch(), flops=0.6, progress=False, r2_cache=False, **options)
+    assert all(torch.equal(a.masks[i], b.masks[i]) for i in a.masks)
+
+
+def test_model_spread_over_devices_with_disk_offload(tmp_path):
+    """A model loaded with accelerate's device_map (here: CPU + disk offload) prunes as it
+    is, gives the pruned model of the same weights loaded plainly, and is left working."""
+    sharded, plain = _offloaded_llama(tmp_path)
     ids = token_batch(2, 10)["input_ids"]
     with torch.no_grad():
         dense = sharded(input_ids=ids).logits
@@ -282,8 +300,19 @@ def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys)
     data.write_text("\n".join(make_sentences(200)), encoding="utf-8")
     before = _tree_digest(llama_dir)
     out = tmp_path / "pruned"
-    rc = main([str(llama_dir), "--data", str(data), "--flops", "0.7", "--output", str(out),
-               "--quiet", *extra])
+    rc = main(
+        [
+            str(llama_dir),
+            "--data",
+            str(data),
+            "--flops",
+            "0.7",
+            "--output",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert _tree_digest(llama_dir) == before, "the input checkpoint was modified"
     pruned = kcm_cuda.load_pruned(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kcm_cuda.pruning.blockwise import map_blocks
 from kcm_cuda.pruning.methods.base import ScoreMethod
 
 
@@ -10,7 +11,5 @@ class Magnitude(ScoreMethod):
 
     def scores(self, ctx):
         a = ctx.adapter
-        return [
-            (a.w1(b).weight.detach().double().norm(dim=1) * w.double()).cpu()
-            for b, w in zip(a.layers(ctx.teacher), ctx.w2_norms, strict=True)
-        ]
+        w1 = map_blocks(ctx.teacher, a, lambda b: a.w1(b).weight.detach().double().norm(dim=1))
+        return [(n * w.double()).cpu() for n, w in zip(w1, ctx.w2_norms, strict=True)]
