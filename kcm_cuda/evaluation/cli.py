@@ -17,6 +17,10 @@ Profiles (explicit flags override them):
         wanda_sp and the default with attention heads pruned, 10 seeds of 2048 sentences.
 
 kcm-eval exits with status 1 when the grid measured no pruned model (the report is written).
+
+Language models (--task lm-vader, --task lm-FILE.txt [--model DIR]): perplexity of pruned
+causal LMs on held-out lines, default vs FLAP vs Wanda-sp at 0.8 / 0.7 / 0.6
+(kcm_cuda.evaluation.lm_grid; report in out/lm/).
 """
 
 from __future__ import annotations
@@ -177,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="vader-movie",
         help="vader-movie (default), vader-movie-rating, vader-amazon, vader-nyt, "
         "vader-tweets, glue/<name> (needs the "
-        "`datasets` package and a network), or file:PATH",
+        "`datasets` package and a network), or file:PATH; language models: lm-vader (the "
+        "small LLaMA-architecture LM trained here on the shipped text) or lm-FILE.txt (a "
+        "local text file, one document per line; with --model DIR a local causal LM)",
     )
     p.add_argument(
         "--data",
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--finetune-seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=128)
+    lm = p.add_argument_group("language models (--task lm-*)")
+    lm.add_argument("--window", type=int, default=None, help="perplexity window (tokens)")
+    lm.add_argument("--stride", type=int, default=None, help="< window (default window/2)")
+    lm.add_argument("--max-test-tokens", type=int, default=None, help="cap the held-out text")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None, help="default $KCM_CUDA_CACHE or ~/.cache/kcm_cuda")
     p.add_argument("--output", default="out/accuracy", help="report directory")
@@ -340,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.task.startswith(("lm-", "lm:")):
+        from kcm_cuda.evaluation.lm_grid import main_lm
+
+        return main_lm(args)
     from kcm_cuda.evaluation.datasets import task_from_file
     from kcm_cuda.evaluation.report import write_report
     from kcm_cuda.evaluation.runner import run_grid

@@ -1,0 +1,37 @@
+"""The LM grid with the real prune() on a tiny random LLaMA checkpoint (decoder support)."""
+
+from __future__ import annotations
+
+import json
+
+from lm_fixtures import make_lines, tiny_llama, write_text
+
+
+def test_real_prune_on_a_tiny_llama(tmp_path):
+    from kcm_cuda.evaluation.cli import main
+    from kcm_cuda.evaluation.lm_data import train_tokenizer
+
+    tok = train_tokenizer(make_lines(300), vocab_size=300)
+    model = tiny_llama(vocab=len(tok))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    text = write_text(tmp_path / "t.txt", 300, seed=2)
+    out = tmp_path / "out"
+    rc = main(["--task", f"lm-{text}", "--model", str(ckpt), "--budgets", "0.7",
+               "--samples", "8", "--max-length", "16", "--window", "32",
+               "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert not report["errors"]
+    runs = report["runs"]
+    assert [r["method"] for r in runs] == [
+        "flap:reconstruct=ridge",
+        "flap:reconstruct=bias",
+        "wanda_sp:reconstruct=bias",
+    ]
+    for r in runs:
+        assert abs(r["flops_ratio"] - 0.7) < 0.05
+        assert r["parameters"] < report["model"]["parameters"]
+        assert r["ppl"] > 1
+    assert report["dense_unchanged"] is True  # prune() reads the decoder in place

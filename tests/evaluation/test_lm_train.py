@@ -1,0 +1,46 @@
+"""The small LM: trained, cached as a standard HF directory, reloaded; cut short: not cached."""
+
+from __future__ import annotations
+
+import torch
+from lm_fixtures import make_lines, tiny_settings
+
+from kcm_cuda.evaluation.lm_data import split_lines
+from kcm_cuda.evaluation.lm_train import META_FILE, cache_key, load_small_lm
+
+
+def test_train_cache_and_reload(tmp_path, monkeypatch):
+    monkeypatch.setenv("KCM_CUDA_CACHE", str(tmp_path / "cache"))
+    text = split_lines("tiny", make_lines(400))
+    s = tiny_settings()
+    logs = []
+    model, tok, meta = load_small_lm(text, s, log=logs.append, log_every=1)
+    assert meta["cached"] is False and not meta["cut_short"]
+    assert meta["steps_run"] == 2
+    assert any("ETA" in m for m in logs)
+    cdir = tmp_path / "cache" / "lm" / cache_key(text, s)
+    assert meta["cache_path"] == str(cdir)
+    assert (cdir / META_FILE).is_file() and (cdir / "config.json").is_file()
+    assert not [p for p in cdir.parent.iterdir() if ".tmp" in p.name]  # atomic: no leftovers
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_key_value_heads, cfg.num_attention_heads) == ("llama", 2, 4)
+    model2, tok2, meta2 = load_small_lm(text, s, log=logs.append)
+    assert meta2["cached"] is True
+    assert tok2.get_vocab() == tok.get_vocab()
+    x = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model2(input_ids=x).logits, model.eval()(input_ids=x).logits)
+    # same seed, same settings: the same model when trained again
+    model3, _, _ = load_small_lm(text, s, use_cache=False, log=logs.append)
+    with torch.no_grad():
+        torch.testing.assert_close(model3.eval()(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_cut_short_training_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KCM_CUDA_CACHE", str(tmp_path / "cache"))
+    text = split_lines("tiny", make_lines(400))
+    s = tiny_settings(steps=50)
+    _, _, meta = load_small_lm(text, s, time_budget_s=0.0, log=lambda m: None)
+    assert meta["cut_short"] is True and meta["steps_run"] < 50
+    assert "cache_path" not in meta
+    assert not (tmp_path / "cache" / "lm" / cache_key(text, s)).exists()
