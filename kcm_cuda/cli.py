@@ -26,7 +26,7 @@ class CLIError(Exception):
 def _parser() -> argparse.ArgumentParser:
     from kcm_cuda.evaluation.runner import known_methods
 
-    METHODS = known_methods()  # noqa: N806 - the registry's names (issue 8), else the built-in
+    METHODS = known_methods()  # noqa: N806 - the method registry's names
     from kcm_cuda.pruning.options import PruneOptions
 
     default_method = PruneOptions().method
@@ -125,38 +125,15 @@ def _parser() -> argparse.ArgumentParser:
         "--no-scale)",
     )
     p.add_argument(
-        "--heads", action="store_true", help="prune attention heads too (needs prune(heads=))"
+        "--heads",
+        action="store_true",
+        help="prune attention heads too, under the same FLOPs budget (encoders)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
     p.add_argument("--text-column", default=None, help="JSONL/CSV field holding the text")
     p.add_argument("--pair-column", default=None, help="JSONL/CSV field of the second text")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward batch")
-    p.add_argument(
-        "--merge",
-        default=DEFAULT_MERGE,
-        choices=MERGES,
-        help=f"R2D2 merge variant (default {DEFAULT_MERGE}: the best measured)",
-    )
-    p.add_argument(
-        "--r2-points",
-        default="output",
-        choices=R2_POINTS,
-        help="R2 points: output (W2 columns) or input ([W1 rows, b1])",
-    )
-    p.add_argument("--d2-mode", default="votes", choices=D2_MODES, help="D2 score")
-    p.add_argument(
-        "--scale-lambda",
-        type=float,
-        default=0.01,
-        help="Scale ridge weight, relative to the normal matrix's mean diagonal",
-    )
-    p.add_argument(
-        "--scale-retries",
-        type=int,
-        default=2,
-        help="ridge x10 retries before a layer falls back to m = 1 (0: plain rule)",
-    )
     p.add_argument(
         "--min-keep",
         type=float,
@@ -170,6 +147,36 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "ieee", "tf32x3", "tf32"),
         help="kernel precision for R2 (auto: tf32 on sm_80+ GPUs, where the R2 ranking was "
         "measured unchanged; ieee elsewhere)",
+    )
+    x = p.add_argument_group(
+        "experimental options",
+        "research variants kept for the paper's pipeline (--method kcm_paper) and for studies; "
+        "none beat the defaults (docs/RESULTS.md). Python: prune(..., experimental={...})",
+    )
+    x.add_argument(
+        "--merge",
+        default=DEFAULT_MERGE,
+        choices=MERGES,
+        help=f"R2D2 merge variant (default {DEFAULT_MERGE}: the best measured)",
+    )
+    x.add_argument(
+        "--r2-points",
+        default="output",
+        choices=R2_POINTS,
+        help="R2 points: output (W2 columns) or input ([W1 rows, b1])",
+    )
+    x.add_argument("--d2-mode", default="votes", choices=D2_MODES, help="D2 score")
+    x.add_argument(
+        "--scale-lambda",
+        type=float,
+        default=0.01,
+        help="Scale ridge weight, relative to the normal matrix's mean diagonal",
+    )
+    x.add_argument(
+        "--scale-retries",
+        type=int,
+        default=2,
+        help="ridge x10 retries before a layer falls back to m = 1 (0: plain rule)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -401,23 +408,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _prune_accepts(name: str) -> bool:
-    """Whether this build's prune() takes option ``name`` (issue 8 adds reconstruct=, heads=)."""
-    import dataclasses
-    import inspect
-
-    try:
-        from kcm_cuda.pruning.options import PruneOptions
-
-        if name in {f.name for f in dataclasses.fields(PruneOptions)}:
-            return True
-    except ImportError:
-        pass
-    from kcm_cuda.pruning import prune
-
-    return name in inspect.signature(prune).parameters
-
-
 def _new_options(args: argparse.Namespace) -> dict:
     """--reconstruct / --heads, checked before the model loads; a method that needs labels is
     refused (kcm-prune reads unlabeled text only)."""
@@ -430,12 +420,8 @@ def _new_options(args: argparse.Namespace) -> dict:
         )
     extra: dict = {}
     if args.reconstruct is not None:
-        if not _prune_accepts("reconstruct"):
-            raise CLIError("--reconstruct needs a kcm_cuda whose prune() has reconstruct=")
         extra["reconstruct"] = args.reconstruct
     if args.heads:
-        if not _prune_accepts("heads"):
-            raise CLIError("--heads needs a kcm_cuda whose prune() has heads=")
         extra["heads"] = True
     return extra
 
@@ -509,12 +495,14 @@ def _run(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         batch_size=args.batch_size,
-        merge=args.merge,
-        r2_points=args.r2_points,
-        d2_mode=args.d2_mode,
-        scale_lambda=args.scale_lambda,
         scale_samples=args.scale_samples,
-        scale_retries=args.scale_retries,
+        experimental={
+            "merge": args.merge,
+            "r2_points": args.r2_points,
+            "d2_mode": args.d2_mode,
+            "scale_lambda": args.scale_lambda,
+            "scale_retries": args.scale_retries,
+        },
         min_keep=int(args.min_keep) if args.min_keep >= 1 else args.min_keep,
         precision=args.precision,
         **extra,

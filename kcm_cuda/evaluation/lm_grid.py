@@ -349,7 +349,9 @@ def _run_lm_grid(config: LMGridConfig, prune_fn, log, checkpoint) -> dict:
             for spec in config.methods:
                 k += 1
                 name, opts = parse_method(spec)
-                opts = {**config.prune_options, **opts}
+                from kcm_cuda.pruning.options import nest_experimental
+
+                opts = nest_experimental({**config.prune_options, **opts})
                 t0 = time.perf_counter()
                 try:
                     res = prune_fn(

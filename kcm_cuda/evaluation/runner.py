@@ -554,6 +554,9 @@ def _one_run(
 
         progress = sys.stderr.isatty()
     before = dict(memo_stats or {})
+    from kcm_cuda.pruning.options import nest_experimental
+
+    opts = nest_experimental(opts)  # a spec's kcm:merge=... is prune(experimental={...})
     t0 = time.perf_counter()
     result = prune_fn(
         clf.model,

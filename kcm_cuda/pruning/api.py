@@ -44,7 +44,6 @@ __all__ = [
     "prune",
     "r2_scores",
 ]
-_OPTION_NAMES = frozenset(PruneOptions.__dataclass_fields__) - {"flops"}
 
 
 @dataclass
@@ -112,43 +111,29 @@ def prune(
       warning (kcm_cuda.pruning.r2_cache). report["r2_disk_cache"] says whether it was a hit.
     reconstruct: "none", "bias" (FLAP bias compensation), "scale" (per-neuron rescaling) or
       "ridge" (least-squares refit of the kept W2 columns and b2) (kcm_cuda.pruning.reconstruct);
-      reconstruct_mode: "sequential" (on the pruned model's own inputs) or "oneshot";
       ridge_lambda: the ridge refit's λ, relative to the mean diagonal of its Gram matrix.
     labels: for methods that use labels, one per row of ``data``.
-    heads: prune attention heads too, under the same FLOPs budget (kcm_cuda.pruning.heads):
-      head_split   "per_mac" (default: squared output energy per MAC decides how many heads
-                   and neurons), "zscore", "proportional"
-      head_score   "votes" (default: D2 votes on head output energy, R2 on the O slices
-                   breaking ties), "energy", "r2"
-      min_heads    heads kept per layer at least (>= 1)
-      head_refit   ridge refit of each layer's O on the kept heads (when a reconstruction
-                   runs; default True)
+    heads: prune attention heads too, under the same FLOPs budget (kcm_cuda.pruning.heads);
+      min_heads: heads kept per layer at least (>= 1).
     data: list of texts, list of (text, text) pairs, a .txt/.jsonl/.csv/.tsv path, or a
       pre-tokenized dict {"input_ids", "attention_mask"}; ``samples`` sequences are drawn with
       ``seed`` and tokenized to ``max_length``.
-    Variant options:
-      merge          R2D2 merge (kcm_cuda.pruning.merge.MERGES; default: D2 votes with
-                     R2 breaking their ties, the best measured)
-      r2_points      "output" (W2 columns) or "input" ([W1 rows, b1])
-      r2_weight      R2's weight for merge="weighted"; merge_bins: for "r2_within_d2"
-      d2_mode        "votes", "energy", or "kcm" (R2 on the activations of the first
-                     ``d2_kcm_batches`` batches)
-      sigma, alpha, max_iter, precision   R2 kernel and solver (also d2_mode="kcm");
-                     sigma="median": per layer, the median pairwise distance of the points
-      min_keep       neurons kept per layer at least: int, or a fraction of the layer
-      scale_lambda   ridge towards m = 1, relative to the mean diagonal of the normal matrix
-      scale_samples  sequences used by the reconstruction
-      scale_retries  solves with λ × 10 tried before a layer falls back to m = 1 (0: never)
-      batch_size     sequences per forward batch (= per D2 vote)
+    precision: the R2 kernel's ("auto": tf32 on sm_80+ GPUs, else ieee; "ieee", "tf32x3",
+      "tf32"). min_keep: neurons kept per layer at least (int, or a fraction of the layer).
+      scale_samples: sequences used by the reconstruction. batch_size: sequences per forward
+      batch (= per D2 vote).
+    experimental: a dict (or kcm_cuda.pruning.options.ExperimentalOptions) of the variants
+      kept for the paper's pipeline and for research, none of which beat the defaults
+      (docs/RESULTS.md): reconstruct_mode, merge, r2_points, r2_weight, merge_bins, d2_mode,
+      d2_kcm_batches, sigma, alpha, max_iter, scale_lambda, scale_retries, head_split,
+      head_score, head_refit, kwon_rearrange, kwon_tune (their meanings: ExperimentalOptions).
+      Given flat (``merge=...``, as before they moved) they still work, with a FutureWarning.
     cache: a dict shared between calls to reuse R2 scores and activation statistics
       (see kcm_cuda.pruning.cache); None: compute everything.
     """
     t_start = time.perf_counter()
     adapter = get_adapter(model)
-    unknown = sorted(set(options) - _OPTION_NAMES)
-    if unknown:
-        raise TypeError(f"prune() got unknown option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
-    opts = PruneOptions(flops=flops, **options)  # type: ignore[arg-type]
+    opts = PruneOptions.from_call(flops, options)
     safety.check_finite(model)  # before the long steps: NaN in, NaN out
     if not adapter.causal:
         return _run(model, adapter, data, opts, tokenizer, device, cache, t_start)

@@ -83,8 +83,14 @@ class PruneContext:
             key = ("activations", self._model_fp(), sample_fp, o.batch_size)
             if self.needs_grams():
                 key += ("grams",)
-            if o.d2_mode == "kcm":
-                key += (o.d2_kcm_batches, o.sigma, o.alpha, o.max_iter, o.precision)
+            if o.experimental.d2_mode == "kcm":
+                key += (
+                    o.experimental.d2_kcm_batches,
+                    o.experimental.sigma,
+                    o.experimental.alpha,
+                    o.experimental.max_iter,
+                    o.precision,
+                )
                 key += (self.backend_name,)
         if key is not None and key in self.cache:
             stats = self.cache[key]
@@ -97,11 +103,11 @@ class PruneContext:
                 batch_size=o.batch_size,
                 device=self.device,
                 progress=o.progress,
-                kcm_batches=o.d2_kcm_batches if o.d2_mode == "kcm" else 0,
+                kcm_batches=o.experimental.d2_kcm_batches if o.experimental.d2_mode == "kcm" else 0,
                 kcm_options=dict(
-                    sigma=o.sigma,
-                    alpha=o.alpha,
-                    max_iter=o.max_iter,
+                    sigma=o.experimental.sigma,
+                    alpha=o.experimental.alpha,
+                    max_iter=o.experimental.max_iter,
                     precision=o.precision,
                     backend=o.backend,
                 ),
@@ -120,7 +126,9 @@ class PruneContext:
         if "d2" not in self._memo:
             stats = self.activation_stats()
             t0 = time.perf_counter()
-            self._memo["d2"] = d2_scores(stats, self.w2_norms, self.quotas, self.options.d2_mode)
+            self._memo["d2"] = d2_scores(
+                stats, self.w2_norms, self.quotas, self.options.experimental.d2_mode
+            )
             self.timings["activations"] += time.perf_counter() - t0
         return self._memo["d2"]
 
@@ -132,7 +140,14 @@ class PruneContext:
         t0 = time.perf_counter()
         key = None
         if self.cache is not None and self._model_fp() is not None:
-            key = ("r2", self._model_fp(), o.r2_points, o.sigma, o.alpha, o.max_iter)
+            key = (
+                "r2",
+                self._model_fp(),
+                o.experimental.r2_points,
+                o.experimental.sigma,
+                o.experimental.alpha,
+                o.experimental.max_iter,
+            )
             key += (o.precision, self.backend_name)
         if key is not None and key in self.cache:
             r2, iters = self.cache[key]
@@ -143,10 +158,10 @@ class PruneContext:
                 return stages.r2_scores(
                     self.teacher,
                     self.adapter,
-                    points=o.r2_points,
-                    sigma=o.sigma,
-                    alpha=o.alpha,
-                    max_iter=o.max_iter,
+                    points=o.experimental.r2_points,
+                    sigma=o.experimental.sigma,
+                    alpha=o.experimental.alpha,
+                    max_iter=o.experimental.max_iter,
                     precision=o.precision,
                     backend=o.backend,
                     device=self.device,
@@ -159,10 +174,10 @@ class PruneContext:
                 self.adapter,
                 directory,
                 compute,
-                points=o.r2_points,
-                sigma=o.sigma,
-                alpha=o.alpha,
-                max_iter=o.max_iter,
+                points=o.experimental.r2_points,
+                sigma=o.experimental.sigma,
+                alpha=o.experimental.alpha,
+                max_iter=o.experimental.max_iter,
                 precision=o.precision,
                 backend_name=self.backend_name,
             )

@@ -104,7 +104,7 @@ class TokenizedSample:
         first = torch.where(mask.any(dim=1), mask.float().argmax(dim=1), torch.zeros_like(n))
         width = mask.shape[1]
         pos = torch.arange(width).unsqueeze(0)
-        contiguous = (mask == ((pos >= first.unsqueeze(1)) & (pos < (first + n).unsqueeze(1))))
+        contiguous = mask == ((pos >= first.unsqueeze(1)) & (pos < (first + n).unsqueeze(1)))
         if not bool(contiguous.all()):
             row = int((~contiguous.all(dim=1)).nonzero()[0])
             raise ValueError(

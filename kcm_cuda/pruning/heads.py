@@ -377,7 +377,7 @@ def plan_heads(ctx) -> HeadPlan:
 
     o = ctx.options
     stats = ctx.head_stats()
-    if o.head_split == "proportional":
+    if o.experimental.head_split == "proportional":
         k_h, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
     else:
         neuron_energy = mean_square(batch_energies(ctx.activation_stats(), ctx.w2_norms))
@@ -386,7 +386,7 @@ def plan_heads(ctx) -> HeadPlan:
             o.flops,
             mean_square(stats.energy),
             neuron_energy,
-            split=o.head_split,
+            split=o.experimental.head_split,
             min_heads=o.min_heads,
             min_neurons=sum(ctx.keep_min),
         )
@@ -395,19 +395,25 @@ def plan_heads(ctx) -> HeadPlan:
         ctx.quotas = [round(k_n * n / sum(ctx.sizes)) for n in ctx.sizes]
         ctx._memo.pop("d2", None)  # the D2 votes depend on the quotas
     r2 = iters = None
-    if o.head_score in ("votes", "r2"):
+    if o.experimental.head_score in ("votes", "r2"):
         r2, iters = head_r2_scores(
             ctx.teacher,
             ctx.adapter,
-            alpha=o.alpha,
-            max_iter=o.max_iter,
+            alpha=o.experimental.alpha,
+            max_iter=o.experimental.max_iter,
             precision=o.precision,
             backend=o.backend,
             device=ctx.device,
         )
     heads = list(ctx.fm.heads)
-    scores = head_scores(stats, head_quotas(k_h, heads), mode=o.head_score, r2=r2)
-    plan = HeadPlan(select_heads(scores, k_h, o.min_heads), k_h, k_n, o.head_split, o.head_score)
+    scores = head_scores(stats, head_quotas(k_h, heads), mode=o.experimental.head_score, r2=r2)
+    plan = HeadPlan(
+        select_heads(scores, k_h, o.min_heads),
+        k_h,
+        k_n,
+        o.experimental.head_split,
+        o.experimental.head_score,
+    )
     plan.r2_iterations = iters
     ctx.head_plan = plan
     return plan

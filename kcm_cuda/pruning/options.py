@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from kcm_cuda.pruning.allocation import ALLOCATIONS
@@ -60,26 +60,105 @@ def check_bool(name: str, value: object) -> bool:
 
 
 @dataclass
+class ExperimentalOptions:
+    """Variants kept for the paper's pipeline (``method="kcm_paper"``) and for research: each
+    was measured and none beat the defaults (docs/RESULTS.md). Passed to ``prune()`` as
+    ``experimental={"merge": "weighted", ...}`` (or an ``ExperimentalOptions``)."""
+
+    reconstruct_mode: str = "sequential"  # or "oneshot": refit on the teacher's inputs
+    merge: str = DEFAULT_MERGE  # R2D2 merge (kcm_cuda.pruning.merge.MERGES)
+    r2_points: str = "output"  # R2's points: "output" (W2 columns) or "input" ([W1 rows, b1])
+    r2_weight: float = 0.25  # merge="weighted": R2's weight
+    merge_bins: int = 20  # merge="r2_within_d2": bins
+    d2_mode: str = "votes"  # "votes", "energy", "kcm" (R2 on the first batches' activations)
+    d2_kcm_batches: int = 4  # d2_mode="kcm": batches
+    sigma: float | str = 1.0  # the RBF kernel's width, or "median" (per layer)
+    alpha: float = 0.01  # the convex solver's step
+    max_iter: int = 100  # the convex solver's iterations
+    scale_lambda: float = 0.01  # Scale: ridge towards m = 1 (relative to the mean diagonal)
+    scale_retries: int = 2  # Scale: solves with λ × 10 before a layer falls back to m = 1
+    head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
+    head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
+    head_refit: bool = True  # heads=True: ridge refit of O's kept columns (with reconstruction)
+    kwon_rearrange: bool = True  # kwon: mask rearrangement step
+    kwon_tune: bool = True  # kwon: least-squares mask tuning step
+
+    def __post_init__(self) -> None:
+        from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
+
+        self.reconstruct_mode = check_choice(
+            "reconstruct_mode", self.reconstruct_mode, RECONSTRUCT_MODES
+        )
+        self.merge = check_choice("merge", self.merge, MERGES)
+        self.r2_points = check_choice("r2_points", self.r2_points, R2_POINTS)
+        self.r2_weight = check_float("r2_weight", self.r2_weight, 0.0)
+        if self.r2_weight > 1:
+            raise ValueError(f"r2_weight must be in [0, 1], got {self.r2_weight}")
+        self.merge_bins = check_int("merge_bins", self.merge_bins, 1)
+        self.d2_mode = check_choice("d2_mode", self.d2_mode, D2_MODES)
+        self.d2_kcm_batches = check_int("d2_kcm_batches", self.d2_kcm_batches, 1)
+        if isinstance(self.sigma, str):
+            self.sigma = check_choice("sigma", self.sigma, SIGMA_RULES)
+        else:
+            self.sigma = check_float("sigma", self.sigma, 0.0, lo_open=True)
+        self.alpha = check_float("alpha", self.alpha, 0.0, lo_open=True)
+        self.max_iter = check_int("max_iter", self.max_iter, 1)
+        self.scale_lambda = check_float("scale_lambda", self.scale_lambda, 0.0)
+        self.scale_retries = check_int("scale_retries", self.scale_retries, 0)
+        self.head_split = check_choice("head_split", self.head_split, JOINT_SPLITS)
+        self.head_score = check_choice("head_score", self.head_score, HEAD_SCORES)
+        self.head_refit = check_bool("head_refit", self.head_refit)
+        self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
+        self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
+
+    @classmethod
+    def from_value(cls, value: object) -> ExperimentalOptions:
+        """``None`` (the defaults), a dict of its fields, or an ``ExperimentalOptions``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return cls(**{f.name: getattr(value, f.name) for f in fields(cls)})
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                "experimental must be a dict of experimental options or an ExperimentalOptions, "
+                f"got {type(value).__name__}"
+            )
+        unknown = sorted(set(value) - EXPERIMENTAL_NAMES)
+        if unknown:
+            raise TypeError(
+                f"unknown experimental option(s) {unknown}; known: {sorted(EXPERIMENTAL_NAMES)}"
+            )
+        return cls(**value)
+
+    def changed(self) -> dict:
+        """The fields that differ from their defaults."""
+        base = ExperimentalOptions()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(base, f.name)
+        }
+
+
+EXPERIMENTAL_NAMES = frozenset(f.name for f in fields(ExperimentalOptions))
+
+
+@dataclass
 class PruneOptions:
-    """All options of ``prune()`` (see its docstring for each one's meaning)."""
+    """The options of ``prune()`` (see its docstring for each one's meaning); research
+    variants are in ``experimental`` (:class:`ExperimentalOptions`)."""
 
     flops: float = 0.6
     method: str = DEFAULT_METHOD
     scale: bool = True
     reconstruct: str | None = None  # None: scale=True → the default, scale=False → "none"
-    reconstruct_mode: str = "sequential"
     ridge_lambda: float = 0.01
     labels: Sequence | None = None
     # For labelled methods on an encoder without a task head: a callable (module or function)
     # mapping (last_hidden_state, attention_mask) to logits.
     classifier: object | None = None
-    kwon_rearrange: bool = True  # kwon: mask rearrangement step
-    kwon_tune: bool = True  # kwon: least-squares mask tuning step
     heads: bool = False
-    head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
-    head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
     min_heads: int = 1  # heads=True: heads kept per layer at least (>= 1)
-    head_refit: bool = True  # heads=True: ridge refit of O's kept columns (with reconstruction)
     samples: int = 2048
     max_length: int = 128
     seed: int = 0
@@ -87,23 +166,13 @@ class PruneOptions:
     progress: bool = True
     batch_size: int = 32
     min_keep: int | float = 0.01
-    merge: str = DEFAULT_MERGE
-    r2_points: str = "output"
-    r2_weight: float = 0.25
-    merge_bins: int = 20
-    d2_mode: str = "votes"
-    d2_kcm_batches: int = 4
-    sigma: float = 1.0
-    alpha: float = 0.01
-    max_iter: int = 100
     precision: str = "auto"  # "auto": tf32 on sm_80+ CUDA, ieee elsewhere
-    scale_lambda: float = 0.01
     scale_samples: int = 256
-    scale_retries: int = 2
     text_column: str | None = None
     text_pair_column: str | None = None
     allocation: str = "global"  # per-layer widths (kcm_cuda.pruning.allocation.ALLOCATIONS)
     r2_cache: bool | str | os.PathLike = True  # R2 scores on disk (kcm_cuda.pruning.r2_cache)
+    experimental: ExperimentalOptions | Mapping | None = None
 
     def __post_init__(self) -> None:
         from kcm_cuda.pruning.methods import METHODS
@@ -113,54 +182,54 @@ class PruneOptions:
         self.scale = check_bool("scale", self.scale)
         if self.reconstruct is not None:
             self.reconstruct = check_choice("reconstruct", self.reconstruct, RECONSTRUCTIONS)
-        self.reconstruct_mode = check_choice(
-            "reconstruct_mode", self.reconstruct_mode, RECONSTRUCT_MODES
-        )
         self.ridge_lambda = check_float("ridge_lambda", self.ridge_lambda, 0.0)
         if self.classifier is not None and not callable(self.classifier):
             raise TypeError(
                 "classifier must be callable (last_hidden_state, attention_mask) -> logits, "
                 f"got {type(self.classifier).__name__}"
             )
-        self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
-        self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
         self.heads = check_bool("heads", self.heads)
-        from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
-
-        self.head_split = check_choice("head_split", self.head_split, JOINT_SPLITS)
-        self.head_score = check_choice("head_score", self.head_score, HEAD_SCORES)
         self.min_heads = check_int("min_heads", self.min_heads, 1)
-        self.head_refit = check_bool("head_refit", self.head_refit)
         self.samples = check_int("samples", self.samples, 1)
         self.max_length = check_int("max_length", self.max_length, 2)
         self.seed = check_int("seed", self.seed, 0)
         self.batch_size = check_int("batch_size", self.batch_size, 1)
-        self.merge = check_choice("merge", self.merge, MERGES)
-        self.r2_points = check_choice("r2_points", self.r2_points, R2_POINTS)
-        self.d2_mode = check_choice("d2_mode", self.d2_mode, D2_MODES)
-        self.merge_bins = check_int("merge_bins", self.merge_bins, 1)
-        self.d2_kcm_batches = check_int("d2_kcm_batches", self.d2_kcm_batches, 1)
-        self.r2_weight = check_float("r2_weight", self.r2_weight, 0.0)
-        if self.r2_weight > 1:
-            raise ValueError(f"r2_weight must be in [0, 1], got {self.r2_weight}")
-        if isinstance(self.sigma, str):
-            self.sigma = check_choice("sigma", self.sigma, SIGMA_RULES)
-        else:
-            self.sigma = check_float("sigma", self.sigma, 0.0, lo_open=True)
         self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
         resolve_r2_cache(self.r2_cache)  # type / emptiness check
-        self.alpha = check_float("alpha", self.alpha, 0.0, lo_open=True)
-        self.max_iter = check_int("max_iter", self.max_iter, 1)
-        self.scale_lambda = check_float("scale_lambda", self.scale_lambda, 0.0)
         self.scale_samples = check_int("scale_samples", self.scale_samples, 1)
-        self.scale_retries = check_int("scale_retries", self.scale_retries, 0)
         self.progress = bool(self.progress)
+        self.experimental = ExperimentalOptions.from_value(self.experimental)
         lab = self.labels
         if lab is not None and (isinstance(lab, (str, bytes)) or not hasattr(lab, "__len__")):
             raise TypeError(f"labels must be a sequence (one per row), not {type(lab).__name__}")
         method = METHODS[self.method]
         if method.needs_labels and self.labels is None:
             raise ValueError(f"method {self.method!r} uses labels: pass labels= aligned with data")
+
+    @classmethod
+    def from_call(cls, flops: object, options: Mapping) -> PruneOptions:
+        """``prune(model, data, flops, **options)``'s options. An experimental option given
+        flat (``merge="weighted"``, as before it moved) still works, with a FutureWarning that
+        names its new place; an unknown name is a TypeError listing the known ones."""
+        flat = dict(options)
+        moved = sorted(set(flat) & EXPERIMENTAL_NAMES)
+        unknown = sorted(set(flat) - OPTION_NAMES - EXPERIMENTAL_NAMES)
+        if unknown:
+            raise TypeError(
+                f"prune() got unknown option(s) {unknown}; known: {sorted(OPTION_NAMES)}, "
+                f"and in experimental={{...}}: {sorted(EXPERIMENTAL_NAMES)}"
+            )
+        if moved:
+            import warnings
+
+            warnings.warn(
+                f"prune({', '.join(f'{n}=' for n in moved)}...) is an experimental option now: "
+                f"pass experimental={{{', '.join(repr(n) + ': ...' for n in moved)}}}",
+                FutureWarning,
+                stacklevel=3,
+            )
+            flat = nest_experimental(flat)
+        return cls(flops=flops, **flat)
 
     def reconstruction(self) -> str:
         """The reconstruction that runs: ``reconstruct`` when given, otherwise the method's
@@ -174,6 +243,8 @@ class PruneOptions:
         return METHODS[self.method].default_reconstruct or DEFAULT_RECONSTRUCTION
 
     def as_report(self) -> dict:
+        """The report's ``options`` block: the public options flat, the experimental ones under
+        ``"experimental"`` (all of them: a report says exactly what ran)."""
         skip = {
             "flops",
             "method",
@@ -183,10 +254,43 @@ class PruneOptions:
             "progress",
             "text_column",
             "text_pair_column",
+            "experimental",
         }
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["labels"] = None if self.labels is None else len(self.labels)
         if isinstance(self.r2_cache, os.PathLike):
             out["r2_cache"] = str(self.r2_cache)
         out["classifier"] = None if self.classifier is None else type(self.classifier).__name__
+        exp = self.experimental
+        out["experimental"] = {f.name: getattr(exp, f.name) for f in fields(exp)}
         return out
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(PruneOptions)) - {"flops"}
+
+
+def report_options(options: Mapping) -> dict:
+    """A report's ``options`` block in the current layout: one written before the experimental
+    options moved (all of them flat) gets them under ``"experimental"``."""
+    out = dict(options)
+    exp = dict(out.get("experimental") or {})
+    for name in EXPERIMENTAL_NAMES & set(out):
+        exp.setdefault(name, out.pop(name))
+    out["experimental"] = exp
+    return out
+
+
+def nest_experimental(options: Mapping) -> dict:
+    """``options`` for ``prune()`` with any experimental option given flat (a grid's method
+    spec such as ``kcm:merge=weighted``) moved into ``experimental`` (no warning: the caller
+    speaks for its user)."""
+    out = dict(options)
+    moved = EXPERIMENTAL_NAMES & set(out)
+    if not moved:
+        return out
+    given = out.get("experimental")
+    exp = ExperimentalOptions.from_value(given).changed() if given else {}
+    for name in moved:
+        exp[name] = out.pop(name)
+    out["experimental"] = exp
+    return out

@@ -203,7 +203,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
             )
             _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
             prune_heads_in_place(student, ctx.adapter, selection.head_masks)
-        return student, _plain("none", o.reconstruct_mode, selection, len(masks))
+        return student, _plain("none", o.experimental.reconstruct_mode, selection, len(masks))
     # The student is made block by block during the refit (one block at a time on the
     # execution device); with heads pruned, whole first (encoders: the O refit runs on it).
     o_refit = None
@@ -214,7 +214,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
         _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
         prune_heads_in_place(student, ctx.adapter, selection.head_masks)
-        if o.head_refit:
+        if o.experimental.head_refit:
             from kcm_cuda.pruning.attn_refit import refit_attention_output
 
             o_refit = refit_attention_output(
@@ -234,10 +234,10 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         masks,
         ctx.sample.subset(o.scale_samples),
         variant=name,
-        mode=o.reconstruct_mode,
+        mode=o.experimental.reconstruct_mode,
         ridge_lambda=o.ridge_lambda,
-        scale_lambda=o.scale_lambda,
-        scale_retries=o.scale_retries,
+        scale_lambda=o.experimental.scale_lambda,
+        scale_retries=o.experimental.scale_retries,
         batch_size=o.batch_size,
         device=ctx.device,
         progress=o.progress,

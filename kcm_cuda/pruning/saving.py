@@ -173,6 +173,27 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path} holds no model.safetensors: not a saved pruned model")
 
 
+def load_report(path: str | os.PathLike) -> dict:
+    """The report saved with the pruned model at ``path`` (``kcm_report.json``), its
+    ``options`` block in the current layout (a report saved before the research variants moved
+    into ``experimental`` gets them there: kcm_cuda.pruning.options.report_options)."""
+    from kcm_cuda.pruning.options import report_options
+
+    f = Path(path).expanduser() / REPORT_NAME
+    try:
+        with open(f, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{f} not found: {path} holds no kcm_cuda report") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{f} does not parse as JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{f} is not a JSON object")
+    if isinstance(report.get("options"), dict):
+        report["options"] = report_options(report["options"])
+    return report
+
+
 def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
     """The pruned model saved at ``path`` (eval mode, on ``device`` or the CPU)."""
     if not isinstance(path, (str, os.PathLike)):

@@ -59,15 +59,13 @@ def test_merge_options(merge, distilbert, tokenizer, sentences):
         distilbert,
         sentences,
         0.7,
-        merge=merge,
+        experimental=dict(merge=merge, r2_points="input", d2_mode="energy"),
         scale=False,
         tokenizer=tokenizer,
         progress=False,
         samples=96,
-        r2_points="input",
-        d2_mode="energy",
     )
-    assert r.report["options"]["merge"] == merge
+    assert r.report["options"]["experimental"]["merge"] == merge
 
 
 def test_same_seed_same_masks(bert, tokenizer, sentences):
@@ -107,17 +105,17 @@ def test_unsupported_architecture_names_class(sentences, tokenizer):
         ({"samples": 0}, ValueError, "samples"),
         ({"max_length": 1}, ValueError, "max_length"),
         ({"seed": -1}, ValueError, "seed"),
-        ({"sigma": 0.0}, ValueError, "sigma"),
-        ({"alpha": float("nan")}, ValueError, "alpha"),
+        ({"experimental": {"sigma": 0.0}}, ValueError, "sigma"),
+        ({"experimental": {"alpha": float("nan")}}, ValueError, "alpha"),
         ({"scale": "yes"}, TypeError, "scale"),
-        ({"scale_lambda": -1.0}, ValueError, "scale_lambda"),
+        ({"experimental": {"scale_lambda": -1.0}}, ValueError, "scale_lambda"),
         ({"min_keep": 2.0}, ValueError, "min_keep"),
         ({"backend": "cuda"}, ValueError, "cuda"),
         ({"backend": "nope"}, ValueError, "backend"),
         ({"device": "nonsense"}, ValueError, "device"),
-        ({"r2_points": "both"}, ValueError, "r2_points"),
-        ({"d2_mode": "x"}, ValueError, "d2_mode"),
-        ({"merge": "x"}, ValueError, "merge"),
+        ({"experimental": {"r2_points": "both"}}, ValueError, "r2_points"),
+        ({"experimental": {"d2_mode": "x"}}, ValueError, "d2_mode"),
+        ({"experimental": {"merge": "x"}}, ValueError, "merge"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match, bert, tokenizer, sentences):
@@ -141,9 +139,9 @@ def test_cache_reuses_expensive_stages(bert, tokenizer, sentences):
     kw = dict(method="kcm", tokenizer=tokenizer, progress=False, samples=64, scale=False)
     a = prune(bert, sentences, 0.7, cache=cache, **kw)
     assert a.report["cached_stages"] == [] and len(cache) == 2
-    b = prune(bert, sentences, 0.6, cache=cache, merge="weighted", **kw)
+    b = prune(bert, sentences, 0.6, cache=cache, experimental={"merge": "weighted"}, **kw)
     assert b.report["cached_stages"] == ["activations", "r2"]
-    fresh = prune(bert, sentences, 0.6, merge="weighted", **kw)
+    fresh = prune(bert, sentences, 0.6, experimental={"merge": "weighted"}, **kw)
     for i in b.masks:
         assert torch.equal(b.masks[i], fresh.masks[i])
     c = prune(bert, sentences, 0.6, cache=cache, seed=3, **kw)  # new sample: new activations
@@ -162,8 +160,7 @@ def test_d2_kcm_mode(distilbert, tokenizer, sentences):
         sentences,
         0.7,
         method="d2",
-        d2_mode="kcm",
-        d2_kcm_batches=2,
+        experimental=dict(d2_mode="kcm", d2_kcm_batches=2),
         scale=False,
         tokenizer=tokenizer,
         progress=False,

@@ -319,12 +319,7 @@ def test_cli_new_options_are_checked_before_loading(
     import kcm_cuda.evaluation.runner as runner
 
     monkeypatch.setattr(cli, "load_config", lambda *a, **k: pytest.fail("config loaded first"))
-    monkeypatch.setattr(cli, "_prune_accepts", lambda name: False)
     out = tmp_path / "o"
-    assert main(_argv(model_dir, data_file, out, "--reconstruct", "ridge")) == 2
-    assert "--reconstruct needs" in _err(capsys)
-    assert main(_argv(model_dir, data_file, out, "--heads")) == 2
-    assert "--heads needs" in _err(capsys)
     monkeypatch.setattr(runner, "needs_labels", lambda name: name == "random")
     assert main(_argv(model_dir, data_file, out, "--method", "random")) == 2
     assert "needs labels" in _err(capsys)
@@ -334,7 +329,6 @@ def test_cli_new_options_are_checked_before_loading(
 def test_cli_passes_reconstruct_and_heads_to_prune(
     tmp_path, model_dir, data_file, capsys, monkeypatch
 ):
-    import kcm_cuda.cli as cli
     import kcm_cuda.pruning as pruning
 
     seen = {}
@@ -343,13 +337,16 @@ def test_cli_passes_reconstruct_and_heads_to_prune(
     def spy(model, data, flops, **kw):
         seen["reconstruct"] = kw.pop("reconstruct", None)
         seen["heads"] = kw.pop("heads", None)
+        seen["experimental"] = kw.get("experimental")
         return real(model, data, flops, **kw)
 
-    monkeypatch.setattr(cli, "_prune_accepts", lambda name: True)
     monkeypatch.setattr(pruning, "prune", spy)
     argv = _argv(model_dir, data_file, tmp_path / "o", "--quiet", "--samples", "64")
+    argv += ["--scale-lambda", "0.5", "--d2-mode", "energy"]  # the experimental flags still work
     assert main([*argv, "--reconstruct", "bias", "--heads"]) == 0
+    exp = seen.pop("experimental")
     assert seen == {"reconstruct": "bias", "heads": True}
+    assert exp["scale_lambda"] == 0.5 and exp["d2_mode"] == "energy"
     capsys.readouterr()
 
 

@@ -101,7 +101,7 @@ def test_generate_matches_masked_model(family):
         dict(method="wanda_sp", reconstruct="bias"),
         dict(method="d2"),
         dict(method="magnitude", reconstruct="scale"),
-        dict(method="random", reconstruct="ridge", reconstruct_mode="oneshot"),
+        dict(method="random", reconstruct="ridge", experimental={"reconstruct_mode": "oneshot"}),
         dict(method="kcm", backend="torch"),
     ],
 )

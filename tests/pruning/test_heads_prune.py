@@ -91,7 +91,7 @@ def test_o_refit_lowers_the_attention_error(bert, tokenizer, sentences):
         if row["o_refit"]:
             assert row["o_refit_error_after"] < row["o_refit_error_before"]
     assert any(row["o_refit"] for row in rows)
-    r0 = prune(bert, sentences, 0.35, head_refit=False, **kw)
+    r0 = prune(bert, sentences, 0.35, experimental={"head_refit": False}, **kw)
     assert "o_refit" not in r0.report["layers"][0]
     assert [r0.head_masks[i].tolist() for i in r0.head_masks] == [
         r.head_masks[i].tolist() for i in r.head_masks
@@ -106,8 +106,7 @@ def test_every_split_and_head_score(split, score, distilbert, tokenizer, sentenc
         sentences,
         0.5,
         heads=True,
-        head_split=split,
-        head_score=score,
+        experimental=dict(head_split=split, head_score=score),
         scale=False,
         tokenizer=tokenizer,
         progress=False,
@@ -150,10 +149,10 @@ def test_ffn_only_is_unchanged_and_below_floor_says_heads(bert, tokenizer, sente
     "kwargs,exc,match",
     [
         (dict(heads="yes"), TypeError, "heads"),
-        (dict(heads=True, head_split="greedy"), ValueError, "head_split"),
-        (dict(heads=True, head_score="best"), ValueError, "head_score"),
+        (dict(heads=True, experimental={"head_split": "greedy"}), ValueError, "head_split"),
+        (dict(heads=True, experimental={"head_score": "best"}), ValueError, "head_score"),
         (dict(heads=True, min_heads=0), ValueError, "min_heads"),
-        (dict(heads=True, head_refit="no"), TypeError, "head_refit"),
+        (dict(heads=True, experimental={"head_refit": "no"}), TypeError, "head_refit"),
         (dict(heads=True, min_heads=5), ValueError, "min_heads"),
         (dict(heads=True, flops=0.01), ValueError, "joint floor"),
     ],

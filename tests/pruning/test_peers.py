@@ -308,7 +308,7 @@ def test_error_allocation_moves_neurons_to_the_layer_that_needs_them(tokenizer, 
     [
         ({"allocation": "fair"}, ValueError, "allocation must be one of"),
         ({"allocation": 1}, ValueError, "allocation must be one of"),
-        ({"sigma": "mean"}, ValueError, "sigma must be one of"),
+        ({"experimental": {"sigma": "mean"}}, ValueError, "sigma must be one of"),
         ({"r2_cache": 3}, TypeError, "r2_cache must be True, False or a directory"),
         ({"r2_cache": ""}, ValueError, "r2_cache"),
     ],
@@ -344,12 +344,17 @@ def test_r2_disk_cache_through_prune(bert, tokenizer, sentences, tmp_path):
 
 def test_sigma_median_through_prune(bert, tokenizer, sentences):
     kw = dict(tokenizer=tokenizer, progress=False, samples=64, reconstruct="none")
-    r = prune(bert, sentences, 0.7, method="r2", sigma="median", **kw)
-    assert r.report["options"]["sigma"] == "median"
-    one = prune(bert, sentences, 0.7, method="r2", sigma=1.0, **kw)
+    r = prune(bert, sentences, 0.7, method="r2", experimental={"sigma": "median"}, **kw)
+    assert r.report["options"]["experimental"]["sigma"] == "median"
+    one = prune(bert, sentences, 0.7, method="r2", experimental={"sigma": 1.0}, **kw)
     assert r.report["flops"]["ratio"] <= 0.7 and one.report["flops"]["ratio"] <= 0.7
     d = prune(
-        bert, sentences, 0.7, method="d2", d2_mode="kcm", d2_kcm_batches=1, sigma="median", **kw
+        bert,
+        sentences,
+        0.7,
+        method="d2",
+        experimental=dict(d2_mode="kcm", d2_kcm_batches=1, sigma="median"),
+        **kw,
     )
     assert d.report["flops"]["ratio"] <= 0.7
 
@@ -368,7 +373,7 @@ def test_flap_is_flap_as_published(bert, tokenizer, sentences):
         0.6,
         method="flap",
         reconstruct="bias",
-        reconstruct_mode="oneshot",
+        experimental={"reconstruct_mode": "oneshot"},
         scale_samples=n,
         tokenizer=tokenizer,
         progress=False,

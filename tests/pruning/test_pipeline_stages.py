@@ -21,10 +21,10 @@ def test_options_are_checked_in_one_place():
     with pytest.raises(ValueError, match="reconstruct must be one of"):
         PruneOptions(reconstruct="exact")
     with pytest.raises(ValueError, match="reconstruct_mode"):
-        PruneOptions(reconstruct_mode="both")
+        PruneOptions(experimental={"reconstruct_mode": "both"})
     assert PruneOptions(heads=True).heads is True
     with pytest.raises(ValueError, match="head_split"):
-        PruneOptions(heads=True, head_split="none")
+        PruneOptions(heads=True, experimental={"head_split": "none"})
     with pytest.raises(TypeError, match="heads"):
         PruneOptions(heads="yes")
     with pytest.raises(TypeError, match="labels"):
@@ -126,7 +126,9 @@ def test_kcm_paper_is_mean_rank_with_scale(bert, tokenizer, sentences):
     kw = dict(tokenizer=tokenizer, progress=False, samples=96)
     paper = prune(bert, sentences, 0.7, method="kcm_paper", **kw)
     assert paper.report["method"] == "kcm_paper" and paper.report["reconstruct"] == "scale"
-    ref = prune(bert, sentences, 0.7, method="kcm", merge="mean_rank", scale=False, **kw)
+    ref = prune(
+        bert, sentences, 0.7, method="kcm", experimental={"merge": "mean_rank"}, scale=False, **kw
+    )
     for i in ref.masks:
         assert torch.equal(paper.masks[i], ref.masks[i])
     off = prune(bert, sentences, 0.7, method="kcm_paper", scale=False, **kw)
@@ -149,3 +151,55 @@ def test_precision_auto_resolves_per_device(bert, tokenizer, sentences):
         scale=False,
     )
     assert r.report["options"]["precision"] == "ieee"
+
+
+def test_options_are_few_and_the_variants_live_in_experimental():
+    import dataclasses
+
+    from kcm_cuda.pruning.options import EXPERIMENTAL_NAMES, ExperimentalOptions
+
+    assert len(dataclasses.fields(PruneOptions)) <= 24
+    assert not EXPERIMENTAL_NAMES & {f.name for f in dataclasses.fields(PruneOptions)}
+    o = PruneOptions(experimental={"merge": "weighted", "sigma": "median"})
+    assert isinstance(o.experimental, ExperimentalOptions)
+    assert o.experimental.merge == "weighted" and o.experimental.sigma == "median"
+    assert o.experimental.changed() == {"merge": "weighted", "sigma": "median"}
+    rep = o.as_report()
+    assert rep["experimental"]["merge"] == "weighted" and "merge" not in rep
+    with pytest.raises(TypeError, match="unknown experimental option"):
+        PruneOptions(experimental={"merj": "weighted"})
+    with pytest.raises(TypeError, match="experimental must be a dict"):
+        PruneOptions(experimental="weighted")
+
+
+def test_flat_experimental_options_still_work_with_a_warning_naming_the_new_place(
+    bert, tokenizer, sentences
+):
+    kw = dict(tokenizer=tokenizer, progress=False, samples=48, method="kcm", scale=False)
+    new = prune(bert, sentences, 0.7, experimental={"merge": "mean_rank"}, **kw)
+    with pytest.warns(FutureWarning, match=r"experimental=\{'merge'"):
+        old = prune(bert, sentences, 0.7, merge="mean_rank", **kw)
+    assert old.report["options"] == new.report["options"]
+    for i in new.masks:
+        assert torch.equal(old.masks[i], new.masks[i])
+    with pytest.raises(TypeError, match="unknown option.*in experimental="):
+        prune(bert, sentences, 0.7, merj="mean_rank", **kw)
+
+
+def test_a_report_saved_before_the_move_reads_in_the_new_layout(tmp_path):
+    import json
+
+    from kcm_cuda.pruning import load_report
+    from kcm_cuda.pruning.options import report_options
+
+    old = {"reconstruct": "ridge", "merge": "weighted", "sigma": 1.0, "samples": 64}
+    (tmp_path / "kcm_report.json").write_text(json.dumps({"options": old, "flops": {}}))
+    new = load_report(tmp_path)["options"]
+    assert new["experimental"] == {"merge": "weighted", "sigma": 1.0}
+    assert new["samples"] == 64 and "merge" not in new
+    assert report_options(new) == new
+    (tmp_path / "kcm_report.json").write_text("{")
+    with pytest.raises(ValueError, match="does not parse"):
+        load_report(tmp_path)
+    with pytest.raises(ValueError, match="holds no kcm_cuda report"):
+        load_report(tmp_path / "nothing")

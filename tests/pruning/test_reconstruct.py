@@ -114,7 +114,7 @@ def test_ridge_is_exact_when_kept_neurons_can_represent_the_layer(
         0.99,
         method=first_half,
         reconstruct="ridge",
-        reconstruct_mode=mode,
+        experimental={"reconstruct_mode": mode},
         ridge_lambda=0.0,
         **kw,
     )
@@ -206,7 +206,14 @@ def test_bias_compensation_keeps_the_mean_output(family, tokenizer, sentences, b
     kw = dict(
         method="magnitude", tokenizer=tokenizer, progress=False, samples=150, scale_samples=150
     )
-    r = prune(model, sentences, 0.6, reconstruct="bias", reconstruct_mode="oneshot", **kw)
+    r = prune(
+        model,
+        sentences,
+        0.6,
+        reconstruct="bias",
+        experimental={"reconstruct_mode": "oneshot"},
+        **kw,
+    )
     plain = prune(model, sentences, 0.6, scale=False, **kw)
     sample = prepare_sample(sentences, tokenizer, samples=150)
     teacher = _w2_outputs(model, 0, sample).mean(0)
@@ -270,7 +277,7 @@ def test_physical_pruning_and_reload(
     [
         ({"reconstruct": "exact"}, ValueError, "reconstruct must be one of"),
         ({"reconstruct": True}, ValueError, "reconstruct"),
-        ({"reconstruct_mode": "both"}, ValueError, "reconstruct_mode"),
+        ({"experimental": {"reconstruct_mode": "both"}}, ValueError, "reconstruct_mode"),
         ({"ridge_lambda": -1.0}, ValueError, "ridge_lambda"),
         ({"ridge_lambda": float("nan")}, ValueError, "ridge_lambda"),
         ({"ridge_lambda": "big"}, TypeError, "ridge_lambda"),

@@ -110,7 +110,7 @@ def test_scale_first_layer_matches_direct_solve(bert, tokenizer, sentences):
         reconstruct="scale",
         tokenizer=tokenizer,
         progress=False,
-        scale_lambda=0.0,
+        experimental={"scale_lambda": 0.0},
         scale_samples=300,
         samples=300,
     )

@@ -10,7 +10,7 @@ class D2(ScoreMethod):
     needs_activations = True
 
     def uses_kernels(self, options) -> bool:
-        return options.d2_mode == "kcm"
+        return options.experimental.d2_mode == "kcm"
 
     def scores(self, ctx):
         return ctx.d2().scores

@@ -14,8 +14,8 @@ def r2d2_scores(ctx, merge: str):
         d2.scores,
         d2.energy,
         merge=merge,
-        r2_weight=o.r2_weight,
-        bins=o.merge_bins,
+        r2_weight=o.experimental.r2_weight,
+        bins=o.experimental.merge_bins,
         d2_votes=d2.votes,
         vote_step=d2.vote_step,
     )
@@ -29,4 +29,4 @@ class KCM(ScoreMethod):
         return True
 
     def scores(self, ctx):
-        return r2d2_scores(ctx, ctx.options.merge)
+        return r2d2_scores(ctx, ctx.options.experimental.merge)

@@ -564,8 +564,8 @@ class Kwon(Method):
             fn,
             batch_size=o.batch_size,
             device=ctx.device,
-            rearrange=o.kwon_rearrange,
-            tune=o.kwon_tune,
+            rearrange=o.experimental.kwon_rearrange,
+            tune=o.experimental.kwon_tune,
         )
         return Selection(
             masks=sel.neuron_masks,
