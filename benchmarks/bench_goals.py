@@ -1,4 +1,4 @@
-"""The H100 goals of issue 10, measured as ratios in one run (GPU only; skipped on a CPU):
+"""The H100 goals (kernels, R2, prune time), as ratios in one run (GPU only; skipped on a CPU):
 
   rbf      K(x) at (3072, 768), precision tf32, auto backend:  >= 2x torch.cdist()**2 + exp
            and >= 60 % of the device's TF32 peak

@@ -185,7 +185,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(harness.records_table(recorder.records))
     goals = harness.goals_lines(recorder.records)
     if goals:
-        terminalreporter.section("issue 10 goals (reported, not asserted)")
+        terminalreporter.section("GPU goals (reported, not asserted)")
         for line in goals:
             terminalreporter.write_line(line)
     if config.getoption("--kcm-no-save", default=False):

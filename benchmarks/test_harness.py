@@ -202,7 +202,7 @@ def test_dispatch_rows_are_a_valid_dispatch_table():
 
 
 def test_smoke_results_stay_inside_the_repo():
-    """Issue 9: a smoke run writes under the repo's git-ignored out/, not the system temp."""
+    """A smoke run writes under the repo's git-ignored out/, not the system temp."""
     from benchmarks import conftest
 
     out = conftest.smoke_output_dir("cpu-test")

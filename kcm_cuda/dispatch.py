@@ -35,7 +35,7 @@ PRECISION_KEYS = ("ieee", "tf32x3", "tf32")
 
 # (minimum compute capability, op, precision) -> preference order on CUDA tensors; the row
 # with the highest minimum <= the device's capability applies. Estimates from the code review
-# of issue 10, not yet measured on a GPU (bench_dispatch.py measures them):
+# of the GPU goals, not yet measured on a GPU (bench_dispatch.py measures them):
 #   sm_80+: tf32 / tf32x3 on Triton (tl.dot on TF32 tensor cores, persistent symmetric RBF,
 #           D = C^T update); ieee on the hand-written CUDA FMA kernels / cuBLAS SGEMM update.
 #   sm_75:  no TF32 tensor cores; CUDA first, Triton as the fallback.

@@ -1,6 +1,6 @@
 """Model files checked before they are loaded, so that a broken model directory is a one-line
 error that names the file and what is wrong with it, not a traceback from deep inside
-transformers or safetensors (issue 15). Used by ``kcm-prune``, ``kcm-eval`` and
+transformers or safetensors. Used by ``kcm-prune``, ``kcm-eval`` and
 ``load_pruned``.
 
 :func:`check_model_files` reads only the small parts: ``config.json`` (must parse as a JSON

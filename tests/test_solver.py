@@ -89,7 +89,7 @@ def test_update_keeps_coefficients_non_negative(x, seed):
 
 def test_running_layers_are_gathered_only_when_the_set_changes():
     """Once some layers converge the solver works on a compact copy of the running layers,
-    made when the set shrinks, never once per iteration (issue 10)."""
+    made when the set shrinks, never once per iteration."""
     from kcm_cuda.kernels.solver import solve_stack
     from kcm_cuda.kernels.torch_backend import convex_update
 

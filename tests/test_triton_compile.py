@@ -1,6 +1,6 @@
 """The new Triton kernels compile for real GPUs (ahead of time, no GPU needed: Triton's
 bundled ptxas) and the D = C^T update reads both operands in 16-byte pieces on sm_90, where
-the update on C reads C 4 bytes at a time (issue 10). About 40 s on a 2-core CPU."""
+the update on C reads C 4 bytes at a time. About 40 s on a 2-core CPU."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_unavailable_backend_is_named():
 
 
 def test_rbf_kernel_accepts_float64_points():
-    """float64 points run on the torch backend in float64 (issue 9): float32 K within a
+    """float64 points run on the torch backend in float64: float32 K within a
     float32 rounding of the float64 reference, for K(x) and K(x, y)."""
     from kcm_cuda import reference
 

@@ -50,7 +50,7 @@ def default_method() -> str:
     import dataclasses
     import inspect
 
-    try:  # issue 8's pruning: every option lives in the PruneOptions dataclass
+    try:  # every option lives in the PruneOptions dataclass
         from kcm_cuda.pruning.options import PruneOptions
 
         for f in dataclasses.fields(PruneOptions):

@@ -544,7 +544,7 @@ def _one_run(
         opts["labels"] = [e.label for e in task.train]
     else:
         data = pool
-    if "reconstruct" not in opts:  # reconstruct= (issue 8) supersedes the scale alias
+    if "reconstruct" not in opts:  # reconstruct= supersedes the scale alias
         opts["scale"] = s
     if prune_cache is not None:
         opts.setdefault("cache", prune_cache)

@@ -1,4 +1,4 @@
-"""What keeps the user's files safe and a broken model from being saved (issue 15).
+"""What keeps the user's files safe and a broken model from being saved.
 
 - :func:`check_output_path`: an output that is an input (the model directory, the tokenizer
   directory, the data file), contains one or lies inside one is refused, whatever

@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 9): the fine-tune is a standard Hugging Face classifier that
+"""A newcomer's first hour: the fine-tune is a standard Hugging Face classifier that
 kcm-prune prunes into a usable classifier; progress and truthful convergence; a cut-short
 fine-tune is never cached; labelled methods get the train split; the report says what ran; the
 cpu grid is sized up front; nothing measured → exit status 1."""

@@ -1,4 +1,4 @@
-"""Fixtures of the fault-injection suite (issue 15): a tiny BERT saved with its tokenizer, an
+"""Fixtures of the fault-injection suite: a tiny BERT saved with its tokenizer, an
 unlabeled text file, a pruned model saved from it, and a hash of every input taken before and
 after each test (an input that changed fails the test, whatever else it checked).
 
