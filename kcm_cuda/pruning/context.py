@@ -60,8 +60,11 @@ class PruneContext:
 
     # -- lazily computed statistics ------------------------------------------------------
     def needs_grams(self) -> bool:
-        """The error-driven allocation reads each layer's activation Gram."""
-        return self.options.allocation == "error"
+        """The error-driven allocation and methods such as ``obs`` read each layer's
+        activation Gram."""
+        from kcm_cuda.pruning.methods import METHODS
+
+        return self.options.allocation == "error" or METHODS[self.options.method].needs_grams
 
     def _model_fp(self) -> str | None:
         """The weights' fingerprint (None for a model with offloaded weights: not memoised)."""
@@ -328,6 +331,7 @@ def build_context(
             f"heads=True / method={o.method!r} is not supported for {adapter.name} models yet: "
             "decoders prune MLP channels only (grouped-query head pruning is not built)"
         )
+    METHODS[o.method].check_options(o)
     uses_kernels = METHODS[o.method].uses_kernels(o)
     backend_name = resolve_backend(o.backend, dev) if uses_kernels else None
     sizes = adapter.intermediate_sizes(model)

@@ -103,6 +103,7 @@ def test_generate_matches_masked_model(family):
         dict(method="magnitude", reconstruct="scale"),
         dict(method="random", reconstruct="ridge", experimental={"reconstruct_mode": "oneshot"}),
         dict(method="kcm", backend="torch"),
+        dict(method="obs"),
     ],
 )
 def test_methods_run_on_llama(options):

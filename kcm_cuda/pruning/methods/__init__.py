@@ -11,13 +11,16 @@ from kcm_cuda.pruning.methods.kcm import KCM
 from kcm_cuda.pruning.methods.kcm_paper import KCMPaper
 from kcm_cuda.pruning.methods.kwon import Kwon
 from kcm_cuda.pruning.methods.magnitude import Magnitude
+from kcm_cuda.pruning.methods.obs import OBS
 from kcm_cuda.pruning.methods.r2 import R2
 from kcm_cuda.pruning.methods.random import Random
 from kcm_cuda.pruning.methods.wanda_sp import WandaSP
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP(), KCMPaper(), Kwon())
+    for m in (
+        KCM(), R2(), D2(), Magnitude(), Random(), FLAP(), WandaSP(), KCMPaper(), Kwon(), OBS()
+    )  # fmt: skip
 }
 
 __all__ = ["METHODS", "Method", "ScoreMethod", "Selection", "topk_selection"]

@@ -45,12 +45,17 @@ class Method:
     name: str = ""
     needs_activations: bool = False
     needs_labels: bool = False
+    # True: the activation pass also accumulates each layer's (n × n) activation Gram
+    needs_grams: bool = False
     # True: select() returns its own Selection.head_masks (e.g. kwon); with heads=True the
     # shared heads stage (kcm_cuda.pruning.heads.plan_heads) is then skipped.
     selects_heads: bool = False
     # The reconstruction run when scale=True and reconstruct= is not given (None: the global
     # default, kcm_cuda.pruning.options.DEFAULT_RECONSTRUCTION).
     default_reconstruct: str | None = None
+
+    def check_options(self, options) -> None:
+        """Raise ValueError for options the method cannot honour (called before any pass)."""
 
     def uses_kernels(self, options) -> bool:
         """Whether the method runs the KCM kernels (then ``backend=`` is resolved/checked)."""
