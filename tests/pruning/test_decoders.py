@@ -174,11 +174,6 @@ def test_text_data_with_a_tokenizer_without_pad_token():
     assert res.report["data"]["tokens"] == sum(len(tok(t)["input_ids"]) for t in texts)
 
 
-def test_heads_refused_for_decoders():
-    with pytest.raises(ValueError, match="not supported for LLaMA"):
-        kcm_cuda.prune(tiny_decoder("llama"), token_batch(), flops=0.5, heads=True)
-
-
 def test_decoder_flops_model():
     model = tiny_decoder("llama")
     res = kcm_cuda.prune(model, token_batch(), flops=0.8, progress=False)
