@@ -285,7 +285,14 @@ def _tree_digest(path) -> dict:
     }
 
 
-@pytest.mark.parametrize("extra", [[], ["--device-map", "auto", "--dtype", "float32"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--device-map", "auto", "--dtype", "float32"],
+        ["--heads", "--gqa-heads", "per_group", "--device-map", "auto", "--dtype", "float32"],
+    ],
+)
 def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys):
     pytest.importorskip("accelerate")
     from kcm_cuda.cli import main
@@ -316,6 +323,9 @@ def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys)
 
     report = json.loads((out / "kcm_report.json").read_text())
     assert report["architecture"] == "LLaMA" and report["flops"]["ratio"] <= 0.7 + 1e-9
+    if "--heads" in extra:
+        assert report["heads"]["gqa_heads"] == "per_group"
+        assert report["heads"]["kv_heads_kept_per_layer"] == [2, 2, 2]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
