@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heads",
         action="store_true",
-        help="prune attention heads too, under the same FLOPs budget (decoders: whole "
-        "grouped-query KV groups, or see --gqa-heads)",
+        help="prune attention heads too, under the same FLOPs budget (grouped-query decoders: "
+        "see --gqa-heads)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
@@ -182,10 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--gqa-heads",
-        default="groups",
+        default="per_group",
         choices=GQA_STRUCTURES,
-        help="--heads on a grouped-query decoder: remove whole KV groups (groups, default) or "
-        "the same number of query heads from every group (per_group)",
+        help="--heads on a grouped-query decoder: remove the same number of query heads from "
+        "every group (per_group, default) or whole KV groups (groups)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

@@ -260,7 +260,7 @@ def ffn_flops_model(model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes
 
 
 def head_flops_model(
-    model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes, gqa_heads: str = "groups"
+    model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes, gqa_heads: str = "per_group"
 ) -> FlopsModel:
     """The FLOPs model with attention heads (``heads=True``). Encoders: every head a unit of
     4·s·d·d_h + 2·s²·d_h. Grouped-query decoders: the units of ``gqa_heads`` (flops.py,

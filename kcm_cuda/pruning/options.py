@@ -80,9 +80,10 @@ class ExperimentalOptions:
     head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
     head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
     head_refit: bool = True  # heads=True: ridge refit of O's kept columns (with reconstruction)
-    # heads=True on grouped-query decoders: remove whole KV groups ("groups") or the same
-    # number of query heads from every group ("per_group") (heads.GQA_STRUCTURES)
-    gqa_heads: str = "groups"
+    # heads=True on grouped-query decoders: remove the same number of query heads from every
+    # group ("per_group": lower perplexity than whole groups on the small LM, 1 seed,
+    # benchmarks/results/cpu-amd-epyc/lm_gqa_heads) or whole KV groups ("groups")
+    gqa_heads: str = "per_group"
     kwon_rearrange: bool = True  # kwon: mask rearrangement step
     kwon_tune: bool = True  # kwon: least-squares mask tuning step
 

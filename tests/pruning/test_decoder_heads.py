@@ -141,18 +141,20 @@ def test_o_refit_lowers_the_error_without_a_bias():
             assert row["o_refit_error_after"] < row["o_refit_error_before"]
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("structure", [None, *STRUCTURES])
 def test_default_split_runs_and_keeps_the_budget(structure):
+    experimental = {} if structure is None else {"gqa_heads": structure}
     res = kcm_cuda.prune(
         _model("mistral"),
         token_batch(),
         flops=0.6,
         heads=True,
         progress=False,
-        experimental={"gqa_heads": structure},
+        experimental=experimental,
     )
     assert res.report["flops"]["ratio"] <= 0.6 + 1e-9
     assert res.report["heads"]["split"] == "per_mac"
+    assert res.report["heads"]["gqa_heads"] == (structure or "per_group")  # the default
 
 
 def test_head_layout_units():

@@ -290,7 +290,7 @@ def _tree_digest(path) -> dict:
     [
         [],
         ["--device-map", "auto", "--dtype", "float32"],
-        ["--heads", "--gqa-heads", "per_group", "--device-map", "auto", "--dtype", "float32"],
+        ["--heads", "--gqa-heads", "groups", "--device-map", "auto", "--dtype", "float32"],
     ],
 )
 def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys):
@@ -324,8 +324,9 @@ def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys)
     report = json.loads((out / "kcm_report.json").read_text())
     assert report["architecture"] == "LLaMA" and report["flops"]["ratio"] <= 0.7 + 1e-9
     if "--heads" in extra:
-        assert report["heads"]["gqa_heads"] == "per_group"
-        assert report["heads"]["kv_heads_kept_per_layer"] == [2, 2, 2]
+        heads = report["heads"]
+        assert heads["gqa_heads"] == "groups"
+        assert heads["heads_kept_per_layer"] == [2 * kv for kv in heads["kv_heads_kept_per_layer"]]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
