@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     default_method = PruneOptions().method
     default_recon = PruneOptions().reconstruction()
     from kcm_cuda.pruning.d2 import D2_MODES
+    from kcm_cuda.pruning.heads import GQA_STRUCTURES
     from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
     from kcm_cuda.pruning.r2 import R2_POINTS
 
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heads",
         action="store_true",
-        help="prune attention heads too, under the same FLOPs budget (encoders)",
+        help="prune attention heads too, under the same FLOPs budget (grouped-query decoders: "
+        "see --gqa-heads)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
@@ -177,6 +179,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="ridge x10 retries before a layer falls back to m = 1 (0: plain rule)",
+    )
+    x.add_argument(
+        "--gqa-heads",
+        default="per_group",
+        choices=GQA_STRUCTURES,
+        help="--heads on a grouped-query decoder: remove the same number of query heads from "
+        "every group (per_group, default) or whole KV groups (groups)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -502,6 +511,7 @@ def _run(args: argparse.Namespace) -> int:
             "d2_mode": args.d2_mode,
             "scale_lambda": args.scale_lambda,
             "scale_retries": args.scale_retries,
+            "gqa_heads": args.gqa_heads,
         },
         min_keep=int(args.min_keep) if args.min_keep >= 1 else args.min_keep,
         precision=args.precision,

@@ -397,6 +397,9 @@ def _run_lm_grid(config: LMGridConfig, prune_fn, log, checkpoint) -> dict:
                     "parameters": sum(p.numel() for p in pruned.parameters()),
                     "kept_per_layer": rep.get("kept_per_layer"),
                     "heads_kept_per_layer": rep.get("heads_kept_per_layer"),
+                    "kv_heads_kept_per_layer": (rep.get("heads") or {}).get(
+                        "kv_heads_kept_per_layer"
+                    ),
                     "prune_timings_s": rep.get("timings_s"),
                 }
                 report["runs"].append(run)

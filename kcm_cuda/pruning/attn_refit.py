@@ -11,7 +11,11 @@ student (heads removed, layers below already refit) each run on its own hidden s
 (the same residual-corrected target Scale uses for the FFN). Only layers that lost heads are
 refit. The pass runs on the heads-pruned student with its FFNs unpruned; the FFN
 reconstruction runs after it, on the refit attention. A layer whose solve fails or does not
-lower the sample error keeps Θ₀.
+lower the sample error keeps Θ₀. An O without a bias (the LLaMA family) is refit without
+one: X = ctx_s, Θ = the weights only, so the saved model needs no new parameter. The decoder
+blocks (pre-norm: h + O·ctx, then the MLP on its own norm) have the same residual-corrected
+target without the LayerNorm. Padding is excluded (the sample's attention mask; causal
+samples are right-padded).
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ def refit_attention_output(
             o_s = adapter.o(sb)
             w = o_s.in_features
             d = o_s.out_features
-            G = torch.zeros(w + 1, w + 1, dtype=torch.float64, device=device)
-            R = torch.zeros(w + 1, d, dtype=torch.float64, device=device)
+            has_bias = o_s.bias is not None
+            n = w + 1 if has_bias else w
+            G = torch.zeros(n, n, dtype=torch.float64, device=device)
+            R = torch.zeros(n, d, dtype=torch.float64, device=device)
             zz = torch.zeros((), dtype=torch.float64, device=device)
             t_tap, s_tap = _OTap(adapter.o(tb)), _OTap(o_s)
             try:
@@ -83,28 +89,24 @@ def refit_attention_output(
                     run_block(sb, call, h_s[b])  # recomputed below, after the refit
                     diff = real_tokens(h_t[b] - h_s[b], call.mask).double()
                     Z = t_tap.out + diff
-                    X = torch.cat([s_tap.ctx, torch.ones_like(s_tap.ctx[:, :1])], dim=1)
+                    X = s_tap.ctx
+                    if has_bias:
+                        X = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
+                    X, Z = X.to(device), Z.to(device)
                     G += X.t() @ X
                     R += X.t() @ Z
                     zz += (Z * Z).sum()
             finally:
                 t_tap.handle.remove()
                 s_tap.handle.remove()
-            theta0 = torch.cat(
-                [
-                    o_s.weight.detach().double().t(),
-                    (
-                        o_s.bias.detach().double()
-                        if o_s.bias is not None
-                        else torch.zeros(d, dtype=torch.float64, device=device)
-                    ).unsqueeze(0),
-                ]
-            )
+            theta0 = o_s.weight.detach().double().t().to(device)
+            if has_bias:
+                theta0 = torch.cat([theta0, o_s.bias.detach().double().to(device).unsqueeze(0)])
             lam_abs = lam * float(G.diagonal().mean())
             err0 = _error(G, R, zz, theta0)
             theta = None
             try:
-                A = G + lam_abs * torch.eye(w + 1, dtype=G.dtype, device=G.device)
+                A = G + lam_abs * torch.eye(n, dtype=G.dtype, device=G.device)
                 theta = torch.linalg.solve(A, R + lam_abs * theta0)
             except RuntimeError:
                 theta = None
@@ -112,9 +114,9 @@ def refit_attention_output(
             err1 = _error(G, R, zz, theta) if ok else err0
             ok = ok and err1 < err0
             if ok:
-                o_s.weight.copy_(theta[:w].t().to(o_s.weight.dtype))
-                if o_s.bias is not None:
-                    o_s.bias.copy_(theta[w].to(o_s.bias.dtype))
+                o_s.weight.copy_(theta[:w].t().to(o_s.weight.device, o_s.weight.dtype))
+                if has_bias:
+                    o_s.bias.copy_(theta[w].to(o_s.bias.device, o_s.bias.dtype))
             res.refit.append(ok)
             res.error_before.append(err0)
             res.error_after.append(err1 if ok else err0)

@@ -262,6 +262,46 @@ def ffn_flops_model(model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes
     )
 
 
+def head_flops_model(
+    model: nn.Module, adapter: FFNAdapter, seq_len: float, sizes, gqa_heads: str = "per_group"
+) -> FlopsModel:
+    """The FLOPs model with attention heads (``heads=True``). Encoders: every head a unit of
+    4·s·d·d_h + 2·s²·d_h. Grouped-query decoders: the units of ``gqa_heads`` (flops.py,
+    heads.HeadLayout), a query head costing 2·s·d·d_h + s²·d_h (causal) and a KV head
+    2·s·d·d_h; the rest (gated MLP, LM head) as :func:`ffn_flops_model`."""
+    from dataclasses import replace
+
+    from kcm_cuda.pruning.heads import head_layouts
+
+    d_h = adapter.head_size(model.config)
+    if not adapter.grouped:
+        return FlopsModel(
+            seq_len,
+            adapter.hidden_size(model.config),
+            tuple(sizes),
+            heads=tuple(adapter.head_counts(model)),
+            head_size=d_h,
+        )
+    layouts = head_layouts(model, adapter, gqa_heads)
+    base = ffn_flops_model(model, adapter, seq_len, sizes)
+    s, d = seq_len, base.hidden
+    per_q = 2.0 * s * d * d_h + (1.0 if base.causal else 2.0) * s * s * d_h
+    per_kv = 2.0 * s * d * d_h
+    first = layouts[0]
+    if gqa_heads == "groups":
+        cost, fixed = first.group_size * per_q + per_kv, 0.0
+    else:
+        cost, fixed = first.n_kv * per_q, first.n_kv * per_kv
+    return replace(
+        base,
+        heads=tuple(lay.units for lay in layouts),
+        head_size=d_h,
+        head_cost=cost,
+        heads_per_unit=first.heads_per_unit,
+        attention_fixed=fixed,
+    )
+
+
 def resolve_device(model: nn.Module, device: object) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
@@ -326,10 +366,10 @@ def build_context(
         from kcm_cuda.kernels import default_precision
 
         o.precision = default_precision(dev)
-    if adapter.causal and (o.heads or METHODS[o.method].selects_heads):
+    if adapter.causal and METHODS[o.method].selects_heads:
         raise ValueError(
-            f"heads=True / method={o.method!r} is not supported for {adapter.name} models yet: "
-            "decoders prune MLP channels only (grouped-query head pruning is not built)"
+            f"method={o.method!r} selects heads with a task loss and is not supported for "
+            f"{adapter.name} models; use heads=True with a label-free method instead"
         )
     METHODS[o.method].check_options(o)
     uses_kernels = METHODS[o.method].uses_kernels(o)
@@ -362,13 +402,7 @@ def build_context(
     data_s = time.perf_counter() - t0
 
     if o.heads or METHODS[o.method].selects_heads:
-        fm = FlopsModel(
-            sample.mean_tokens,
-            adapter.hidden_size(model.config),
-            tuple(sizes),
-            heads=tuple(adapter.head_counts(model)),
-            head_size=adapter.head_size(model.config),
-        )
+        fm = head_flops_model(model, adapter, sample.mean_tokens, sizes, o.experimental.gqa_heads)
         # provisional (the heads stage, heads.plan_heads, sets the final split)
         k_total = proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
     else:

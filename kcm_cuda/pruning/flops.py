@@ -15,6 +15,14 @@ projections cost s·d·(2·H·d_h + 2·H_kv·d_h) (``proj_width``); causal atten
 about half the score matrix (s²·H·d_h instead of 2·s²·H·d_h). The LM head (s·d·V, never
 pruned) is reported beside the budget (``lm_head``), not inside it: like the encoders' task
 head and embeddings, the budget ``c`` is a fraction of the transformer blocks' FLOPs.
+
+Decoders with heads pruned (grouped-query attention, n_q query and n_kv KV heads, g = n_q/n_kv):
+a query head costs 2·s·d·d_h (its Q rows and O columns) + s²·d_h (causal scores and weighted
+sum), a KV head 2·s·d·d_h (its K and V rows). The budget is split in head *units*, the thing
+the structure removes (``heads`` counts units per layer, ``head_cost`` is a unit's MACs,
+``heads_per_unit`` its query heads): ``gqa_heads="groups"`` removes a KV group (1 KV head and
+its g query heads), ``"per_group"`` one query head in every group (n_kv query heads; K and V
+stay, ``attention_fixed`` per layer). Either way a full layer costs the FFN-only formula.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class FlopsModel:
     attn_width: int | None = None  # H·d_h (None: d)
     causal: bool = False  # causal attention: half of the s² terms
     lm_head: float = 0.0  # MACs of the LM head over the sequence (reported, not budgeted)
+    head_cost: float | None = None  # MACs of one head unit (None: 4·s·d·d_h + 2·s²·d_h)
+    heads_per_unit: int = 1  # query heads per head unit (grouped-query attention)
+    attention_fixed: float = 0.0  # per layer: attention MACs head pruning never removes
 
     def __post_init__(self) -> None:
         if (self.heads is None) != (self.head_size is None):
@@ -72,25 +83,40 @@ class FlopsModel:
 
     @property
     def per_head(self) -> float:
-        """4·s·d·d_h + 2·s²·d_h (needs ``head_size``)."""
+        """One head unit's MACs: ``head_cost`` when given, else 4·s·d·d_h + 2·s²·d_h (needs
+        ``head_size``)."""
         if self.head_size is None:
             raise ValueError("this FlopsModel has no head_size (FFN-only)")
+        if self.head_cost is not None:
+            return float(self.head_cost)
         s, d, dh = self.seq_len, self.hidden, self.head_size
         return 4.0 * s * d * dh + 2.0 * s * s * dh
 
     @property
     def attention(self) -> float:
         if self.heads is not None:
-            return self.per_head * sum(self.heads)
+            return self.per_head * sum(self.heads) + self._fixed
         return self.attention_per_layer * len(self.sizes)
 
+    @property
+    def _fixed(self) -> float:
+        return self.attention_fixed * len(self.sizes)
+
     def attention_cost(self, kept_heads: Sequence[int] | int | None = None) -> float:
-        """MACs of the attention keeping ``kept_heads`` heads (per layer or in total); None:
-        all of it."""
+        """MACs of the attention keeping ``kept_heads`` head units (per layer or in total);
+        None: all of it."""
         if kept_heads is None:
             return self.attention
         n = kept_heads if isinstance(kept_heads, int) else sum(kept_heads)
-        return self.per_head * n
+        return self.per_head * n + self._fixed
+
+    def units_of(self, query_heads: Sequence[int]) -> list[int]:
+        """Head units per layer of a layer-wise count of kept query heads."""
+        return [int(q) // self.heads_per_unit for q in query_heads]
+
+    def min_units(self, min_heads: int) -> int:
+        """The head units per layer that keep at least ``min_heads`` query heads."""
+        return -(-int(min_heads) // self.heads_per_unit)
 
     def total(
         self,
@@ -106,8 +132,9 @@ class FlopsModel:
         return self.attention / self.total()
 
     def joint_floor(self, min_heads: int = 1) -> float:
-        """The smallest fraction with heads pruned too: ``min_heads`` per layer, no neuron."""
-        return self.per_head * min_heads * len(self.sizes) / self.total()
+        """The smallest fraction with heads pruned too: ``min_heads`` (query heads) per layer,
+        no neuron."""
+        return self.attention_cost(self.min_units(min_heads) * len(self.sizes)) / self.total()
 
     def neuron_budget(
         self, c: float, min_kept: int = 0, kept_heads: Sequence[int] | int | None = None
@@ -121,7 +148,8 @@ class FlopsModel:
             what = (
                 "attention alone"
                 if kept_heads is None
-                else f"the {attn / self.per_head:.0f} kept heads alone"
+                else f"the {(attn - self._fixed) / self.per_head:.0f} kept "
+                f"{'heads' if self.heads_per_unit == 1 else 'head units'} alone"
             )
             hint = (
                 "only FFN neurons are pruned (prune heads too to go lower); "

@@ -27,6 +27,18 @@ fraction c, each head costing 4·s·d·d_h + 2·s²·d_h MACs and each neuron 2�
   proportional  the same fraction c of the heads as of the whole (ignores the scores)
 At least ``min_heads`` heads per layer are always kept (≥ 1: the transformers forward cannot run
 a layer without heads). The neuron count then fills what the kept heads leave of the budget.
+
+Grouped-query attention (decoders: n_q query heads reading n_kv KV heads, g = n_q / n_kv per
+group): what is removed is a head *unit* (``HeadLayout``), chosen by ``gqa_heads``:
+  groups     a whole KV group (its K and V rows, its g query heads and their O columns); the
+             layer keeps n_kv' KV heads and n_kv'·g query heads. A group's energy and score
+             are the sums of its query heads'.
+  per_group  one query head in every group (K and V stay): every group keeps the same g' query
+             heads, its g' best by score; the layer keeps n_kv·g' query heads. Unit j's energy
+             and score are the sums over the groups of each group's j-th best head's.
+The split and the selection then run on units exactly as on the encoders' heads (``min_heads``
+counts query heads, rounded up to whole units) and the unit choice is turned back into a mask
+over the query heads (``HeadLayout.head_mask``).
 """
 
 from __future__ import annotations
@@ -39,7 +51,13 @@ from torch import nn
 
 from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.adapters import FFNAdapter
-from kcm_cuda.pruning.blockwise import model_inputs
+from kcm_cuda.pruning.blockwise import (
+    capture_block_inputs,
+    executing,
+    hidden_store,
+    map_blocks,
+    run_block,
+)
 from kcm_cuda.pruning.d2 import combine_with_tiebreak, vote_fractions
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.flops import FlopsModel
@@ -49,6 +67,7 @@ from kcm_cuda.pruning.r2 import diag_coefficients
 
 JOINT_SPLITS = ("per_mac", "zscore", "proportional")
 HEAD_SCORES = ("votes", "energy", "r2")
+GQA_STRUCTURES = ("groups", "per_group")
 
 
 @dataclass
@@ -63,17 +82,36 @@ class HeadStats:
         return [e.mean(dim=0) for e in self.energy]
 
 
+def head_energies(x: torch.Tensor, mask: torch.Tensor | None, o: nn.Linear, d_h: int):
+    """Per head (float64 (H,)) the Frobenius norm of its contribution ctx_h · W_O[:, h]ᵀ over
+    the real tokens of one batch (``x``: O's input; ``mask``: (B, T) 0/1, None: all real)."""
+    if mask is not None and mask.shape == x.shape[:-1]:
+        ctx = real_tokens(x, mask.to(x.device)).double()  # (t, H·d_h)
+    else:
+        ctx = x.reshape(-1, x.shape[-1]).double()
+    t, width = ctx.shape
+    h = width // d_h
+    c = ctx.reshape(t, h, d_h).transpose(0, 1)  # (H, t, d_h)
+    W = o.weight.detach().double().reshape(-1, h, d_h).transpose(0, 1)
+    gram_ctx = c.transpose(1, 2) @ c  # (H, d_h, d_h)
+    gram_w = W.transpose(1, 2) @ W  # (H, d_h, d_h)
+    sq = (gram_ctx * gram_w).sum(dim=(1, 2)).clamp_min(0)
+    return sq.sqrt().cpu()
+
+
 class HeadEnergyRecorder:
     """Forward hooks that record each batch's head energies during any forward pass of
     ``model`` (so it can share a pass with other hooks, e.g. the D2 neuron statistics): a
-    pre-hook on the model takes the batch's ``attention_mask`` (padding excluded; absent: every
-    token is real), a pre-hook on every layer's O computes the energies. ``detach()`` removes
-    the hooks and returns the :class:`HeadStats`."""
+    pre-hook on the model takes each batch's ``attention_mask`` (padding excluded; absent:
+    every token is real), a pre-hook on every layer's O computes the energies. The b-th call of
+    a layer's O is batch b, both in a whole-model pass and in a block-by-block one (all batches
+    are embedded first, then each block runs over them). ``detach()`` removes the hooks and
+    returns the :class:`HeadStats`."""
 
     def __init__(self, model: nn.Module, adapter: FFNAdapter) -> None:
         self.blocks = adapter.layers(model)
         self.d_h = adapter.head_size(model.config)
-        self.mask: torch.Tensor | None = None
+        self.masks: list[torch.Tensor | None] = []
         self.per_layer: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self.handles = [model.register_forward_pre_hook(self._take_mask, with_kwargs=True)]
         self.handles += [
@@ -81,25 +119,16 @@ class HeadEnergyRecorder:
         ]
 
     def _take_mask(self, _module, args, kwargs):
-        self.mask = kwargs.get("attention_mask")
-        if self.mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            self.mask = args[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        self.masks.append(mask)
 
     def _hook(self, idx: int):
         def hook(module, args):
-            x = args[0]
-            if self.mask is not None and self.mask.shape == x.shape[:-1]:
-                ctx = real_tokens(x, self.mask).double()  # (t, H·d_h)
-            else:
-                ctx = x.reshape(-1, x.shape[-1]).double()
-            t, width = ctx.shape
-            h = width // self.d_h
-            c = ctx.reshape(t, h, self.d_h).transpose(0, 1)  # (H, t, d_h)
-            W = module.weight.detach().double().reshape(-1, h, self.d_h).transpose(0, 1)
-            gram_ctx = c.transpose(1, 2) @ c  # (H, d_h, d_h)
-            gram_w = W.transpose(1, 2) @ W  # (H, d_h, d_h)
-            sq = (gram_ctx * gram_w).sum(dim=(1, 2)).clamp_min(0)
-            self.per_layer[idx].append(sq.sqrt().cpu())
+            b = len(self.per_layer[idx])
+            mask = self.masks[b] if b < len(self.masks) else None
+            self.per_layer[idx].append(head_energies(args[0], mask, module, self.d_h))
 
         return hook
 
@@ -122,22 +151,36 @@ def collect_head_stats(
     device: torch.device,
     progress: bool = False,
 ) -> HeadStats:
-    """One forward pass over ``sample`` recording every head's energy per batch (prefer
-    attaching a :class:`HeadEnergyRecorder` to a pass that runs anyway)."""
-    rec = HeadEnergyRecorder(model, adapter)
-    try:
-        bar = progress_bar(
-            sample.batches(batch_size, device),
-            total=sample.n_batches(batch_size),
-            desc="head energies",
-            enabled=progress,
-            unit="batch",
-        )
-        for batch in bar:
-            model(**model_inputs(model, batch))
-    finally:
-        stats = rec.detach()
-    return stats
+    """One block-by-block pass over ``sample`` (kcm_cuda.pruning.blockwise) recording every
+    head's energy per batch, padding excluded (prefer attaching a :class:`HeadEnergyRecorder`
+    to a pass that runs anyway)."""
+    blocks = adapter.layers(model)
+    d_h = adapter.head_size(model.config)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in blocks]
+    current: dict = {}
+
+    def make_hook(idx: int):
+        def hook(module, args):
+            per_layer[idx].append(head_energies(args[0], current["mask"], module, d_h))
+
+        return hook
+
+    calls, hidden = capture_block_inputs(
+        model, adapter, sample, batch_size, store=hidden_store(model, adapter, sample, device)
+    )
+    bar = progress_bar(
+        range(len(blocks)), total=len(blocks), desc="head energies", enabled=progress, unit="layer"
+    )
+    for i in bar:
+        with executing(blocks[i], device) as (block, dev):
+            handle = adapter.o(block).register_forward_pre_hook(make_hook(i))
+            try:
+                for b, call in enumerate(calls):
+                    current["mask"] = call.mask.to(dev)
+                    hidden[b] = run_block(block, call, hidden[b], dev)
+            finally:
+                handle.remove()
+    return HeadStats([torch.stack(x) for x in per_layer])
 
 
 def mean_square(energies: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -180,8 +223,7 @@ def head_r2_scores(
     d_h = adapter.head_size(model.config)
     dev = device or torch.device("cpu")
     sets = []
-    for block in adapter.layers(model):
-        p = head_points(adapter, block, d_h)
+    for p in map_blocks(model, adapter, lambda b: head_points(adapter, b, d_h)):
         if sigma == "median":
             dist = torch.cdist(p.double(), p.double())
             off = dist[~torch.eye(p.shape[0], dtype=torch.bool)]
@@ -249,9 +291,9 @@ def split_budget(
     n_layers = len(fm.heads)
     if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
         raise ValueError(f"min_heads must be an int >= 1, got {min_heads!r}")
-    if min_heads > min(fm.heads):
-        raise ValueError(f"min_heads={min_heads} exceeds a layer's {min(fm.heads)} heads")
-    floor_heads = min_heads * n_layers
+    _check_min_heads(fm, min_heads)
+    min_units = fm.min_units(min_heads)
+    floor_heads = min_units * n_layers
     floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
     if c < floor:
         raise ValueError(
@@ -276,7 +318,7 @@ def split_budget(
         start = 0
         for e in head_energy:
             n = e.numel()
-            forced[start + torch.topk(e.double(), min_heads).indices] = True
+            forced[start + torch.topk(e.double(), min_units).indices] = True
             start += n
         value = torch.cat([hv, nv])
         is_head = torch.cat(
@@ -308,9 +350,8 @@ def proportional_split(
     layer, within the budget) and the neurons the rest of the budget pays for."""
     if fm.heads is None:
         raise ValueError("proportional_split needs a FlopsModel with heads and head_size")
-    if min_heads > min(fm.heads):
-        raise ValueError(f"min_heads={min_heads} exceeds a layer's {min(fm.heads)} heads")
-    floor_heads = min_heads * len(fm.heads)
+    _check_min_heads(fm, min_heads)
+    floor_heads = fm.min_units(min_heads) * len(fm.heads)
     floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
     if c < floor:
         raise ValueError(
@@ -323,6 +364,13 @@ def proportional_split(
     while k_h > floor_heads and fm.total_from_count(min_neurons, k_h) > budget:
         k_h -= 1
     return k_h, fm.neuron_budget(c, min_neurons, kept_heads=k_h)
+
+
+def _check_min_heads(fm: FlopsModel, min_heads: int) -> None:
+    most = min(fm.heads) * fm.heads_per_unit
+    if min_heads > most:
+        what = "heads" if fm.heads_per_unit == 1 else "query heads"
+        raise ValueError(f"min_heads={min_heads} exceeds a layer's {most} {what}")
 
 
 def _zscore_log(x: torch.Tensor) -> torch.Tensor:
@@ -345,6 +393,85 @@ def head_quotas(k_heads: int, heads: list[int] | tuple[int, ...]) -> list[int]:
     return [max(1, round(k_heads * h / total)) for h in heads]
 
 
+# -- grouped-query attention: head units ---------------------------------------------------
+@dataclass(frozen=True)
+class HeadLayout:
+    """One layer's heads as removable units: ``structure`` "heads" (every head on its own:
+    encoders), "groups" or "per_group" (grouped-query attention, see the module doc)."""
+
+    structure: str
+    n_q: int  # query heads
+    n_kv: int  # key/value heads
+
+    @property
+    def group_size(self) -> int:
+        return self.n_q // self.n_kv
+
+    @property
+    def units(self) -> int:
+        return {"heads": self.n_q, "groups": self.n_kv, "per_group": self.group_size}[
+            self.structure
+        ]
+
+    @property
+    def heads_per_unit(self) -> int:
+        return {"heads": 1, "groups": self.group_size, "per_group": self.n_kv}[self.structure]
+
+    def unit_values(self, per_head: torch.Tensor) -> torch.Tensor:
+        """A per-query-head quantity (energy, score: float64 (n_q,)) summed into units:
+        groups: over each group's heads; per_group: unit j = Σ over groups of each group's
+        j-th largest (so the values do not increase with j)."""
+        x = per_head.double().flatten()
+        if self.structure == "heads":
+            return x
+        grid = x.reshape(self.n_kv, self.group_size)
+        if self.structure == "groups":
+            return grid.sum(dim=1)
+        return torch.sort(grid, dim=1, descending=True).values.sum(dim=0)
+
+    def head_mask(self, per_head_score: torch.Tensor, n_units: int) -> torch.Tensor:
+        """Bool over the query heads keeping ``n_units`` units, the best by ``per_head_score``
+        (groups: the groups with the largest summed score; per_group: in every group its
+        ``n_units`` best heads)."""
+        score = per_head_score.double().flatten()
+        keep = torch.zeros(self.n_q, dtype=torch.bool)
+        if self.structure == "heads":
+            keep[torch.topk(score, n_units).indices] = True
+            return keep
+        grid = keep.reshape(self.n_kv, self.group_size)
+        if self.structure == "groups":
+            best = torch.topk(self.unit_values(score), n_units).indices
+            grid[best] = True
+        else:
+            best = torch.topk(score.reshape(self.n_kv, self.group_size), n_units, dim=1).indices
+            grid.scatter_(1, best, True)
+        return grid.reshape(-1)
+
+
+def head_layouts(model: nn.Module, adapter: FFNAdapter, structure: str) -> list[HeadLayout]:
+    """Every layer's :class:`HeadLayout` (``structure`` one of ``GQA_STRUCTURES`` for a
+    grouped-query model; ignored, "heads", otherwise)."""
+    q = adapter.head_counts(model)
+    if not adapter.grouped:
+        return [HeadLayout("heads", n, n) for n in q]
+    if structure not in GQA_STRUCTURES:
+        raise ValueError(f"gqa_heads must be one of {GQA_STRUCTURES}, got {structure!r}")
+    kv = adapter.kv_head_counts(model)
+    layouts = [HeadLayout(structure, a, b) for a, b in zip(q, kv, strict=True)]
+    for i, lay in enumerate(layouts):
+        if lay.n_kv < 1 or lay.n_q % lay.n_kv:
+            raise ValueError(f"layer {i}: {lay.n_q} query heads for {lay.n_kv} KV heads")
+    key = (lambda x: x.group_size) if structure == "groups" else (lambda x: x.n_kv)
+    if len({key(x) for x in layouts}) > 1:
+        what = "query heads per KV head" if structure == "groups" else "KV heads"
+        raise ValueError(
+            f"heads=True with gqa_heads={structure!r} needs every layer to have the same number "
+            f"of {what} (got {[key(x) for x in layouts]}: a model pruned before under the other "
+            "structure)"
+        )
+    return layouts
+
+
 # -- the heads stage of prune() ------------------------------------------------------------
 @dataclass
 class HeadPlan:
@@ -352,14 +479,16 @@ class HeadPlan:
     totals of the split, and how."""
 
     head_masks: list[torch.Tensor]
-    k_heads: int
+    k_heads: int  # query heads kept in total
     k_neurons: int
     split: str
     score: str
     r2_iterations: list[int] | None = None
+    structure: str = "heads"  # "heads" (encoders) or the GQA structure (gqa_heads)
+    kv_heads_kept_per_layer: list[int] | None = None  # grouped-query attention
 
     def as_report(self) -> dict:
-        return {
+        out = {
             "split": self.split,
             "score": self.score,
             "heads_kept": self.k_heads,
@@ -367,6 +496,10 @@ class HeadPlan:
             "heads_kept_per_layer": [int(m.sum()) for m in self.head_masks],
             "head_r2_iterations": self.r2_iterations,
         }
+        if self.structure != "heads":
+            out["gqa_heads"] = self.structure
+            out["kv_heads_kept_per_layer"] = self.kv_heads_kept_per_layer
+        return out
 
 
 def plan_heads(ctx) -> HeadPlan:
@@ -377,14 +510,18 @@ def plan_heads(ctx) -> HeadPlan:
 
     o = ctx.options
     stats = ctx.head_stats()
+    layouts = head_layouts(ctx.teacher, ctx.adapter, o.experimental.gqa_heads)
+    head_energy = [
+        lay.unit_values(e) for lay, e in zip(layouts, mean_square(stats.energy), strict=True)
+    ]
     if o.experimental.head_split == "proportional":
-        k_h, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
+        k_units, k_n = proportional_split(ctx.fm, o.flops, o.min_heads, sum(ctx.keep_min))
     else:
         neuron_energy = mean_square(batch_energies(ctx.activation_stats(), ctx.w2_norms))
-        k_h, k_n = split_budget(
+        k_units, k_n = split_budget(
             ctx.fm,
             o.flops,
-            mean_square(stats.energy),
+            head_energy,
             neuron_energy,
             split=o.experimental.head_split,
             min_heads=o.min_heads,
@@ -405,15 +542,31 @@ def plan_heads(ctx) -> HeadPlan:
             backend=o.backend,
             device=ctx.device,
         )
-    heads = list(ctx.fm.heads)
-    scores = head_scores(stats, head_quotas(k_h, heads), mode=o.experimental.head_score, r2=r2)
+    n_q = [lay.n_q for lay in layouts]
+    quotas = head_quotas(k_units * ctx.fm.heads_per_unit, n_q)
+    scores = head_scores(stats, quotas, mode=o.experimental.head_score, r2=r2)
+    if ctx.adapter.grouped:  # whole units per layer, then the query heads of those units
+        unit_scores = [lay.unit_values(x) for lay, x in zip(layouts, scores, strict=True)]
+        unit_masks = select_heads(unit_scores, k_units, ctx.fm.min_units(o.min_heads))
+        masks = [
+            lay.head_mask(x, int(m.sum()))
+            for lay, x, m in zip(layouts, scores, unit_masks, strict=True)
+        ]
+    else:
+        masks = select_heads(scores, k_units, o.min_heads)
     plan = HeadPlan(
-        select_heads(scores, k_h, o.min_heads),
-        k_h,
+        masks,
+        sum(int(m.sum()) for m in masks),
         k_n,
         o.experimental.head_split,
         o.experimental.head_score,
     )
     plan.r2_iterations = iters
+    if ctx.adapter.grouped:
+        plan.structure = o.experimental.gqa_heads
+        plan.kv_heads_kept_per_layer = [
+            int(m.reshape(lay.n_kv, lay.group_size).any(dim=1).sum())
+            for lay, m in zip(layouts, masks, strict=True)
+        ]
     ctx.head_plan = plan
     return plan

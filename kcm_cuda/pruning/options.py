@@ -80,11 +80,15 @@ class ExperimentalOptions:
     head_split: str = "per_mac"  # heads=True: how the budget is split (heads.JOINT_SPLITS)
     head_score: str = "votes"  # heads=True: which heads (heads.HEAD_SCORES)
     head_refit: bool = True  # heads=True: ridge refit of O's kept columns (with reconstruction)
+    # heads=True on grouped-query decoders: remove the same number of query heads from every
+    # group ("per_group": lower perplexity than whole groups on the small LM, 1 seed,
+    # benchmarks/results/cpu-amd-epyc/lm_gqa_heads) or whole KV groups ("groups")
+    gqa_heads: str = "per_group"
     kwon_rearrange: bool = True  # kwon: mask rearrangement step
     kwon_tune: bool = True  # kwon: least-squares mask tuning step
 
     def __post_init__(self) -> None:
-        from kcm_cuda.pruning.heads import HEAD_SCORES, JOINT_SPLITS
+        from kcm_cuda.pruning.heads import GQA_STRUCTURES, HEAD_SCORES, JOINT_SPLITS
 
         self.reconstruct_mode = check_choice(
             "reconstruct_mode", self.reconstruct_mode, RECONSTRUCT_MODES
@@ -108,6 +112,7 @@ class ExperimentalOptions:
         self.head_split = check_choice("head_split", self.head_split, JOINT_SPLITS)
         self.head_score = check_choice("head_score", self.head_score, HEAD_SCORES)
         self.head_refit = check_bool("head_refit", self.head_refit)
+        self.gqa_heads = check_choice("gqa_heads", self.gqa_heads, GQA_STRUCTURES)
         self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
         self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
 

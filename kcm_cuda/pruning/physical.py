@@ -6,7 +6,13 @@ Heads: ``prune_heads_in_place`` removes the pruned heads of every layer (rows of
 of O; at least one head per layer) and records the per-layer head counts in
 ``kcm_attention_heads`` (the config's own head-count field keeps the unpruned count, which fixes
 the head size d_h = hidden / heads). ``apply_head_masks_in_place`` is the masked equivalent
-(O's columns of the pruned heads zeroed: a head reaches the residual stream only through O)."""
+(O's columns of the pruned heads zeroed: a head reaches the residual stream only through O).
+
+Grouped-query attention (decoders): a head mask is over the query heads; a KV head goes with
+its group when the group keeps no query head, and the kept groups keep equally many query
+heads (kcm_cuda.pruning.adapters.base). The per-layer KV-head counts are recorded in
+``kcm_key_value_heads`` and each attention module's ``num_key_value_groups`` is set to its own
+n_q / n_kv (the config's head counts and head_dim keep the unpruned values)."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from kcm_cuda.pruning.adapters import FFNAdapter
 
 SIZES_FIELD = "kcm_intermediate_sizes"
 HEADS_FIELD = "kcm_attention_heads"
+KV_HEADS_FIELD = "kcm_key_value_heads"
 
 
 def record_sizes(model: nn.Module, adapter: FFNAdapter) -> list[int]:
@@ -96,8 +103,13 @@ def record_heads(model: nn.Module, adapter: FFNAdapter) -> list[int]:
     layer has fewer heads than the config's count (or the field is already there)."""
     counts = adapter.head_counts(model)
     full = adapter.num_heads(model.config)
-    if any(n != full for n in counts) or hasattr(model.config, HEADS_FIELD):
+    kv = adapter.kv_head_counts(model) if adapter.grouped else None
+    kv_full = adapter.num_kv_heads(model.config)
+    changed = any(n != full for n in counts) or (kv is not None and any(n != kv_full for n in kv))
+    if changed or hasattr(model.config, HEADS_FIELD):
         setattr(model.config, HEADS_FIELD, counts)
+        if kv is not None:
+            setattr(model.config, KV_HEADS_FIELD, kv)
     return counts
 
 
@@ -112,6 +124,11 @@ def _check_head_masks(adapter: FFNAdapter, blocks: list, head_masks, d_h: int) -
             raise ValueError(
                 f"head mask of layer {i} keeps no head: every layer must keep at least 1"
             )
+        if adapter.grouped:
+            try:
+                adapter.kept_kv_heads(block, mask.cpu().nonzero().flatten(), d_h)
+            except ValueError as exc:
+                raise ValueError(f"head mask of layer {i}: {exc}") from None
 
 
 @torch.no_grad()

@@ -30,15 +30,19 @@ def build_report(ctx, selection: Selection, recon) -> dict:
     r2_iters = ctx.r2_iterations
     hm = selection.head_masks
     kept_heads = [int(m.sum()) for m in hm] if hm is not None else None
-    before, after = fm.total(), fm.total(kept, kept_heads)
+    kept_units = fm.units_of(kept_heads) if kept_heads is not None else None
+    before, after = fm.total(), fm.total(kept, kept_units)
+    kv_plan = getattr(ctx.head_plan, "kv_heads_kept_per_layer", None)
     o_refit = getattr(recon, "o_refit", None)
     refit = recon.name != "none"
     layers = []
     for i, (n, k) in enumerate(zip(sizes, kept, strict=True)):
         row = {"layer": i, "neurons": n, "kept": k, "kept_fraction": k / n if n else 0.0}
         if kept_heads is not None:
-            row["heads"] = fm.heads[i] if fm.heads is not None else len(hm[i])
+            row["heads"] = len(hm[i])
             row["heads_kept"] = kept_heads[i]
+            if kv_plan is not None:
+                row["kv_heads_kept"] = kv_plan[i]
         if o_refit is not None:
             row["o_refit"] = o_refit.refit[i]
             row["o_refit_error_before"] = o_refit.error_before[i]
@@ -106,9 +110,13 @@ def build_report(ctx, selection: Selection, recon) -> dict:
         report["flops"].update(
             per_head=fm.per_head,
             joint_floor=fm.joint_floor(o.min_heads),
-            heads_kept=sum(kept_heads) if kept_heads is not None else sum(fm.heads),
-            heads_total=sum(fm.heads),
+            heads_kept=(
+                sum(kept_heads) if kept_heads is not None else sum(fm.heads) * fm.heads_per_unit
+            ),
+            heads_total=sum(fm.heads) * fm.heads_per_unit,
         )
+        if fm.heads_per_unit > 1 or fm.attention_fixed:
+            report["flops"].update(per_head_unit=fm.per_head, heads_per_unit=fm.heads_per_unit)
     if ctx.head_plan is not None:
         report["heads"] = ctx.head_plan.as_report()
     if refit and recon.notes:

@@ -22,7 +22,11 @@ a size-mismatch error).
 Pruned attention heads: ``config.kcm_attention_heads`` holds each layer's head count. The padded
 save pads every layer back to the config's head count with all-zero heads (zero Q, K, V rows and
 biases, zero O columns: such a head's context is softmax(0)·0 = 0 and adds exactly nothing);
-``load_pruned`` checks that the padding is zero and strips it.
+``load_pruned`` checks that the padding is zero and strips it. Grouped-query attention
+(decoders): ``config.kcm_key_value_heads`` holds each layer's KV-head count; the padded save
+pads K and V back to the config's KV heads and puts each kept group's query heads at the start
+of its group's slots (``FFNAdapter.padded_head_slots``), so query head i still reads KV head
+i // g of the unpruned layout.
 
 Decoders: the refit gives down_proj a bias. LLaMA's class declares it (``mlp_bias=True``, with
 zero gate/up biases), so the padded save loads with plain ``from_pretrained`` too. Mistral's
@@ -48,6 +52,7 @@ from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.physical import (
     HEADS_FIELD,
+    KV_HEADS_FIELD,
     MLP_BIAS_FIELD,
     SIZES_FIELD,
     record_heads,
@@ -99,11 +104,15 @@ def save_pruned(
     sizes = record_sizes(model, adapter)
     heads = record_heads(model, adapter)
     full_heads = adapter.num_heads(model.config)
+    kv_heads = adapter.kv_head_counts(model) if adapter.grouped else heads
+    full_kv = adapter.num_kv_heads(model.config) if adapter.grouped else full_heads
     # A down_proj bias the family's class cannot hold (Mistral, Qwen2): plain from_pretrained
     # would drop it without an error, so such a model is saved for load_pruned only (below).
     bias_only_ours = bool(getattr(model.config, MLP_BIAS_FIELD, False))
     pad_ffn = padded and len(set(sizes)) > 1 and not bias_only_ours
-    pad_heads = padded and any(h != full_heads for h in heads)
+    pad_heads = padded and (
+        any(h != full_heads for h in heads) or any(h != full_kv for h in kv_heads)
+    )
     if pad_ffn or pad_heads:
         model = copy.deepcopy(model)
         d_h = adapter.head_size(model.config)
@@ -111,10 +120,12 @@ def save_pruned(
             if pad_ffn:
                 adapter.pad_ffn(block, max(sizes))
             if pad_heads:
-                adapter.pad_heads(block, full_heads, d_h)
+                adapter.pad_heads(block, full_heads, d_h, full_kv if adapter.grouped else None)
         setattr(model.config, SIZES_FIELD, sizes)
         if pad_heads:
             setattr(model.config, HEADS_FIELD, heads)
+            if adapter.grouped:
+                setattr(model.config, KV_HEADS_FIELD, kv_heads)
     with safety.output_lock(target):  # one writer at a time; the old output stays whole
         safety.clean_stale(target)
         if target.exists() and not overwrite:
@@ -227,11 +238,17 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         not isinstance(head_counts, list) or len(head_counts) != len(blocks)
     ):
         raise ValueError(f"{HEADS_FIELD} must list one head count for each of {len(blocks)} layers")
+    kv_counts = getattr(config, KV_HEADS_FIELD, None) if adapter.grouped else None
+    if kv_counts is not None and (not isinstance(kv_counts, list) or len(kv_counts) != len(blocks)):
+        raise ValueError(
+            f"{KV_HEADS_FIELD} must list one KV-head count for each of {len(blocks)} layers"
+        )
     state = _load_state_dict(p)
     names = {id(mod): name for name, mod in model.named_modules()}
     d_h = adapter.head_size(config)
     stored = []
     stored_heads = []
+    stored_kv = []
     for block in blocks:
         key = names[id(adapter.w1(block))] + ".weight"
         if key not in state:
@@ -247,8 +264,21 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         if rows % d_h or rows == 0:
             raise ValueError(f"{qkey} in {p} has {rows} rows: not a whole number of heads")
         stored_heads.append(rows // d_h)
-        if adapter.block_heads(block, d_h) != rows // d_h:
-            adapter.resize_heads(block, rows // d_h, d_h)
+        kv = rows // d_h
+        if adapter.grouped:
+            kkey = names[id(adapter.k(block))] + ".weight"
+            kv_rows = int(state[kkey].shape[0]) if kkey in state else 0
+            if kv_rows % d_h or kv_rows == 0 or (rows // d_h) % (kv_rows // d_h):
+                raise ValueError(
+                    f"{kkey} in {p} has {kv_rows} rows: not a whole number of KV heads that "
+                    f"divides the {rows // d_h} query heads"
+                )
+            kv = kv_rows // d_h
+        stored_kv.append(kv)
+        if adapter.block_heads(block, d_h) != rows // d_h or (
+            adapter.grouped and adapter.block_kv_heads(block, d_h) != kv
+        ):
+            adapter.resize_heads(block, rows // d_h, d_h, kv)
     if getattr(config, MLP_BIAS_FIELD, False):  # the refit's down_proj bias (Mistral, Qwen2)
         for block in blocks:
             adapter.ensure_w2_bias(block)
@@ -280,22 +310,60 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         for i, (block, h, have) in enumerate(zip(blocks, head_counts, stored_heads, strict=True)):
             if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= have:
                 raise ValueError(f"layer {i}: {HEADS_FIELD} says {h!r} heads, stored {have}")
-            if h < have:
-                with torch.no_grad():
-                    pad_used = adapter.o(block).weight[:, h * d_h :].abs().sum()
-                    for lin in (adapter.q(block), adapter.k(block), adapter.v(block)):
-                        pad_used = pad_used + lin.weight[h * d_h :].abs().sum()
-                        if lin.bias is not None:
-                            pad_used = pad_used + lin.bias[h * d_h :].abs().sum()
-                if float(pad_used) != 0.0:
-                    raise ValueError(f"layer {i}: the padding heads in {p} are not zero")
-                adapter.shrink_heads(block, torch.arange(h), d_h)
+            have_kv = stored_kv[i]
+            kv = kv_counts[i] if kv_counts is not None else (h if not adapter.grouped else have_kv)
+            if adapter.grouped and (
+                isinstance(kv, bool)
+                or not isinstance(kv, int)
+                or not 1 <= kv <= have_kv
+                or h % kv
+                or h // kv > have // have_kv
+            ):
+                raise ValueError(
+                    f"layer {i}: {KV_HEADS_FIELD} says {kv!r} KV heads for {h} query heads, "
+                    f"stored {have_kv} KV / {have} query heads"
+                )
+            if h < have or (adapter.grouped and kv < have_kv):
+                _strip_zero_heads(adapter, block, h, kv, d_h, f"layer {i}", p)
     record_sizes(model, adapter)
     record_heads(model, adapter)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+@torch.no_grad()
+def _strip_zero_heads(adapter, block, h: int, kv: int, d_h: int, where: str, p: Path) -> None:
+    """Keep the block's ``h`` real query heads (``kv`` KV heads) of a zero-padded layout
+    (``FFNAdapter.padded_head_slots``), after checking that everything else is zero."""
+    have = adapter.block_heads(block, d_h)
+    if adapter.grouped:
+        have_kv = adapter.block_kv_heads(block, d_h)
+        g, g_kept = have // have_kv, h // kv
+        q_idx = (torch.arange(kv).unsqueeze(1) * g + torch.arange(g_kept)).flatten()
+        kv_idx = torch.arange(kv)
+    else:
+        have_kv = have
+        q_idx = kv_idx = torch.arange(h)
+    q_pad = torch.ones(have, dtype=torch.bool)
+    q_pad[q_idx] = False
+    kv_pad = torch.ones(have_kv, dtype=torch.bool)
+    kv_pad[kv_idx] = False
+    q_rows = q_pad.repeat_interleave(d_h).to(adapter.q(block).weight.device)
+    kv_rows = kv_pad.repeat_interleave(d_h).to(adapter.k(block).weight.device)
+    used = adapter.o(block).weight[:, q_rows].abs().sum()
+    for lin, rows in (
+        (adapter.q(block), q_rows),
+        (adapter.k(block), kv_rows),
+        (adapter.v(block), kv_rows),
+    ):
+        used = used + lin.weight[rows].abs().sum()
+        if lin.bias is not None:
+            used = used + lin.bias[rows].abs().sum()
+    if float(used) != 0.0:
+        raise ValueError(f"{where}: the padding heads in {p} are not zero")
+    adapter.shrink_heads(block, q_idx, d_h)
 
 
 def _buffer_name(model: nn.Module, key: str) -> bool:

@@ -343,10 +343,12 @@ def test_cli_passes_reconstruct_and_heads_to_prune(
     monkeypatch.setattr(pruning, "prune", spy)
     argv = _argv(model_dir, data_file, tmp_path / "o", "--quiet", "--samples", "64")
     argv += ["--scale-lambda", "0.5", "--d2-mode", "energy"]  # the experimental flags still work
+    argv += ["--gqa-heads", "groups"]
     assert main([*argv, "--reconstruct", "bias", "--heads"]) == 0
     exp = seen.pop("experimental")
     assert seen == {"reconstruct": "bias", "heads": True}
     assert exp["scale_lambda"] == 0.5 and exp["d2_mode"] == "energy"
+    assert exp["gqa_heads"] == "groups"
     capsys.readouterr()
 
 

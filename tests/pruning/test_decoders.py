@@ -175,11 +175,6 @@ def test_text_data_with_a_tokenizer_without_pad_token():
     assert res.report["data"]["tokens"] == sum(len(tok(t)["input_ids"]) for t in texts)
 
 
-def test_heads_refused_for_decoders():
-    with pytest.raises(ValueError, match="not supported for LLaMA"):
-        kcm_cuda.prune(tiny_decoder("llama"), token_batch(), flops=0.5, heads=True)
-
-
 def test_decoder_flops_model():
     model = tiny_decoder("llama")
     res = kcm_cuda.prune(model, token_batch(), flops=0.8, progress=False)
@@ -291,7 +286,14 @@ def _tree_digest(path) -> dict:
     }
 
 
-@pytest.mark.parametrize("extra", [[], ["--device-map", "auto", "--dtype", "float32"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--device-map", "auto", "--dtype", "float32"],
+        ["--heads", "--gqa-heads", "groups", "--device-map", "auto", "--dtype", "float32"],
+    ],
+)
 def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys):
     pytest.importorskip("accelerate")
     from kcm_cuda.cli import main
@@ -322,6 +324,10 @@ def test_kcm_prune_cli_on_a_llama_checkpoint(llama_dir, tmp_path, extra, capsys)
 
     report = json.loads((out / "kcm_report.json").read_text())
     assert report["architecture"] == "LLaMA" and report["flops"]["ratio"] <= 0.7 + 1e-9
+    if "--heads" in extra:
+        heads = report["heads"]
+        assert heads["gqa_heads"] == "groups"
+        assert heads["heads_kept_per_layer"] == [2 * kv for kv in heads["kv_heads_kept_per_layer"]]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)

@@ -23,7 +23,11 @@ linear(s) (``up_proj``) whose rows are removed together with W1's; the activatio
 still W2's (``down_proj``'s) input. Their MLP has no biases, so the refit adds a zero down_proj
 bias first (:meth:`FFNAdapter.ensure_w2_bias`); it is recorded in the config (``mlp_bias``
 where the family's transformers class reads it, else ``kcm_mlp_bias`` for ``load_pruned``).
-Grouped-query attention: ``kv_heads_field`` holds the number of key/value heads.
+Grouped-query attention: ``kv_heads_field`` holds the number of key/value heads. Query head i
+reads KV head i // g (g = n_q / n_kv, ``kv_groups_attr`` of the attention module, which the
+forward's ``repeat_kv`` uses), so Q's rows are grouped per KV head. A head mask of such a
+block is over its query heads; shrinking keeps the KV heads whose group keeps a query head,
+and every kept group must keep the same number of query heads (the layer's new g).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class FFNAdapter:
     kv_heads_field: str | None = None  # grouped-query attention: config field of KV heads
     head_dim_field: str | None = None  # config field of d_h when the family has one
     mlp_bias_field: str | None = None  # config field that gives the MLP linears a bias
+    kv_groups_attr: str | None = None  # attention module attribute: query heads per KV head
 
     # -- access ---------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -105,6 +110,11 @@ class FFNAdapter:
     def ffn_matrices(self) -> int:
         """Weight matrices per neuron (2, or 3 for a gated MLP): the FLOPs per neuron."""
         return 2 + len(self.ffn_in_paths)
+
+    @property
+    def grouped(self) -> bool:
+        """Grouped-query attention (K and V have their own head count)."""
+        return self.kv_heads_field is not None
 
     def num_kv_heads(self, config) -> int:
         if self.kv_heads_field is None:
@@ -241,27 +251,64 @@ class FFNAdapter:
         """The number of heads the block has now."""
         return self.q(block).out_features // head_size
 
+    def block_kv_heads(self, block: nn.Module, head_size: int) -> int:
+        """The number of key/value heads the block has now (= its heads without GQA)."""
+        return self.k(block).out_features // head_size
+
     def head_counts(self, model: nn.Module) -> list[int]:
         d_h = self.head_size(model.config)
         return [self.block_heads(b, d_h) for b in self.layers(model)]
 
-    def _set_head_count(self, block: nn.Module, n: int, head_size: int) -> None:
+    def kv_head_counts(self, model: nn.Module) -> list[int]:
+        d_h = self.head_size(model.config)
+        return [self.block_kv_heads(b, d_h) for b in self.layers(model)]
+
+    def _set_head_count(self, block: nn.Module, n: int, head_size: int, kv: int) -> None:
         att = self.attention(block)
         for attr in self.heads_attrs:
             setattr(att, attr, n)
         for attr in self.all_head_size_attrs:
             setattr(att, attr, n * head_size)
+        if self.kv_groups_attr is not None:
+            setattr(att, self.kv_groups_attr, n // kv)
 
-    def resize_heads(self, block: nn.Module, n: int, head_size: int) -> None:
-        """Replace Q, K, V, O by fresh linears for ``n`` heads (callers fill the weights)."""
+    def kept_kv_heads(self, block: nn.Module, keep: torch.Tensor, head_size: int) -> torch.Tensor:
+        """Grouped-query attention: the KV heads (indices) a kept set of query heads (indices)
+        reads, checked: every kept group keeps the same number of query heads."""
+        n_q, n_kv = self.block_heads(block, head_size), self.block_kv_heads(block, head_size)
+        if n_kv < 1 or n_q % n_kv:
+            raise ValueError(f"{n_q} query heads are not a whole number of {n_kv} KV groups")
+        group = torch.div(keep, n_q // n_kv, rounding_mode="floor")
+        kv, per_group = torch.unique(group, return_counts=True)
+        if per_group.numel() and bool((per_group != per_group[0]).any()):
+            raise ValueError(
+                "grouped-query attention: every kept KV group must keep the same number of "
+                f"query heads, got {dict(zip(kv.tolist(), per_group.tolist(), strict=True))}"
+            )
+        return kv
+
+    def resize_heads(self, block: nn.Module, n: int, head_size: int, kv: int | None = None) -> None:
+        """Replace Q, K, V, O by fresh linears for ``n`` heads (callers fill the weights);
+        with grouped-query attention K and V get ``kv`` heads (None: as many as now), which
+        must divide ``n``."""
         if n < 1:
             raise ValueError(f"a layer must keep at least 1 attention head, got {n}")
-        width = n * head_size
-        for path in (self.q_path, self.k_path, self.v_path):
+        if not self.grouped:
+            kv = n
+        elif kv is None:
+            kv = self.block_kv_heads(block, head_size)
+        if kv < 1 or n % kv:
+            raise ValueError(f"{n} query heads are not a whole number of {kv} KV groups")
+        for path, width in (
+            (self.q_path, n * head_size),
+            (self.k_path, kv * head_size),
+            (self.v_path, kv * head_size),
+        ):
             old = self._get(block, path)
             dev, dt = old.weight.device, old.weight.dtype
             new = nn.Linear(old.in_features, width, bias=old.bias is not None, device=dev, dtype=dt)
             self._set(block, path, new)
+        width = n * head_size
         o = self.o(block)
         dev, dt = o.weight.device, o.weight.dtype
         self._set(
@@ -269,11 +316,20 @@ class FFNAdapter:
             self.o_path,
             nn.Linear(width, o.out_features, bias=o.bias is not None, device=dev, dtype=dt),
         )
-        self._set_head_count(block, n, head_size)
+        self._set_head_count(block, n, head_size, kv)
+
+    @staticmethod
+    def _rows(heads: torch.Tensor, head_size: int, device) -> torch.Tensor:
+        """The row (or column) indices of ``heads`` (head indices)."""
+        return (
+            heads.to(device).unsqueeze(1) * head_size + torch.arange(head_size, device=device)
+        ).flatten()
 
     def shrink_heads(self, block: nn.Module, keep: torch.Tensor, head_size: int) -> None:
-        """Keep only heads ``keep`` (bool mask over the block's current heads, or head
-        indices): rows of Q, K, V and columns of O of those heads, in the given order."""
+        """Keep only heads ``keep`` (bool mask over the block's current query heads, or head
+        indices): rows of Q, K, V and columns of O of those heads, in the given order. With
+        grouped-query attention K and V keep the rows of the KV heads the kept query heads
+        read (``kept_kv_heads``), and the kept query heads must be in group order."""
         n_now = self.block_heads(block, head_size)
         if keep.dtype == torch.bool:
             if keep.numel() != n_now:
@@ -288,21 +344,30 @@ class FFNAdapter:
                 "a layer must keep at least 1 attention head (the transformers forward "
                 "cannot run with none)"
             )
-        q = self.q(block)
-        cols = (
-            idx.to(q.weight.device).unsqueeze(1) * head_size
-            + torch.arange(head_size, device=q.weight.device)
-        ).flatten()
+        if self.grouped:
+            kv_idx = self.kept_kv_heads(block, idx, head_size)
+            g_now = n_now // self.block_kv_heads(block, head_size)
+            if bool((torch.diff(torch.div(idx, g_now, rounding_mode="floor")) < 0).any()):
+                raise ValueError("grouped-query attention: kept query heads must be in group order")
+        else:
+            kv_idx = idx
+        dev = self.q(block).weight.device
+        cols = self._rows(idx, head_size, dev)
+        kv_rows = self._rows(kv_idx, head_size, dev)
         with torch.no_grad():
             saved = []
-            for lin in (self.q(block), self.k(block), self.v(block)):
-                w = lin.weight[cols].clone()
-                b = lin.bias[cols].clone() if lin.bias is not None else None
+            for lin, rows in (
+                (self.q(block), cols),
+                (self.k(block), kv_rows),
+                (self.v(block), kv_rows),
+            ):
+                w = lin.weight[rows].clone()
+                b = lin.bias[rows].clone() if lin.bias is not None else None
                 saved.append((w, b))
             o = self.o(block)
             wo = o.weight[:, cols].clone()
             bo = o.bias.clone() if o.bias is not None else None
-            self.resize_heads(block, int(idx.numel()), head_size)
+            self.resize_heads(block, int(idx.numel()), head_size, int(kv_idx.numel()))
             for lin, (w, b) in zip(
                 (self.q(block), self.k(block), self.v(block)), saved, strict=True
             ):
@@ -314,16 +379,43 @@ class FFNAdapter:
             if bo is not None:
                 o.bias.copy_(bo)
 
-    def pad_heads(self, block: nn.Module, n: int, head_size: int) -> None:
-        """Grow the block to ``n`` heads with all-zero heads (zero Q, K, V rows and biases,
-        zero O columns): a zero head's scores are 0, its softmax is uniform, its context
-        softmax·(0·x + 0) is exactly 0 and O's zero columns add exactly nothing."""
+    def padded_head_slots(
+        self, block: nn.Module, n: int, head_size: int, kv: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the block's current query heads and KV heads sit in a zero-padded layout of
+        ``n`` query heads (and ``kv`` KV heads with grouped-query attention): KV head j stays
+        at slot j and its query heads take the first slots of group j (j·n/kv …), so that
+        query head i of the padded layout still reads KV head i // (n / kv)."""
+        q_now = self.block_heads(block, head_size)
+        if not self.grouped:
+            return torch.arange(q_now), torch.arange(q_now)
+        kv_now = self.block_kv_heads(block, head_size)
+        kv = kv_now if kv is None else kv
+        if kv < kv_now or n % kv or q_now % kv_now or q_now // kv_now > n // kv:
+            raise ValueError(
+                f"cannot pad {q_now} query / {kv_now} KV heads to {n} query / {kv} KV heads"
+            )
+        g_now, g = q_now // kv_now, n // kv
+        q_slots = (torch.arange(kv_now).unsqueeze(1) * g + torch.arange(g_now)).flatten()
+        return q_slots, torch.arange(kv_now)
+
+    def pad_heads(self, block: nn.Module, n: int, head_size: int, kv: int | None = None) -> None:
+        """Grow the block to ``n`` heads (``kv`` KV heads with grouped-query attention) with
+        all-zero heads (zero Q, K, V rows and biases, zero O columns): a zero head's scores are
+        0, its softmax is uniform, its context softmax·(0·x + 0) is exactly 0 and O's zero
+        columns add exactly nothing (a zero query head reading a real KV head also adds
+        nothing: its O columns are zero). Layout: ``padded_head_slots``."""
         k = self.block_heads(block, head_size)
         if n < k:
             raise ValueError(f"cannot pad an attention of {k} heads to {n}")
-        if n == k:
+        kv_now = self.block_kv_heads(block, head_size) if self.grouped else k
+        kv = (kv_now if kv is None else kv) if self.grouped else n
+        if n == k and kv == kv_now:
             return
-        w = k * head_size
+        q_slots, kv_slots = self.padded_head_slots(block, n, head_size, kv)
+        dev = self.q(block).weight.device
+        q_rows = self._rows(q_slots, head_size, dev)
+        kv_rows = self._rows(kv_slots, head_size, dev)
         with torch.no_grad():
             saved = []
             for lin in (self.q(block), self.k(block), self.v(block)):
@@ -332,17 +424,20 @@ class FFNAdapter:
                 )
             o = self.o(block)
             wo, bo = o.weight.clone(), (o.bias.clone() if o.bias is not None else None)
-            self.resize_heads(block, n, head_size)
-            for lin, (wt, b) in zip(
-                (self.q(block), self.k(block), self.v(block)), saved, strict=True
+            self.resize_heads(block, n, head_size, kv)
+            for lin, (wt, b), rows in zip(
+                (self.q(block), self.k(block), self.v(block)),
+                saved,
+                (q_rows, kv_rows, kv_rows),
+                strict=True,
             ):
                 lin.weight.zero_()
-                lin.weight[:w].copy_(wt)
+                lin.weight[rows] = wt
                 if b is not None:
                     lin.bias.zero_()
-                    lin.bias[:w].copy_(b)
+                    lin.bias[rows] = b
             o = self.o(block)
             o.weight.zero_()
-            o.weight[:, :w].copy_(wo)
+            o.weight[:, q_rows] = wo
             if bo is not None:
                 o.bias.copy_(bo)

@@ -31,6 +31,7 @@ def _family(name: str, base: str, mlp_bias_field: str | None) -> FFNAdapter:
         kv_heads_field="num_key_value_heads",
         head_dim_field="head_dim",
         mlp_bias_field=mlp_bias_field,
+        kv_groups_attr="num_key_value_groups",
     )
 
 
