@@ -84,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples",
         type=int,
-        default=2048,
-        help="unlabeled sequences drawn from the file (default 2048)",
+        default=512,
+        help="unlabeled sequences drawn from the file (default 512: on MiniLM, 512 lost "
+        "nothing measurable against 2048 at c = 0.6 / 0.5 / 0.4 and prunes 3x faster)",
     )
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data sample (0)")

@@ -347,7 +347,7 @@ def prepare_sample(
     data: object,
     tokenizer: object | None,
     *,
-    samples: int = 2048,
+    samples: int = 512,
     max_length: int = 128,
     seed: int = 0,
     text_column: str | None = None,

@@ -25,9 +25,17 @@ for that layer, and the report says so.
 its inputs and its target (also usable for an attention output projection).
 
 Heads (``Selection.head_masks``): the pruned heads are removed from the student first, so every
-variant reconstructs the FFNs on the heads-pruned attention; with ``head_refit`` (and a
-reconstruction other than "none") each layer's O is refit before, by
-kcm_cuda.pruning.attn_refit (a bottom-up pass of its own on the heads-pruned student).
+variant reconstructs the FFNs on the heads-pruned attention. With ``head_refit`` (and a
+reconstruction other than "none") each layer that lost heads first has its attention output
+projection O refit by the same ridge (:class:`LinearRefit`), inside the same bottom-up loop:
+the attention sublayer of every supported family adds O·ctx + b_O to the block input h, so
+    X = ctx_s (the kept heads' contexts; sequential: the student's, one-shot: the teacher's)
+    Z = (O_t·ctx_t + b_O + h_t) − h_s − b_O  (the teacher's pre-norm attention output,
+                                           residual-corrected, minus the current bias)
+and O's kept columns (and its bias, where it has one: the LLaMA family's O has none and is
+refit without) are refit with b_O unpenalised, λ' relative to the mean diagonal of XᵀX. Then
+that layer's FFN is refit on the refit attention. The teacher's block runs once per layer
+(its FFN target is kept from the O pass); the student's runs once more on those layers.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kcm_cuda.pruning.activations import real_tokens
 from kcm_cuda.pruning.blockwise import (
     block_device,
     capture_block_inputs,
@@ -78,7 +87,22 @@ class ReconstructionResult:
     target_energy: list[float] = field(default_factory=list)
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
-    o_refit: object | None = None  # heads pruned + head_refit: attn_refit.ORefitResult
+    o_refit: ORefitResult | None = None  # heads pruned + head_refit: the O refit per layer
+
+
+@dataclass
+class ORefitResult:
+    """Per layer: O was refit, Σ_t ||O x − z||² before / after, Σ_t ||z||² (NaN: no heads lost)."""
+
+    refit: list[bool] = field(default_factory=list)
+    error_before: list[float] = field(default_factory=list)
+    error_after: list[float] = field(default_factory=list)
+    target_energy: list[float] = field(default_factory=list)
+
+    def skip(self) -> None:
+        self.refit.append(False)
+        for v in (self.error_before, self.error_after, self.target_energy):
+            v.append(float("nan"))
 
 
 # -- the general refit of one Linear ------------------------------------------------------------
@@ -206,7 +230,6 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         return student, _plain("none", o.experimental.reconstruct_mode, selection, len(masks))
     # The student is made block by block during the refit (one block at a time on the
     # execution device); with heads pruned, whole first (encoders: the O refit runs on it).
-    o_refit = None
     if selection.head_masks is None:
         student = skeleton_copy(ctx.teacher, ctx.adapter)
     else:
@@ -214,19 +237,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         # Heads first: the FFN reconstruction below then fits the heads-pruned attention.
         _fold_head_scales(student, ctx.adapter, selection)  # kwon's tuned head values
         prune_heads_in_place(student, ctx.adapter, selection.head_masks)
-        if o.experimental.head_refit:
-            from kcm_cuda.pruning.attn_refit import refit_attention_output
-
-            o_refit = refit_attention_output(
-                ctx.teacher,
-                student,
-                ctx.adapter,
-                selection.head_masks,
-                ctx.sample.subset(o.scale_samples),
-                lam=o.ridge_lambda,
-                batch_size=o.batch_size,
-                device=ctx.device,
-            )
+    o_refit = selection.head_masks is not None and o.experimental.head_refit
     res = refit_layers(
         ctx.teacher,
         student,
@@ -241,12 +252,12 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         batch_size=o.batch_size,
         device=ctx.device,
         progress=o.progress,
+        head_masks=selection.head_masks if o_refit else None,
     )
     record_sizes(student, ctx.adapter)
     record_mlp_bias(student, ctx.adapter)
     if selection.scales is not None:
         res.notes.append("the selection's own scales were replaced by the reconstruction")
-    res.o_refit = o_refit
     return student, res
 
 
@@ -286,9 +297,12 @@ def refit_layers(
     batch_size: int = 32,
     device: torch.device,
     progress: bool = True,
+    head_masks: list[torch.Tensor] | None = None,
 ) -> ReconstructionResult:
     """Refit every layer (see the module docstring); ``student`` (a copy of ``teacher``) is
-    physically pruned in place. Sequential: three block passes per layer; one-shot: one."""
+    physically pruned in place. Sequential: three block passes per layer; one-shot: one.
+    ``head_masks``: the student's heads are already removed by these masks; the O of every
+    layer that lost heads is refit first (one more student pass on that layer)."""
     if variant not in ("bias", "scale", "ridge"):
         raise ValueError(f"variant must be 'bias', 'scale' or 'ridge', got {variant!r}")
     if mode not in ("sequential", "oneshot"):
@@ -299,6 +313,8 @@ def refit_layers(
     h_s = [h.clone() for h in h_t] if seq else None
     t_blocks, s_blocks = adapter.layers(teacher), adapter.layers(student)
     res = ReconstructionResult(variant, mode, [], tokens=sample.n_tokens)
+    if head_masks is not None:
+        res.o_refit = ORefitResult()
     updates = []
     with_bias = variant in ("bias", "ridge")  # these write a b2 (added where the family has none)
     bar = progress_bar(
@@ -320,17 +336,31 @@ def refit_layers(
             W2k = W2[:, keep]
             fit = LinearRefit(k, W2.shape[0], dev, fit_bias=True)
             a_sum = torch.zeros(W2.shape[1], dtype=torch.float64, device=dev)
+            teacher_pass = None  # the O pass's teacher outputs and FFN targets (sequential)
+            if res.o_refit is not None:
+                if bool(head_masks[layer].all()):
+                    res.o_refit.skip()
+                else:
+                    teacher_pass = _refit_o(
+                        adapter, tb, sb, head_masks[layer], calls, h_t, h_s, dev,
+                        float(ridge_lambda), res.o_refit,
+                    )
             t_tap = _Tap(adapter, tb, output=True)
             s_tap = _Tap(adapter, sb) if seq else None
             try:
                 for b, call in enumerate(calls):
                     mask = call.mask.to(dev)
                     t_tap.mask = mask
-                    h_t[b] = run_block(tb, call, h_t[b], dev)
+                    if teacher_pass is None:
+                        h_t[b] = run_block(tb, call, h_t[b], dev)
+                        t_yx = t_tap.y + t_tap.x if seq else None
+                    else:
+                        h_t[b], t_yx = teacher_pass[0][b], teacher_pass[1][b]
+                        teacher_pass[0][b] = teacher_pass[1][b] = None
                     if seq:
                         s_tap.mask = mask
                         run_block(sb, call, h_s[b], dev)  # output unused: redone after the refit
-                        Y = t_tap.y + t_tap.x - s_tap.x
+                        Y = t_yx - s_tap.x
                         a = s_tap.a
                     else:
                         Y, a = t_tap.y, t_tap.a
@@ -393,6 +423,74 @@ def refit_layers(
             f"{[i for i, f in enumerate(res.fallback) if f]} (solve failed or did not help)"
         )
     return res
+
+
+class _OTap:
+    """A hook on an attention output projection: its input (the head contexts) and output,
+    on the real tokens, float64."""
+
+    def __init__(self, o: nn.Linear) -> None:
+        self.ctx = self.out = self.mask = None
+        self.handle = o.register_forward_hook(self._hook)
+
+    def _hook(self, _m, args, out):
+        self.ctx = real_tokens(args[0], self.mask).double()
+        self.out = real_tokens(out, self.mask).double()
+
+
+def _refit_o(adapter, tb, sb, head_mask, calls, h_t, h_s, dev, lam, result: ORefitResult):
+    """Refit, in place, the O of student block ``sb`` (its heads already removed by
+    ``head_mask``) by ridge to the residual-corrected teacher target (the module docstring).
+    Sequential: returns, per batch, the teacher block's output and its FFN target y + x (so the
+    FFN refit that follows runs the teacher no more); one-shot: None (nothing to carry)."""
+    seq = h_s is not None
+    o_t, o_s = adapter.o(tb), adapter.o(sb)
+    fit = LinearRefit(o_s.in_features, o_s.out_features, dev, fit_bias=o_s.bias is not None)
+    b_o = o_s.bias.detach().double() if o_s.bias is not None else None
+    cols = None
+    if not seq:  # the kept heads' columns of the teacher's contexts
+        d_h = o_t.in_features // head_mask.numel()
+        cols = head_mask.to(dev).repeat_interleave(d_h)
+    t_otap, s_otap = _OTap(o_t), (_OTap(o_s) if seq else None)
+    t_tap = _Tap(adapter, tb, output=True) if seq else None
+    outs, yxs = [], []
+    try:
+        for b, call in enumerate(calls):
+            mask = call.mask.to(dev)
+            t_otap.mask = mask
+            if seq:
+                t_tap.mask = s_otap.mask = mask
+            out_t = run_block(tb, call, h_t[b], dev)
+            if seq:
+                run_block(sb, call, h_s[b], dev)  # its output is redone after both refits
+                x = s_otap.ctx
+                z = t_otap.out + real_tokens(h_t[b] - h_s[b], mask).double()
+                outs.append(out_t)
+                yxs.append(t_tap.y + t_tap.x)
+            else:
+                x, z = t_otap.ctx[:, cols], t_otap.out
+            if b_o is not None:
+                z = z - b_o.to(z.device)
+            fit.add(x, z)
+    finally:
+        t_otap.handle.remove()
+        if seq:
+            s_otap.handle.remove()
+            t_tap.remove()
+    W0 = o_s.weight.detach()
+    err0 = fit.error(W0)
+    W, db, fell_back = fit.ridge(W0, lam)
+    W, db, fell_back = finite_refit(W, db, W0.double(), fell_back)
+    err1 = fit.error(W, db)
+    if not fell_back:
+        o_s.weight.copy_(W.to(o_s.weight.device, o_s.weight.dtype))
+        if o_s.bias is not None:
+            o_s.bias.add_(db.to(o_s.bias.device, o_s.bias.dtype))
+    result.refit.append(not fell_back)
+    result.error_before.append(err0)
+    result.error_after.append(err0 if fell_back else err1)
+    result.target_energy.append(float(fit.yy))
+    return (outs, yxs) if seq else None
 
 
 def _apply(

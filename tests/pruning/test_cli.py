@@ -359,5 +359,8 @@ def test_cli_defaults_are_prunes_defaults():
 
     args = _parser().parse_args(["model", "--data", "d.txt", "--flops", "0.6", "--output", "o"])
     assert args.method == PruneOptions().method
+    assert args.samples == PruneOptions().samples == 512  # the calibration-size study's choice
+    assert args.max_length == PruneOptions().max_length
+    assert args.scale_samples == PruneOptions().scale_samples
     assert args.reconstruct is None and not args.no_scale  # → PruneOptions' default reconstruction
     assert "ridge" in _parser().format_help()

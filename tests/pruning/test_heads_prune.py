@@ -220,3 +220,60 @@ def test_heads_with_every_reconstruction(tmp_path, variant, bert, tokenizer, sen
     inputs = _inputs(tokenizer, sentences)
     loaded = load_pruned(r.save(tmp_path / "p"))
     assert _max_diff(_out(r.model, inputs), _out(loaded, inputs)) <= 1e-4
+
+
+def test_o_refit_is_the_ridge_solution_of_the_first_layer(bert, tokenizer, sentences):
+    """Layer 0 sees the same input in teacher and student, so its refit O must be
+    argmin ||X W'ᵀ + db − (O_t(ctx_t) − b)||² + λ'||W' − W||², X = the kept heads' contexts
+    (λ' = 0.01 · mean diag XᵀX, the bias unpenalised), computed here from plain forwards."""
+    from kcm_cuda.pruning.data import prepare_sample
+    from kcm_cuda.pruning.physical import prune_heads_in_place
+
+    kw = dict(heads=True, tokenizer=tokenizer, progress=False, samples=48, max_length=32)
+    r = prune(bert, sentences, 0.35, **kw)
+    hm = [r.head_masks[i] for i in range(len(r.head_masks))]
+    assert not bool(hm[0].all()), "the budget must prune heads in layer 0"
+    adapter = get_adapter(bert)
+    student = prune_heads_in_place(copy.deepcopy(bert), adapter, hm)
+    sample = prepare_sample(sentences, tokenizer, samples=48, max_length=32, seed=0)
+    mask = sample.attention_mask.bool()
+    seen = {}
+
+    def tap(name):
+        def hook(_m, args, out):
+            seen[name] = (args[0][mask].double(), out[mask].double())
+
+        return hook
+
+    o_t, o_s = adapter.o(adapter.layers(bert)[0]), adapter.o(adapter.layers(student)[0])
+    handles = [o_t.register_forward_hook(tap("t")), o_s.register_forward_hook(tap("s"))]
+    with torch.no_grad():
+        for m in (bert, student):
+            m(input_ids=sample.input_ids, attention_mask=sample.attention_mask)
+    for h in handles:
+        h.remove()
+    X = torch.cat([seen["s"][0], torch.ones(len(seen["s"][0]), 1, dtype=torch.float64)], 1)
+    Z = seen["t"][1] - o_s.bias.double()
+    W0 = o_s.weight.detach().double()
+    k = W0.shape[1]
+    pen = torch.zeros(k + 1, dtype=torch.float64)
+    pen[:k] = 0.01 * float((X[:, :k] ** 2).sum(0).mean())
+    prior = torch.cat([W0.t(), torch.zeros(1, W0.shape[0], dtype=torch.float64)])
+    theta = torch.linalg.solve(X.t() @ X + torch.diag(pen), X.t() @ Z + pen[:, None] * prior)
+    o_r = adapter.o(adapter.layers(r.model)[0])
+    assert r.report["layers"][0]["o_refit"]
+    assert torch.allclose(o_r.weight.double(), theta[:k].t(), atol=2e-4, rtol=1e-3)
+    assert torch.allclose(o_r.bias.double(), o_s.bias.double() + theta[k], atol=2e-4, rtol=1e-3)
+    assert float((o_r.weight.detach().double() - W0).abs().max()) > 1e-3  # the refit changed O
+
+
+def test_heads_with_oneshot_reconstruction(tmp_path, bert, tokenizer, sentences):
+    kw = dict(heads=True, tokenizer=tokenizer, progress=False, samples=48)
+    r = prune(bert, sentences, 0.35, experimental={"reconstruct_mode": "oneshot"}, **kw)
+    rows = [row for row in r.report["layers"] if row["heads_kept"] < row["heads"]]
+    assert rows and any(row["o_refit"] for row in rows)
+    for row in rows:
+        assert row["o_refit_error_after"] <= row["o_refit_error_before"]
+    inputs = _inputs(tokenizer, sentences)
+    loaded = load_pruned(r.save(tmp_path / "p"))
+    assert _max_diff(_out(r.model, inputs), _out(loaded, inputs)) <= 1e-4

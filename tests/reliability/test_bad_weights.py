@@ -81,11 +81,11 @@ def test_api_checks_weights_before_the_long_steps(monkeypatch, tokenizer, data_f
     assert not called  # no sample drawn, no teacher copied
 
 
-def _prune(tokenizer, data_file, **kw):
+def _prune(tokenizer, data_file, flops=0.8, **kw):
     model = pc.tiny_bert(vocab_size=tokenizer.vocab_size)
     texts = data_file.read_text().splitlines()
     return prune(
-        model, texts, 0.8, tokenizer=tokenizer, samples=64, max_length=32, progress=False, **kw
+        model, texts, flops, tokenizer=tokenizer, samples=64, max_length=32, progress=False, **kw
     )
 
 
@@ -124,16 +124,19 @@ def test_refit_that_produces_nan_falls_back(tmp_path, monkeypatch, tokenizer, da
 
 
 def test_attention_refit_that_produces_nan_falls_back(monkeypatch, tokenizer, data_file):
-    from kcm_cuda.pruning import attn_refit
+    from kcm_cuda.pruning import reconstruct
 
-    real = torch.linalg.solve
+    real = torch.cholesky_solve
     monkeypatch.setattr(
-        attn_refit.torch.linalg, "solve", lambda A, B: torch.full_like(real(A, B), float("nan"))
+        reconstruct.torch, "cholesky_solve", lambda B, L: torch.full_like(real(B, L), float("nan"))
     )
-    res = _prune(tokenizer, data_file, heads=True, reconstruct="ridge")
-    monkeypatch.setattr(attn_refit.torch.linalg, "solve", real)
+    res = _prune(tokenizer, data_file, flops=0.4, heads=True, reconstruct="ridge")
+    monkeypatch.setattr(reconstruct.torch, "cholesky_solve", real)
     assert res.head_masks is not None
-    assert not any(row.get("o_refit") for row in res.report["layers"])  # O kept as it was
+    rows = res.report["layers"]
+    assert any(row["heads_kept"] < row["heads"] for row in rows)
+    assert not any(row.get("o_refit") for row in rows)  # O kept as it was
+    assert all(row["reconstruct_fallback"] for row in rows)
     assert _all_finite(res.model)
 
 
