@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not report["runs"]:
         print(
             "kcm-eval: error: no pruned model was measured "
-            f"({report.get('stopped_early') or 'empty grid'}); "
+            f"({report.get('stopped_early') or _not_run_reason(report) or 'empty grid'}); "
             f"the report ({paths['md'].resolve()}) has the dense model only",
             file=sys.stderr,
         )
@@ -409,3 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _not_run_reason(report: dict) -> str | None:
+    """The first cell the options could not reach, in words (None when every cell ran)."""
+    nr = report.get("not_run") or []
+    if not nr:
+        return None
+    more = f" (and {len(nr) - 1} more cell(s))" if len(nr) > 1 else ""
+    return f"not run: c = {nr[0]['budget']:g}, {nr[0]['method']}: {nr[0]['reason']}{more}"

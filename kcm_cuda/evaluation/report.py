@@ -168,6 +168,9 @@ def format_markdown(report: dict) -> str:
         lines += [f"> Note: {report['relabelled']}.", ""]
     if report.get("stopped_early"):
         lines += [f"> **Stopped early**: {report['stopped_early']}.", ""]
+    for nr in report.get("not_run") or []:
+        sc = " + Scale" if nr["scale"] else ""
+        lines += [f"> **Not run**: c = {nr['budget']:g}, `{nr['method']}`{sc}: {nr['reason']}.", ""]
     dense_bits = []
     for name in metrics:
         if name in dense:

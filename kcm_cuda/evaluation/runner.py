@@ -55,6 +55,7 @@ from kcm_cuda.evaluation.grid import (  # noqa: F401 - also re-exported (kcm_cud
 )
 from kcm_cuda.evaluation.modeling import SentenceClassifier, predict, resolve_model_path, tokenize
 from kcm_cuda.evaluation.scoring import _what_ran, save_predictions, summarise
+from kcm_cuda.pruning.flops import BudgetError
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -269,6 +270,7 @@ def run_grid(
     total_runs = len(cells) * config.seeds
     grid_t0 = time.perf_counter()
     stopped_early = None
+    not_run: dict[tuple, str] = {}  # (budget, method, scale) → why the options cannot reach it
     done = 0
     round_s = 0.0
     ckpt = _Checkpoint(config, ft_info, task)
@@ -314,24 +316,33 @@ def run_grid(
                     ckpt.append(run)
                     log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: resumed")
                     continue
+                if (c, m.label, s) in not_run:
+                    log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: not run")
+                    continue
                 log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: pruning ...")
-                run = _one_run(
-                    prune_fn,
-                    clf,
-                    task,
-                    pool,
-                    tokenizer,
-                    test_batches,
-                    dev,
-                    config,
-                    c,
-                    m,
-                    s,
-                    seed,
-                    scored,
-                    memo_stats,
-                    prune_cache,
-                )
+                try:
+                    run = _one_run(
+                        prune_fn,
+                        clf,
+                        task,
+                        pool,
+                        tokenizer,
+                        test_batches,
+                        dev,
+                        config,
+                        c,
+                        m,
+                        s,
+                        seed,
+                        scored,
+                        memo_stats,
+                        prune_cache,
+                    )
+                except BudgetError as e:  # this budget with these options: skip the cell
+                    why = (str(e).strip().splitlines() or [repr(e)])[0]
+                    not_run[(c, m.label, s)] = why
+                    log(f"[{done}/{total_runs}] c={c:g} {m.label} seed={seed}: NOT RUN: {why}")
+                    continue
                 runs.append(run)
                 ckpt.append(run)
                 reused = run.get("reused_stages") or []
@@ -401,6 +412,10 @@ def run_grid(
         "runs": runs,
         "summary": summary,
         "stopped_early": stopped_early,
+        "not_run": [
+            {"budget": c, "method": label, "scale": sc, "reason": why}
+            for (c, label, sc), why in not_run.items()
+        ],
         "predictions_file": predictions,
         "memo": memo_stats,
         "timings_s": {

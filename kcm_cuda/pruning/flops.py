@@ -32,6 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+class BudgetError(ValueError):
+    """A FLOPs budget these options cannot reach (below the attention floor, or fewer neurons
+    than min_keep asks for): the input is fine, the combination is not."""
+
+
 def check_flops(flops: object) -> float:
     if isinstance(flops, bool) or not isinstance(flops, (int, float)):
         raise TypeError(f"flops must be a number in (0, 1], got {type(flops).__name__}")
@@ -156,7 +161,7 @@ class FlopsModel:
                 if kept_heads is None
                 else ""
             )
-            raise ValueError(
+            raise BudgetError(
                 f"flops={c:g} is below the attention floor {floor:.4f}: {what} is "
                 f"{100 * floor:.1f}% of the FLOPs (s={self.seq_len:.1f} tokens, d={self.hidden}) "
                 f"and {hint}use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
@@ -168,7 +173,7 @@ class FlopsModel:
             k -= 1
         if k < min_kept:
             need = (attn + self.per_neuron * min_kept) / full
-            raise ValueError(
+            raise BudgetError(
                 f"flops={c:g} leaves {k} FFN neurons but min_keep requires {min_kept} "
                 f"(at least {need:.4f} of the FLOPs); raise flops or lower min_keep"
             )

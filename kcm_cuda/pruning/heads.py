@@ -60,7 +60,7 @@ from kcm_cuda.pruning.blockwise import (
 )
 from kcm_cuda.pruning.d2 import combine_with_tiebreak, vote_fractions
 from kcm_cuda.pruning.data import TokenizedSample
-from kcm_cuda.pruning.flops import FlopsModel
+from kcm_cuda.pruning.flops import BudgetError, FlopsModel
 from kcm_cuda.pruning.masks import global_topk
 from kcm_cuda.pruning.progress import progress_bar
 from kcm_cuda.pruning.r2 import diag_coefficients
@@ -296,7 +296,7 @@ def split_budget(
     floor_heads = min_units * n_layers
     floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
     if c < floor:
-        raise ValueError(
+        raise BudgetError(
             f"flops={c:g} is below the joint floor {floor:.4f} ({min_heads} head(s) per layer"
             f" and {min_neurons} neurons); use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
         )
@@ -354,7 +354,7 @@ def proportional_split(
     floor_heads = fm.min_units(min_heads) * len(fm.heads)
     floor = fm.total_from_count(min_neurons, floor_heads) / fm.total()
     if c < floor:
-        raise ValueError(
+        raise BudgetError(
             f"flops={c:g} is below the joint floor {floor:.4f} ({min_heads} head(s) per layer"
             f" and {min_neurons} neurons); use flops >= {math.ceil(floor * 1000) / 1000:.3f}"
         )

@@ -222,6 +222,40 @@ def test_time_limit_stops_cleanly(tiny_model_dir, tiny_tsv, tmp_path):
     assert "Stopped early" in paths["md"].read_text()
 
 
+def test_a_budget_the_options_cannot_reach_is_skipped_not_fatal(
+    tiny_model_dir, tiny_tsv, tmp_path
+):
+    """FFN-only pruning cannot go below the attention floor: that cell is reported as not
+    run (once, not retried for every seed) and the rest of the grid is measured."""
+    from kcm_cuda.pruning import prune
+
+    task = D.task_from_file(tiny_tsv)
+    calls = []
+
+    def spy(model, data, flops, **kw):
+        calls.append(flops)
+        return prune(model, data, flops, **kw)
+
+    cfg = GridConfig(
+        model=str(tiny_model_dir),
+        budgets=(0.9, 0.05),
+        methods=("random",),
+        scales=(False,),
+        seeds=2,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        finetune=FinetuneSettings(mode="head"),
+    )
+    report = run_grid(cfg, task=task, prune_fn=spy, log=lambda *_: None)
+    assert sorted(calls) == [0.05, 0.9, 0.9]
+    assert [r["budget"] for r in report["runs"]] == [0.9, 0.9]
+    (nr,) = report["not_run"]
+    assert nr["budget"] == 0.05 and nr["method"] == "random" and "attention floor" in nr["reason"]
+    md = write_report(report, tmp_path / "out")["md"].read_text()
+    assert "Not run" in md and "attention floor" in md
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -259,8 +293,9 @@ def test_cli_unknown_task(tmp_path, capsys):
 
 
 def test_budget_below_attention_floor_is_reported(tiny_model_dir, tiny_tsv, tmp_path, capsys):
-    assert main(_args(tiny_model_dir, tiny_tsv, tmp_path, "--budgets", "0.05")) == 2
-    assert "attention floor" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, tiny_tsv, tmp_path, "--budgets", "0.05")) == 1
+    err = capsys.readouterr().err
+    assert "no pruned model was measured" in err and "attention floor" in err
 
 
 def test_parse_method_variants():
