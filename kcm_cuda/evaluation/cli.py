@@ -169,6 +169,8 @@ def _budgets(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kcm_cuda.evaluation.grid import known_methods
+
     p = argparse.ArgumentParser(
         prog="kcm-eval",
         description="Accuracy of KCM pruning vs baselines on a fine-tuned model "
@@ -219,9 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=None,
-        help="kcm r2 d2 magnitude random; variants as name:key=value,key=value, any prune() "
-        "option (e.g. kcm:merge=weighted,r2_weight=0.25); scale=on|off pins Scale for that "
-        "method whatever --scale says",
+        help="selection methods to compare (default: the profile's). Known: "
+        + " ".join(known_methods())
+        + " (kwon uses labels: the grid draws its sample from the labelled train split). "
+        "Variants as name:key=value,key=value with any prune() option (e.g. "
+        "flap:reconstruct=ridge,heads=true or d2:allocation=uniform); scale=on|off pins Scale "
+        "for that method whatever --scale says; a budget a variant cannot reach is reported "
+        "as not run",
     )
     p.add_argument(
         "--scale", choices=("off", "on", "both"), default=None, help="cpu: off, full: both"

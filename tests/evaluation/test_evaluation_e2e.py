@@ -390,3 +390,13 @@ def test_interrupted_grid_resumes_without_redoing_runs(tiny_model_dir, tiny_tsv,
     assert len(report["runs"]) == 8
     assert sum(bool(r.get("resumed")) for r in report["runs"]) == 3
     assert not partial.exists()
+
+
+def test_methods_help_names_every_registered_method():
+    from kcm_cuda.evaluation.cli import build_parser
+    from kcm_cuda.pruning.methods import METHODS
+
+    text = " ".join(build_parser().format_help().split())
+    for name in METHODS:
+        assert f" {name} " in text or f" {name} (" in text, name
+    assert "kwon uses labels" in text
