@@ -71,25 +71,35 @@ class TokenizedSample:
         y = self.labels[:n] if self.labels is not None else None
         return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows, y)
 
+    def batch_rows(self, batch_size: int) -> list[torch.Tensor]:
+        """The sequences of each batch: ``batch_size`` at a time in order of decreasing length
+        (stable), so that a batch pads to the length of sequences like its own (on the
+        default sample about half the padded positions of batching in sample order; every
+        statistic drawn from the batches is a sum over tokens, which the order leaves alone;
+        the longest batch comes first, so a memory limit shows at once)."""
+        lengths = self.attention_mask.sum(dim=1)
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        return list(order.split(batch_size))
+
     def label_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The labels of :meth:`batches`' batches, in the same order."""
         if self.labels is None:
             raise ValueError("this sample has no labels")
-        for start in range(0, self.n_sequences, batch_size):
-            yield self.labels[start : start + batch_size]
+        for rows in self.batch_rows(batch_size):
+            yield self.labels[rows]
 
     def batches(self, batch_size: int, device: torch.device | str) -> Iterator[dict]:
-        """Model inputs, ``batch_size`` sequences each, trailing all-padding columns trimmed."""
-        for start in range(0, self.n_sequences, batch_size):
-            mask = self.attention_mask[start : start + batch_size]
+        """Model inputs, ``batch_size`` sequences each (:meth:`batch_rows`), trailing
+        all-padding columns trimmed."""
+        for rows in self.batch_rows(batch_size):
+            mask = self.attention_mask[rows]
             width = int(mask.sum(dim=0).nonzero().max()) + 1 if mask.any() else 1
             batch = {
-                "input_ids": self.input_ids[start : start + batch_size, :width].to(device),
+                "input_ids": self.input_ids[rows, :width].to(device),
                 "attention_mask": mask[:, :width].to(device),
             }
             if self.token_type_ids is not None:
-                tt = self.token_type_ids[start : start + batch_size, :width]
-                batch["token_type_ids"] = tt.to(device)
+                batch["token_type_ids"] = self.token_type_ids[rows, :width].to(device)
             yield batch
 
     def n_batches(self, batch_size: int) -> int:

@@ -186,7 +186,8 @@ def collect_mask_grads(
     device: torch.device | str = "cpu",
 ) -> MaskGrads:
     """Per-example gradients of the task loss w.r.t. every head and neuron mask variable
-    (all masks at 1; the model's parameters get no gradients and are not changed)."""
+    (all masks at 1; the model's parameters get no gradients and are not changed), one row
+    per sequence of ``sample`` in its order."""
     if sample.labels is None:
         raise ValueError("the kwon method uses labels: pass labels= aligned with data")
     was_training = model.training
@@ -216,8 +217,10 @@ def collect_mask_grads(
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
+    # The batches come in length order (TokenizedSample.batch_rows): rows back to sample order.
+    where = torch.cat(sample.batch_rows(batch_size)).argsort()
     return MaskGrads(
-        heads=[torch.cat(g) for g in head_g],
-        neurons=[torch.cat(g) for g in neuron_g],
+        heads=[torch.cat(g)[where] for g in head_g],
+        neurons=[torch.cat(g)[where] for g in neuron_g],
         loss=total_loss / max(n, 1),
     )

@@ -21,6 +21,29 @@ def test_list_and_pairs(tokenizer, sentences):
     assert p.token_type_ids is not None and int(p.token_type_ids.max()) == 1
 
 
+def test_batches_group_sequences_of_like_length(tokenizer, sentences):
+    """Every sequence once, in decreasing-length batches, each trimmed to its longest; the
+    labels follow their sequences."""
+    labels = list(range(len(sentences)))
+    s = prepare_sample(sentences, tokenizer, samples=70, max_length=32, seed=4, labels=labels)
+    rows = s.batch_rows(16)
+    assert sorted(torch.cat(rows).tolist()) == list(range(s.n_sequences))
+    lengths = s.attention_mask.sum(dim=1)
+    firsts = [int(lengths[r].max()) for r in rows]
+    assert firsts == sorted(firsts, reverse=True)
+    padded = 0
+    for r, batch, y in zip(rows, s.batches(16, "cpu"), s.label_batches(16), strict=True):
+        assert batch["input_ids"].shape == (len(r), int(lengths[r].max()))
+        assert torch.equal(batch["input_ids"], s.input_ids[r, : batch["input_ids"].shape[1]])
+        assert torch.equal(y, s.labels[r])
+        padded += batch["attention_mask"].numel()
+    in_order = sum(
+        int(lengths[i : i + 16].max()) * len(lengths[i : i + 16])
+        for i in range(0, s.n_sequences, 16)
+    )
+    assert s.n_tokens <= padded <= in_order
+
+
 def test_seeded_sampling(tokenizer, sentences):
     a = prepare_sample(sentences, tokenizer, samples=20, seed=1)
     b = prepare_sample(sentences, tokenizer, samples=20, seed=1)

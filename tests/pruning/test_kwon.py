@@ -64,8 +64,9 @@ def test_per_example_grads_match_single_example_backward(bert, tokenizer, labell
     sample = prepare_sample(texts, tokenizer, samples=6, labels=labels, seed=2)
     g = collect_mask_grads(bert, parts, sample, default_logits_fn, batch_size=6)
     # Example 3 alone, masks as plain (units,) leaves: its gradient must equal row 3.
-    one = sample.subset(4)
-    batch = {k: v[3:4] for k, v in next(one.batches(4, "cpu")).items()}
+    batch = {"input_ids": sample.input_ids[3:4], "attention_mask": sample.attention_mask[3:4]}
+    if sample.token_type_ids is not None:
+        batch["token_type_ids"] = sample.token_type_ids[3:4]
     hm = [torch.ones(p.n_heads, requires_grad=True) for p in parts]
     nm = [torch.ones(p.w2.in_features, requires_grad=True) for p in parts]
     with masked(parts, hm, nm):
