@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-scale)",
     )
     p.add_argument(
+        "--allocation",
+        choices=("auto", "global", "standardised", "uniform", "error"),
+        default="auto",
+        help="how the budget is split over layers: auto (default: uniform widths under the "
+        "ridge refit, the method's global sort otherwise), global, standardised, uniform "
+        "(every layer keeps the same share), error (each layer's measured output error)",
+    )
+    p.add_argument(
         "--heads",
         action="store_true",
         help="prune attention heads too, under the same FLOPs budget (grouped-query decoders: "
@@ -433,6 +441,8 @@ def _new_options(args: argparse.Namespace) -> dict:
         extra["reconstruct"] = args.reconstruct
     if args.heads:
         extra["heads"] = True
+    if args.allocation != "auto":
+        extra["allocation"] = args.allocation
     return extra
 
 

@@ -101,8 +101,10 @@ def prune(
     seed: orders the unlabeled sample (which ``samples`` rows are drawn from ``data``, so the
       activation statistics and D2's votes) and seeds method="random"'s scores; R2 does not
       depend on it. Same seed, same data, same options → the same masks.
-    allocation: how the budget is split over layers (kcm_cuda.pruning.allocation):
-      "global" (default: one global sort of the method's scores), "standardised" (scores
+    allocation: how the budget is split over layers (kcm_cuda.pruning.allocation): "auto"
+      (default: "uniform" when the reconstruction is "ridge", else "global"; with the ridge
+      refit the selection score's uneven widths lost 3 pt at c = 0.4, docs/RESULTS.md),
+      "global" (one global sort of the method's scores), "standardised" (scores
       standardised per layer, then one global sort), "uniform" (width-proportional), "error"
       (each layer's measured output error per pruned neuron, from its activation Gram).
     r2_cache: R2's scores depend only on the weights and R2's options, so they are cached on

@@ -175,7 +175,9 @@ class PruneOptions:
     scale_samples: int = 256
     text_column: str | None = None
     text_pair_column: str | None = None
-    allocation: str = "global"  # per-layer widths (kcm_cuda.pruning.allocation.ALLOCATIONS)
+    # per-layer widths (kcm_cuda.pruning.allocation.ALLOCATIONS); "auto": "uniform" under the
+    # ridge refit (measured: allocation_with_ridge_*), the method's own "global" otherwise
+    allocation: str = "auto"
     r2_cache: bool | str | os.PathLike = True  # R2 scores on disk (kcm_cuda.pruning.r2_cache)
     experimental: ExperimentalOptions | Mapping | None = None
 
@@ -199,7 +201,7 @@ class PruneOptions:
         self.max_length = check_int("max_length", self.max_length, 2)
         self.seed = check_int("seed", self.seed, 0)
         self.batch_size = check_int("batch_size", self.batch_size, 1)
-        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.allocation = check_choice("allocation", self.allocation, ("auto", *ALLOCATIONS))
         resolve_r2_cache(self.r2_cache)  # type / emptiness check
         self.scale_samples = check_int("scale_samples", self.scale_samples, 1)
         self.progress = bool(self.progress)
@@ -210,6 +212,8 @@ class PruneOptions:
         method = METHODS[self.method]
         if method.needs_labels and self.labels is None:
             raise ValueError(f"method {self.method!r} uses labels: pass labels= aligned with data")
+        if self.allocation == "auto":
+            self.allocation = "uniform" if self.reconstruction() == "ridge" else "global"
 
     @classmethod
     def from_call(cls, flops: object, options: Mapping) -> PruneOptions:

@@ -360,6 +360,11 @@ def test_cli_defaults_are_prunes_defaults():
     args = _parser().parse_args(["model", "--data", "d.txt", "--flops", "0.6", "--output", "o"])
     assert args.method == PruneOptions().method
     assert args.samples == PruneOptions().samples == 512  # the calibration-size study's choice
+    assert args.allocation == "auto"  # → PruneOptions' own resolution
+    from kcm_cuda.pruning.allocation import ALLOCATIONS
+
+    (action,) = [a for a in _parser()._actions if a.dest == "allocation"]
+    assert tuple(action.choices) == ("auto", *ALLOCATIONS)
     assert args.max_length == PruneOptions().max_length
     assert args.scale_samples == PruneOptions().scale_samples
     assert args.reconstruct is None and not args.no_scale  # → PruneOptions' default reconstruction

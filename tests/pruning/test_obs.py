@@ -99,7 +99,7 @@ def test_obs_prunes_through_the_api(tokenizer, sentences):
 
     model = tiny_bert(vocab_size=tokenizer.vocab_size)
     kw = dict(method="obs", tokenizer=tokenizer, samples=64, progress=False)
-    res = prune(model, sentences, 0.6, **kw)
+    res = prune(model, sentences, 0.6, allocation="error", **kw)  # its own refit-error widths
     rep = res.report
     assert rep["flops"]["ratio"] <= 0.6 + 1e-9
     sel = rep["selection"]
@@ -107,7 +107,7 @@ def test_obs_prunes_through_the_api(tokenizer, sentences):
     assert sel["kept_per_layer"] == rep["kept_per_layer"]
     errs = sel["predicted_relative_error"]
     assert len(errs) == len(rep["kept_per_layer"]) and all(e >= 0 for e in errs)
-    uni = prune(model, sentences, 0.6, allocation="uniform", **kw).report
+    uni = prune(model, sentences, 0.6, **kw).report  # "auto" under its ridge refit: uniform
     assert uni["selection"]["allocation"] == "uniform"
     assert max(uni["kept_per_layer"]) - min(uni["kept_per_layer"]) <= 1
     assert sum(uni["kept_per_layer"]) == sum(rep["kept_per_layer"])

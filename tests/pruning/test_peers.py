@@ -287,6 +287,32 @@ def test_allocation_option(allocation, method, distilbert, tokenizer, sentences)
         assert all(e >= 0 for e in sel["predicted_relative_error"])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, "uniform"),  # the default: flap + ridge
+        ({"reconstruct": "ridge", "method": "wanda_sp"}, "uniform"),
+        ({"reconstruct": "bias"}, "global"),  # FLAP as published keeps its global sort
+        ({"reconstruct": "scale", "method": "d2"}, "global"),
+        ({"scale": False}, "global"),
+        ({"allocation": "global"}, "global"),  # asked for: honoured under ridge too
+        ({"allocation": "error", "reconstruct": "bias"}, "error"),
+    ],
+)
+def test_auto_allocation_is_uniform_under_the_ridge_refit(kwargs, expected):
+    from kcm_cuda.pruning.options import PruneOptions
+
+    assert PruneOptions(flops=0.5, **kwargs).allocation == expected
+
+
+def test_default_prune_keeps_uniform_widths(bert, tokenizer, sentences):
+    r = prune(bert, sentences, 0.5, tokenizer=tokenizer, progress=False, samples=64)
+    assert r.report["options"]["allocation"] == "uniform"
+    kept = r.report["kept_per_layer"]
+    sizes = [int(n) for n in get_adapter(bert).intermediate_sizes(bert)]
+    assert kept == proportional_counts(sizes, sum(kept), [1] * len(sizes))
+
+
 def test_error_allocation_moves_neurons_to_the_layer_that_needs_them(tokenizer, sentences):
     """Shrink layer 0's W2 a hundredfold: its neurons barely change the output, so the error
     allocation prunes layer 0 first (global wanda_sp too: its scores scale with ‖W2‖, but the

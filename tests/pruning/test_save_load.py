@@ -137,9 +137,8 @@ def test_plain_from_pretrained_loads_padded_save(tmp_path, tokenizer, sentences,
     import transformers
 
     model = builders[family]("seqcls", vocab_size=tokenizer.vocab_size)
-    r = prune(
-        model, sentences, 0.65, method="magnitude", tokenizer=tokenizer, progress=False, samples=128
-    )
+    kw = dict(method="magnitude", allocation="global", tokenizer=tokenizer, progress=False)
+    r = prune(model, sentences, 0.65, samples=128, **kw)
     sizes = r.report["kept_per_layer"]
     assert len(set(sizes)) > 1  # heterogeneous: padding is exercised
     inputs = _inputs(tokenizer, sentences)
