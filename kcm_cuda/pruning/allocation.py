@@ -8,7 +8,8 @@ per-layer counts k_l (Σ k_l = the FLOPs budget's neuron count, k_l ≥ min_keep
                 near-uniform by construction)
   standardised  scores standardised per layer, (s − mean) / std, then one global sort
                 (FLAP's rule applied to any method)
-  uniform       every layer keeps its width-proportional share (largest remainder)
+  uniform       every layer keeps its width-proportional share (largest remainder); what
+                the default ``"auto"`` picks under the ridge refit (PruneOptions)
   error         counts that minimise the sum over layers of each layer's measured output
                 error: removing the m lowest-scored neurons of layer l costs
                 err_l(m) = 1ᵀ (Σ_l ∘ W2ᵀW2)_{PP} 1 / E‖x_l‖², with P those m neurons, Σ_l the

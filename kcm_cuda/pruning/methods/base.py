@@ -84,7 +84,8 @@ def times_w2_norm(
 
 def topk_selection(ctx: PruneContext, scores: list[torch.Tensor], info: dict | None = None):
     """Scores → masks of ctx.k_total neurons (at least ctx.keep_min per layer), the per-layer
-    counts decided by ``allocation=`` (default "global": one global top-k of the scores;
+    counts decided by ``allocation=`` ("global": one global top-k of the scores; the default
+    "auto" is resolved by PruneOptions to "uniform" under the ridge refit, else "global";
     see kcm_cuda.pruning.allocation)."""
     if ctx.options.allocation == "global":
         return Selection(masks=global_topk(scores, ctx.k_total, ctx.keep_min), info=info or {})
