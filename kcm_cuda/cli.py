@@ -134,11 +134,17 @@ def _parser() -> argparse.ArgumentParser:
         "ridge refit, the method's global sort otherwise), global, standardised, uniform "
         "(every layer keeps the same share), error (each layer's measured output error)",
     )
-    p.add_argument(
+    heads = p.add_mutually_exclusive_group()
+    heads.add_argument(
         "--heads",
         action="store_true",
-        help="prune attention heads too, under the same FLOPs budget (grouped-query decoders: "
-        "see --gqa-heads)",
+        help="prune attention heads too, under the same FLOPs budget, at any --flops (default: "
+        "with the ridge refit, heads are pruned at --flops 0.5 and below, where heads and "
+        "neurons together measured better than neurons only; grouped-query decoders: see "
+        "--gqa-heads)",
+    )
+    heads.add_argument(
+        "--no-heads", action="store_true", help="FFN neurons only, whatever the budget"
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
@@ -441,6 +447,8 @@ def _new_options(args: argparse.Namespace) -> dict:
         extra["reconstruct"] = args.reconstruct
     if args.heads:
         extra["heads"] = True
+    elif args.no_heads:
+        extra["heads"] = False
     if args.allocation != "auto":
         extra["allocation"] = args.allocation
     return extra

@@ -148,6 +148,12 @@ class ExperimentalOptions:
 EXPERIMENTAL_NAMES = frozenset(f.name for f in fields(ExperimentalOptions))
 
 
+# heads="auto" prunes heads at this budget and below (with the ridge refit): on MiniLM heads and
+# neurons together won from c = 0.5 down and were level above (benchmarks/results/cpu-amd-epyc/
+# accuracy); FFN-only cannot go below the attention floor (c ≈ 0.34) at all.
+HEADS_AUTO_MAX_FLOPS = 0.5
+
+
 @dataclass
 class PruneOptions:
     """The options of ``prune()`` (see its docstring for each one's meaning); research
@@ -162,7 +168,10 @@ class PruneOptions:
     # For labelled methods on an encoder without a task head: a callable (module or function)
     # mapping (last_hidden_state, attention_mask) to logits.
     classifier: object | None = None
-    heads: bool = False
+    # True / False, or "auto": heads and neurons under one budget when the ridge refit runs and
+    # flops <= HEADS_AUTO_MAX_FLOPS (measured: benchmarks/results/cpu-amd-epyc/accuracy), FFN
+    # neurons only otherwise
+    heads: bool | str = "auto"
     min_heads: int = 1  # heads=True: heads kept per layer at least (>= 1)
     samples: int = 512  # calibration sentences: 512 lost nothing against 2048 (RESULTS.md)
     max_length: int = 128
@@ -195,7 +204,8 @@ class PruneOptions:
                 "classifier must be callable (last_hidden_state, attention_mask) -> logits, "
                 f"got {type(self.classifier).__name__}"
             )
-        self.heads = check_bool("heads", self.heads)
+        if self.heads != "auto":
+            self.heads = check_bool("heads", self.heads)
         self.min_heads = check_int("min_heads", self.min_heads, 1)
         self.samples = check_int("samples", self.samples, 1)
         self.max_length = check_int("max_length", self.max_length, 2)
@@ -212,8 +222,13 @@ class PruneOptions:
         method = METHODS[self.method]
         if method.needs_labels and self.labels is None:
             raise ValueError(f"method {self.method!r} uses labels: pass labels= aligned with data")
+        ridge = self.reconstruction() == "ridge"
         if self.allocation == "auto":
-            self.allocation = "uniform" if self.reconstruction() == "ridge" else "global"
+            self.allocation = "uniform" if ridge else "global"
+        if self.heads == "auto":
+            self.heads = bool(
+                ridge and self.flops <= HEADS_AUTO_MAX_FLOPS and not method.selects_heads
+            )
 
     @classmethod
     def from_call(cls, flops: object, options: Mapping) -> PruneOptions:

@@ -70,10 +70,18 @@ def _err(capsys) -> str:
 
 
 @pytest.mark.parametrize(
-    "flops,match", [("0", "flops"), ("1.5", "flops"), ("nan", "flops"), ("0.1", "attention floor")]
+    "flops,match,extra",
+    [
+        ("0", "flops", []),
+        ("1.5", "flops", []),
+        ("nan", "flops", []),
+        ("0.1", "joint floor", []),  # heads are pruned at c <= 0.5 by default
+        ("0.1", "attention floor", ["--no-heads"]),
+    ],
 )
-def test_cli_bad_flops(tmp_path, model_dir, data_file, capsys, flops, match):
+def test_cli_bad_flops(tmp_path, model_dir, data_file, capsys, flops, match, extra):
     argv = [
+        *extra,
         str(model_dir),
         "--data",
         str(data_file),

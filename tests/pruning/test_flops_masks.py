@@ -60,7 +60,8 @@ def test_bad_flops_type(bert, tokenizer, sentences, bad):
 
 def test_below_attention_floor_says_the_floor(bert, tokenizer, sentences):
     with pytest.raises(ValueError, match=r"attention floor 0\.\d{4}") as info:
-        prune(bert, sentences, 0.2, method="random", tokenizer=tokenizer, progress=False)
+        kw = dict(method="random", heads=False, tokenizer=tokenizer, progress=False)
+        prune(bert, sentences, 0.2, **kw)
     floor = float(str(info.value).split("attention floor ")[1].split(":")[0])
     # just above the floor works
     r = prune(

@@ -305,6 +305,31 @@ def test_auto_allocation_is_uniform_under_the_ridge_refit(kwargs, expected):
     assert PruneOptions(flops=0.5, **kwargs).allocation == expected
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"flops": 0.6}, False),
+        ({"flops": 0.5}, True),  # the default at c <= 0.5: heads and neurons together
+        ({"flops": 0.3}, True),
+        ({"flops": 0.4, "reconstruct": "bias"}, False),  # FLAP as published: neurons only
+        ({"flops": 0.4, "method": "kcm_paper"}, False),  # the paper's pipeline (Scale)
+        ({"flops": 0.4, "heads": False}, False),
+        ({"flops": 0.7, "heads": True}, True),
+    ],
+)
+def test_auto_heads_below_half_the_flops_under_the_ridge_refit(kwargs, expected):
+    from kcm_cuda.pruning.options import PruneOptions
+
+    assert PruneOptions(**kwargs).heads is expected
+    with pytest.raises(TypeError, match="heads must be True or False"):
+        PruneOptions(flops=0.5, heads="yes")
+
+
+def test_default_prune_reaches_below_the_attention_floor(bert, tokenizer, sentences):
+    r = prune(bert, sentences, 0.3, tokenizer=tokenizer, progress=False, samples=64)
+    assert r.head_masks is not None and r.report["flops"]["ratio"] <= 0.3 + 1e-9
+
+
 def test_default_prune_keeps_uniform_widths(bert, tokenizer, sentences):
     r = prune(bert, sentences, 0.5, tokenizer=tokenizer, progress=False, samples=64)
     assert r.report["options"]["allocation"] == "uniform"
