@@ -139,8 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         "--heads",
         action="store_true",
         help="prune attention heads too, under the same FLOPs budget, at any --flops (default: "
-        "with the ridge refit, heads are pruned at --flops 0.5 and below, where heads and "
-        "neurons together measured better than neurons only; grouped-query decoders: see "
+        "with the ridge refit, heads are pruned at --flops 0.7 and below, where heads and "
+        "neurons together measured never worse than neurons only; grouped-query decoders: see "
         "--gqa-heads)",
     )
     heads.add_argument(

@@ -75,7 +75,7 @@ def _err(capsys) -> str:
         ("0", "flops", []),
         ("1.5", "flops", []),
         ("nan", "flops", []),
-        ("0.1", "joint floor", []),  # heads are pruned at c <= 0.5 by default
+        ("0.1", "joint floor", []),  # heads are pruned at c <= 0.7 by default
         ("0.1", "attention floor", ["--no-heads"]),
     ],
 )

@@ -308,16 +308,17 @@ def test_auto_allocation_is_uniform_under_the_ridge_refit(kwargs, expected):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"flops": 0.6}, False),
-        ({"flops": 0.5}, True),  # the default at c <= 0.5: heads and neurons together
+        ({"flops": 0.8}, False),
+        ({"flops": 0.7}, True),  # the default at c <= 0.7: heads and neurons together
+        ({"flops": 0.5}, True),
         ({"flops": 0.3}, True),
         ({"flops": 0.4, "reconstruct": "bias"}, False),  # FLAP as published: neurons only
         ({"flops": 0.4, "method": "kcm_paper"}, False),  # the paper's pipeline (Scale)
         ({"flops": 0.4, "heads": False}, False),
-        ({"flops": 0.7, "heads": True}, True),
+        ({"flops": 0.8, "heads": True}, True),
     ],
 )
-def test_auto_heads_below_half_the_flops_under_the_ridge_refit(kwargs, expected):
+def test_auto_heads_at_and_below_seventy_percent_under_the_ridge_refit(kwargs, expected):
     from kcm_cuda.pruning.options import PruneOptions
 
     assert PruneOptions(**kwargs).heads is expected
