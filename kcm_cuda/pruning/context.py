@@ -20,7 +20,7 @@ from torch import nn
 from kcm_cuda.dispatch import resolve_backend
 from kcm_cuda.pruning import stages
 from kcm_cuda.pruning.adapters import FFNAdapter
-from kcm_cuda.pruning.blockwise import map_blocks
+from kcm_cuda.pruning.blockwise import is_offloaded, map_blocks
 from kcm_cuda.pruning.cache import fingerprint, model_fingerprint
 from kcm_cuda.pruning.d2 import D2Result, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
@@ -366,6 +366,19 @@ def build_context(
         from kcm_cuda.kernels import default_precision
 
         o.precision = default_precision(dev)
+    if (
+        o.heads
+        and not METHODS[o.method].selects_heads
+        and any(is_offloaded(b) for b in adapter.layers(model))
+    ):
+        # heads are removed on a whole copy of the model, which offloaded (meta) blocks forbid
+        if getattr(o, "heads_auto", False):
+            o.heads = False  # heads="auto": FFN neurons only on such a model
+        else:
+            raise ValueError(
+                "heads=True is not supported for a model with offloaded blocks (device_map with "
+                "CPU / disk offload); use heads=False (FFN neurons only)"
+            )
     if adapter.causal and METHODS[o.method].selects_heads:
         raise ValueError(
             f"method={o.method!r} selects heads with a task loss and is not supported for "

@@ -227,7 +227,8 @@ class PruneOptions:
         ridge = self.reconstruction() == "ridge"
         if self.allocation == "auto":
             self.allocation = "uniform" if ridge else "global"
-        if self.heads == "auto":
+        self.heads_auto = self.heads == "auto"  # not a field: whether heads= was left to us
+        if self.heads_auto:
             self.heads = bool(
                 ridge and self.flops <= HEADS_AUTO_MAX_FLOPS and not method.selects_heads
             )

@@ -246,13 +246,20 @@ def _offloaded_llama(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(method="magnitude", scale=False), dict(method="kcm", backend="torch")]
+    "options",
+    [dict(method="magnitude", scale=False), dict(method="kcm", backend="torch", heads=False)],
 )
 def test_weight_scores_of_an_offloaded_model(tmp_path, options):
     sharded, plain = _offloaded_llama(tmp_path)
     a = kcm_cuda.prune(sharded, token_batch(), flops=0.6, progress=False, r2_cache=False, **options)
     b = kcm_cuda.prune(plain, token_batch(), flops=0.6, progress=False, r2_cache=False, **options)
     assert all(torch.equal(a.masks[i], b.masks[i]) for i in a.masks)
+
+
+def test_heads_on_an_offloaded_model_is_a_clear_error(tmp_path):
+    sharded, _ = _offloaded_llama(tmp_path)
+    with pytest.raises(ValueError, match="heads=True is not supported for a model with offloaded"):
+        kcm_cuda.prune(sharded, token_batch(), flops=0.6, progress=False, heads=True)
 
 
 def test_model_spread_over_devices_with_disk_offload(tmp_path):
@@ -263,8 +270,9 @@ def test_model_spread_over_devices_with_disk_offload(tmp_path):
     with torch.no_grad():
         dense = sharded(input_ids=ids).logits
     data = token_batch()
-    a = kcm_cuda.prune(sharded, data, flops=0.6, progress=False)
-    b = kcm_cuda.prune(plain, data, flops=0.6, progress=False)
+    a = kcm_cuda.prune(sharded, data, flops=0.6, progress=False)  # heads="auto": FFN only here
+    b = kcm_cuda.prune(plain, data, flops=0.6, progress=False, heads=False)
+    assert a.head_masks is None and a.report["options"]["heads"] is False
     assert all(torch.equal(a.masks[i], b.masks[i]) for i in a.masks)
     with torch.no_grad():
         assert (a.model(input_ids=ids).logits - b.model(input_ids=ids).logits).abs().max() < 1e-5

@@ -48,7 +48,7 @@ def test_registry_lists_every_method_with_its_interface():
 
 
 def test_context_is_lazy_and_memoised(bert, tokenizer, sentences):
-    o = PruneOptions(flops=0.7, method="d2", samples=64, progress=False)
+    o = PruneOptions(flops=0.7, method="d2", samples=64, progress=False, heads=False)
     ctx = build_context(
         bert, get_adapter(bert), sentences, o, tokenizer=tokenizer, device=None, cache=None
     )

@@ -242,6 +242,7 @@ def test_physical_pruning_and_reload(
         model,
         sentences,
         0.65,
+        heads=False,  # the masked equivalent below is FFN-only
         reconstruct=variant,
         tokenizer=tokenizer,
         progress=False,
