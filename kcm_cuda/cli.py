@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     METHODS = known_methods()  # noqa: N806 - the method registry's names
     from kcm_cuda.pruning.options import PruneOptions
 
-    default_method = PruneOptions().method
+    default_method = PruneOptions().method  # what runs when nothing chooses one
     default_recon = PruneOptions().reconstruction()
     from kcm_cuda.pruning.d2 import D2_MODES
     from kcm_cuda.pruning.heads import GQA_STRUCTURES
@@ -74,12 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="directory to save into")
     p.add_argument(
         "--method",
-        default=default_method,
+        default=None,
         choices=METHODS,
-        help=f"which neurons to keep (default {default_method}: FLAP's standardised fluctuation "
-        "score, the measured best with ridge reconstruction; kcm_paper: the paper's mean-rank "
-        "R2D2 + Scale; kcm: D2 votes with R2 breaking ties; d2, r2, wanda_sp, magnitude, "
-        "random; a method that needs labels (kwon) is for the Python API: prune(..., labels=))",
+        help="which neurons to keep (default: measured, see --structure: flap (FLAP's "
+        "standardised fluctuation) or wanda_sp, whichever prunes this model better; "
+        f"{default_method} with --structure fixed); kcm_paper: the paper's mean-rank "
+        "R2D2 + Scale; kcm: D2 votes with R2 breaking ties; d2, r2, magnitude, random; a "
+        "method that needs labels (kwon) is for the Python API: prune(..., labels=))",
+    )
+    p.add_argument(
+        "--structure",
+        default="search",
+        choices=("search", "fixed"),
+        help="search (default): the parts of the structure not set by --method / --allocation "
+        "/ --heads / --no-heads (heads on or off and the head/neuron split, the layer widths, "
+        "the neuron score) are chosen per model: each candidate is judged on unlabeled rows "
+        "held out from the sample (classifiers: KL to the unpruned model's outputs; LMs: "
+        "held-out NLL) after a one-shot refit; the best is built with the one-shot and the full "
+        "sequential refit and the better one is saved; the report's 'structure' block lists "
+        "every candidate. fixed: uniform widths, heads at --flops <= 0.7, flap (faster, not "
+        "measured on your model)",
     )
     p.add_argument(
         "--samples",
@@ -130,17 +144,18 @@ def _parser() -> argparse.ArgumentParser:
         "--allocation",
         choices=("auto", "global", "standardised", "uniform", "error"),
         default="auto",
-        help="how the budget is split over layers: auto (default: uniform widths under the "
-        "ridge refit, the method's global sort otherwise), global, standardised, uniform "
-        "(every layer keeps the same share), error (each layer's measured output error)",
+        help="how the budget is split over layers: auto (default: measured with --structure "
+        "search, else uniform widths under the ridge refit, the method's global sort "
+        "otherwise), global, standardised, uniform (every layer keeps the same share), error "
+        "(each layer's measured output error)",
     )
     heads = p.add_mutually_exclusive_group()
     heads.add_argument(
         "--heads",
         action="store_true",
         help="prune attention heads too, under the same FLOPs budget, at any --flops (default: "
-        "with the ridge refit, heads are pruned at --flops 0.7 and below, where heads and "
-        "neurons together measured never worse than neurons only; grouped-query decoders: see "
+        "with the ridge refit, --structure search measures heads on and off on your model; "
+        "--structure fixed prunes heads at --flops 0.7 and below; grouped-query decoders: see "
         "--gqa-heads)",
     )
     heads.add_argument(
@@ -437,7 +452,7 @@ def _new_options(args: argparse.Namespace) -> dict:
     refused (kcm-prune reads unlabeled text only)."""
     from kcm_cuda.evaluation.runner import needs_labels
 
-    if needs_labels(args.method):
+    if args.method is not None and needs_labels(args.method):
         raise CLIError(
             f"method {args.method} needs labels; kcm-prune reads unlabeled text only: use the "
             "Python API, kcm_cuda.prune(model, texts, flops, method=..., labels=...)"
@@ -509,11 +524,13 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.method is not None:
+        extra["method"] = args.method
     result = prune(
         model,
         texts,
         args.flops,
-        method=args.method,
+        structure=args.structure,
         scale=not args.no_scale,
         tokenizer=tok,
         samples=args.samples,
@@ -540,8 +557,32 @@ def _run(args: argparse.Namespace) -> int:
     result.report["data_file"] = str(data)
     saved = result.save(out, overwrite=args.overwrite)
     print(result.summary())
+    print(structure_lines(result.report.get("structure") or {}))
     print(f"saved to {saved}")
     return 0
+
+
+def structure_lines(block: dict) -> str:
+    """What the structure search chose and its runner-up (or why it did not run)."""
+    if not block.get("chosen"):
+        return f"structure: fixed ({block.get('not_searched', 'not searched')})"
+    crit = block.get("criterion")
+    out = [
+        f"structure: {block['chosen_label']} (held-out {crit} {block['chosen_criterion']:.4g}, "
+        f"{len(block['candidates'])} candidates on {block['heldout_rows']} held-out rows)"
+    ]
+    runner = block.get("runner_up_label")
+    if runner:
+        value = next(
+            (
+                r.get("criterion")
+                for r in block["candidates"]
+                if r["structure"] == block["runner_up"]
+            ),
+            None,
+        )
+        out.append(f"runner-up: {runner}" + (f" ({crit} {value:.4g})" if value is not None else ""))
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

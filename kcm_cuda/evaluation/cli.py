@@ -48,7 +48,8 @@ CPU_GRID_METHODS = (
     "flap:reconstruct=bias",
     "wanda_sp:reconstruct=bias",
     "d2:reconstruct=ridge",
-    "flap:reconstruct=ridge",
+    "flap:reconstruct=ridge,structure=fixed",  # the default's fixed rules, without the search
+    "default",  # prune() as a user calls it: the structure search
 )
 CPU_GRID_MAX_SEEDS = 3
 CPU_GRID_TARGET_MIN = 12.0  # the grid's length on a slow 2-core CPU, estimated up front
@@ -67,6 +68,9 @@ EST_PRUNE_S = {
     "kcm_paper": 0.4,
     "flap": 1.0,
     "wanda_sp": 1.0,
+    # the structure search: activations with Grams, 8 one-shot candidates on 128 held-out
+    # rows, the winner's two refits (measured: benchmarks/results/cpu-amd-epyc/prune_time)
+    "default": 20.0,
 }
 EST_PRUNE_OTHER_S = 10.0  # a method without a measurement (e.g. kwon's labelled passes)
 EST_SCALE_S = 5.5  # Scale / a reconstruction on top of the selection
@@ -95,7 +99,7 @@ PROFILES = {
             "d2",
             "magnitude",
             "wanda_sp",
-            "flap:reconstruct=ridge,heads=true",
+            "flap:reconstruct=ridge,heads=true,structure=fixed",
         ),
         "scale": "off",
         "seeds": 10,
@@ -184,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="vader-movie (default), vader-movie-rating, vader-amazon, vader-nyt, "
         "vader-tweets, glue/<name> (needs the "
         "`datasets` package and a network), or file:PATH; language models: lm-vader (the "
-        "small LLaMA-architecture LM trained here on the shipped text) or lm-FILE.txt (a "
-        "local text file, one document per line; with --model DIR a local causal LM)",
+        "small LLaMA-architecture LM trained here on the shipped text), lm-vader-deep (a "
+        "deeper Qwen2-architecture LM, 8 layers, trained here on the same text) or "
+        "lm-FILE.txt (a local text file, one document per line; with --model DIR a local "
+        "causal LM)",
     )
     p.add_argument(
         "--data",

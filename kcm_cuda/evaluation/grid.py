@@ -46,24 +46,17 @@ def needs_labels(name: str) -> bool:
 
 
 def default_method() -> str:
-    """The project's default method: prune()'s default ``method=``."""
-    import dataclasses
-    import inspect
-
-    try:  # every option lives in the PruneOptions dataclass
-        from kcm_cuda.pruning.options import PruneOptions
-
-        for f in dataclasses.fields(PruneOptions):
-            if f.name == "method" and isinstance(f.default, str):
-                return f.default
-    except ImportError:
-        pass
+    """The method prune() runs when neither the caller nor the structure search picks one."""
     try:
-        from kcm_cuda.pruning import prune
-    except ImportError:  # pragma: no cover
+        from kcm_cuda.pruning.options import DEFAULT_METHOD
+    except ImportError:  # pragma: no cover - pruning layer missing
         return "kcm"
-    default = inspect.signature(prune).parameters.get("method")
-    return default.default if default is not None and isinstance(default.default, str) else "kcm"
+    return DEFAULT_METHOD
+
+
+# A grid row named "default" runs prune() exactly as a user who passes no method= does (the
+# structure search, kcm_cuda.pruning.structure, then chooses the neuron score too).
+DEFAULT_SPEC = "default"
 
 
 def default_reconstruction(method: str | None = None) -> str | None:
@@ -110,7 +103,7 @@ def parse_method(spec: str | MethodSpec) -> MethodSpec:
         raise ValueError(f"method must be a non-empty string, got {spec!r}")
     name, _, rest = spec.strip().partition(":")
     known = known_methods()
-    if name not in known and name not in LABEL_METHODS_FALLBACK:
+    if name not in known and name not in LABEL_METHODS_FALLBACK and name != DEFAULT_SPEC:
         raise ValueError(f"unknown method {name!r} in {spec!r}; known: {list(known)}")
     opts = []
     if rest:

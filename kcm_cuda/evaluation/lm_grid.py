@@ -44,12 +44,22 @@ __all__ = [
     "write_lm_report",
 ]
 
-DEFAULT_METHOD = "flap:reconstruct=ridge"
-# The default, FLAP as published (bias compensation), Wanda-sp + bias compensation.
-DEFAULT_LM_METHODS = (DEFAULT_METHOD, "flap:reconstruct=bias", "wanda_sp:reconstruct=bias")
+# the shipped text with the second, deeper small LM (lm_train.DEEP_LM_SETTINGS)
+DEEP_TASK = "lm-vader-deep"
+# "default": prune() as a user runs it (no method=: the structure search chooses).
+DEFAULT_METHOD = "default"
+FIXED_RULES = "flap:reconstruct=ridge,structure=fixed"
+# The default, its fixed rules, FLAP as published (bias compensation), Wanda-sp + bias.
+DEFAULT_LM_METHODS = (
+    DEFAULT_METHOD,
+    FIXED_RULES,
+    "flap:reconstruct=bias",
+    "wanda_sp:reconstruct=bias",
+)
 DEFAULT_LM_BUDGETS = (0.8, 0.7, 0.6)
 METHOD_NAMES = {
-    DEFAULT_METHOD: "default (flap + ridge)",
+    DEFAULT_METHOD: "default (structure search)",
+    FIXED_RULES: "fixed rules (flap + ridge)",
     "flap:reconstruct=bias": "FLAP (+ bias, as published)",
     "wanda_sp:reconstruct=bias": "Wanda-sp (+ bias)",
     "d2:reconstruct=ridge": "D2 + ridge",
@@ -92,7 +102,17 @@ class LMGridConfig:
 
     @property
     def text_name(self) -> str:
-        return self.task[3:]
+        return "vader" if self.task == DEEP_TASK else self.task[3:]
+
+    def small_lm_settings(self):
+        """The small LM's settings: given, or the task's (lm-vader-deep: DEEP_LM_SETTINGS)."""
+        if self.lm_settings is not None:
+            return self.lm_settings
+        if self.task == DEEP_TASK:
+            from kcm_cuda.evaluation.lm_train import DEEP_LM_SETTINGS
+
+            return DEEP_LM_SETTINGS
+        return None
 
 
 def _value(v: str) -> object:
@@ -206,7 +226,11 @@ def load_lm(config: LMGridConfig, text, log: Callable[[str], None]):
     from kcm_cuda.evaluation.lm_train import load_small_lm
 
     model, tokenizer, meta = load_small_lm(
-        text, config.lm_settings, cache_dir=config.cache_dir, use_cache=config.use_cache, log=log
+        text,
+        config.small_lm_settings(),
+        cache_dir=config.cache_dir,
+        use_cache=config.use_cache,
+        log=log,
     )
     return model, tokenizer, {"kind": "small LM trained here", **meta}
 
@@ -358,7 +382,7 @@ def _run_lm_grid(config: LMGridConfig, prune_fn, log, checkpoint) -> dict:
                         model,
                         calib_data,
                         flops=c,
-                        method=name,
+                        method=None if name == "default" else name,
                         seed=seed,
                         samples=samples,
                         max_length=seq_len,

@@ -32,9 +32,10 @@ import torch
 from kcm_cuda.evaluation.datasets import default_cache_dir
 from kcm_cuda.evaluation.lm_data import LMText, encode_stream, train_tokenizer
 
-__all__ = ["LMSettings", "load_small_lm", "train_small_lm"]
+__all__ = ["DEEP_LM_SETTINGS", "LMSettings", "load_small_lm", "train_small_lm"]
 
 META_FILE = "kcm_lm.json"
+ARCHITECTURES = ("llama", "qwen2")
 CACHE_FORMAT = 1  # bump when the training code changes what a cached model is
 
 
@@ -60,6 +61,8 @@ class LMSettings:
     grad_clip: float = 1.0
     seed: int = 0
     eval_blocks: int = 64  # held-out blocks for the loss printed during training
+    # "llama" (LlamaForCausalLM) or "qwen2" (Qwen2ForCausalLM: biases on Q, K and V)
+    architecture: str = "llama"
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,8 +79,26 @@ class LMSettings:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+
+# The second, deeper LM (``kcm-eval --task lm-vader-deep``): another family (Qwen2: biases
+# on Q, K and V), 8 layers of hidden 192 (6 query / 2 KV heads of 32, MLP 512), trained on
+# the same shipped text; about the small LM's training cost.
+DEEP_LM_SETTINGS = LMSettings(
+    hidden_size=192,
+    num_layers=8,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=512,
+    architecture="qwen2",
+)
 
 
 def _log(msg: str) -> None:
@@ -85,8 +106,27 @@ def _log(msg: str) -> None:
 
 
 def model_config(settings: LMSettings, tokenizer):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen2Config
 
+    if settings.architecture == "qwen2":
+        return Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=settings.hidden_size,
+            intermediate_size=settings.intermediate_size,
+            num_hidden_layers=settings.num_layers,
+            num_attention_heads=settings.num_heads,
+            num_key_value_heads=settings.num_kv_heads,
+            head_dim=settings.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=settings.context,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=settings.tie_embeddings,
+            use_sliding_window=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden_size,
@@ -153,6 +193,8 @@ def cache_key(text: LMText, settings: LMSettings) -> str:
         "text": text.fingerprint(("train", "test")),
         "settings": dataclasses.asdict(settings),
     }
+    if settings.architecture == "llama":  # keys made before the field existed stay valid
+        del payload["settings"]["architecture"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -167,7 +209,7 @@ def train_small_lm(
     """(model, tokenizer, meta): train the tokenizer and the LM from scratch on
     ``text.train``. ``time_budget_s``: stop early when the next step would pass it
     (``meta['cut_short']`` is then True)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     s = settings or LMSettings()
     t0 = time.perf_counter()
@@ -178,7 +220,7 @@ def train_small_lm(
     test_blocks = pack_blocks(encode_stream(tokenizer, text.test), s.context)
     eval_blocks = test_blocks[: s.eval_blocks]
     torch.manual_seed(s.seed)
-    model = LlamaForCausalLM(model_config(s, tokenizer))
+    model = AutoModelForCausalLM.from_config(model_config(s, tokenizer))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -300,13 +342,13 @@ def load_small_lm(
 ):
     """(model, tokenizer, meta): the cached small LM for ``text`` and ``settings``, trained
     (and cached, unless cut short) on first use. ``meta['cache_path']`` is the directory."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = settings or LMSettings()
     cdir = default_cache_dir(cache_dir) / "lm" / cache_key(text, s)
     if use_cache and (cdir / META_FILE).is_file():
         meta = json.loads((cdir / META_FILE).read_text())
-        model = LlamaForCausalLM.from_pretrained(cdir)
+        model = AutoModelForCausalLM.from_pretrained(cdir)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(cdir)
         meta.update(cached=True, cache_path=str(cdir))

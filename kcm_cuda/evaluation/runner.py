@@ -42,6 +42,7 @@ from kcm_cuda.evaluation.datasets import TaskData, default_cache_dir, get_task
 from kcm_cuda.evaluation.finetune import finetune, resolve_mode, split_metrics
 from kcm_cuda.evaluation.grid import (  # noqa: F401 - also re-exported (kcm_cuda/cli.py, users)
     DEFAULT_BUDGETS,
+    DEFAULT_SPEC,
     GridConfig,
     MethodSpec,
     _cells,
@@ -365,7 +366,7 @@ def run_grid(
     if stopped_early:
         log("STOPPED EARLY: " + stopped_early)
     grid_s = time.perf_counter() - grid_t0
-    summary = summarise(runs, dense, _metric_names(task), default=default_method())
+    summary = summarise(runs, dense, _metric_names(task), default=DEFAULT_SPEC)
     predictions = None
     if config.save_predictions:
         os.makedirs(config.output, exist_ok=True)
@@ -403,7 +404,7 @@ def run_grid(
             | {"resolved_mode": resolve_mode(config.finetune.mode, dev)},
             "time_limit_s": config.time_limit_s,
             "plan": config.plan,
-            "default_method": default_method(),
+            "default_method": DEFAULT_SPEC,
         },
         "ran": _what_ran(runs, config.seeds),
         "environment": _device_info(dev)
@@ -577,7 +578,7 @@ def _one_run(
         clf.model,
         data,
         c,
-        method=m.name,
+        method=None if m.name == DEFAULT_SPEC else m.name,
         tokenizer=tokenizer,
         samples=config.samples,
         max_length=config.max_length,

@@ -46,6 +46,9 @@ class ActivationStats:
     sums: list[torch.Tensor] | None = None  # per layer: (n_batches, n) float64, Σ_tokens a_i
     grams: list[torch.Tensor] | None = None  # per layer: (n, n) float64, Σ_tokens a aᵀ
     input_sq: list[float] | None = None  # per layer (with grams): Σ_tokens ‖x‖², x = W1's input
+    # per layer (with o_grams): the attention output projection's input (the heads' contexts)
+    o_grams: list[torch.Tensor] | None = None  # (d_attn, d_attn) float64, Σ_tokens c cᵀ
+    o_sums: list[torch.Tensor] | None = None  # (d_attn,) float64, Σ_tokens c
 
     @property
     def n_batches(self) -> int:
@@ -103,12 +106,18 @@ def collect_activation_stats(
     kcm_batches: int = 0,
     kcm_options: dict | None = None,
     grams: bool = False,
+    o_grams: bool = False,
 ) -> ActivationStats:
+    """Per layer and batch Σ_tokens a_i and a_i² of W2's input a (padding excluded); with
+    ``grams`` also Σ a aᵀ and the energy of W1's input, with ``o_grams`` Σ c cᵀ and Σ c of the
+    attention output projection's input c (the structure search's one-shot refits read them)."""
     blocks = adapter.layers(model)
     per_layer: list[list[torch.Tensor]] = [[] for _ in blocks]
     per_layer_sum: list[list[torch.Tensor]] = [[] for _ in blocks]
     gram_acc: list[torch.Tensor | None] = [None for _ in blocks]
     input_sq = [0.0 for _ in blocks]
+    o_gram_acc: list[torch.Tensor | None] = [None for _ in blocks]
+    o_sum_acc: list[torch.Tensor | None] = [None for _ in blocks]
     kcm_diag: list[list[torch.Tensor]] = [[] for _ in blocks]
     kcm_iters: list[list[int]] = [[] for _ in blocks]
     current: dict = {}
@@ -140,6 +149,16 @@ def collect_activation_stats(
 
         return hook
 
+    def make_o_hook(idx: int):
+        def hook(_module, args):
+            c = real_tokens(args[0], current["mask"]).float()
+            g = (c.t() @ c).double().cpu()
+            sm = c.sum(dim=0, dtype=torch.float64).cpu()
+            o_gram_acc[idx] = g if o_gram_acc[idx] is None else o_gram_acc[idx] + g
+            o_sum_acc[idx] = sm if o_sum_acc[idx] is None else o_sum_acc[idx] + sm
+
+        return hook
+
     calls, hidden = capture_block_inputs(
         model, adapter, sample, batch_size, store=hidden_store(model, adapter, sample, device)
     )
@@ -152,6 +171,8 @@ def collect_activation_stats(
             handles = [adapter.w2(block).register_forward_pre_hook(make_hook(i))]
             if grams:
                 handles.append(adapter.w1(block).register_forward_pre_hook(make_input_hook(i)))
+            if o_grams:
+                handles.append(adapter.o(block).register_forward_pre_hook(make_o_hook(i)))
             try:
                 for b, call in enumerate(calls):
                     current["mask"] = call.mask.to(dev)
@@ -168,6 +189,8 @@ def collect_activation_stats(
         sums=[torch.stack(x) for x in per_layer_sum],
         grams=[g for g in gram_acc if g is not None] if grams else None,
         input_sq=input_sq if grams else None,
+        o_grams=list(o_gram_acc) if o_grams else None,
+        o_sums=list(o_sum_acc) if o_grams else None,
     )
 
 

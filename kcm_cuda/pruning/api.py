@@ -31,6 +31,7 @@ from kcm_cuda.pruning.r2 import r2_scores
 from kcm_cuda.pruning.reconstruct import reconstruct
 from kcm_cuda.pruning.report import build_report, format_summary
 from kcm_cuda.pruning.saving import save_pruned
+from kcm_cuda.pruning.structure import fixed_report, open_axes, search_structure
 
 # The method names (the registry is kcm_cuda.pruning.methods.METHODS).
 METHODS = tuple(METHOD_REGISTRY)
@@ -152,7 +153,29 @@ def prune(
 
 
 def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
-    ctx = build_context(model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache)
+    axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
+    holdout = opts.experimental.search_rows if axes else 0
+    ctx = build_context(
+        model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache, holdout=holdout
+    )
+    if axes and ctx.heldout is None:
+        structure = fixed_report(
+            "too few unlabeled rows to hold some out: the fixed rules (structure='fixed') ran"
+        )
+        axes = {}
+    elif not axes:
+        structure = fixed_report(_why_fixed(opts))
+    if axes:
+        t0 = time.perf_counter()
+        outcome = search_structure(ctx, axes)
+        ctx, selection, pruned, recon = (
+            outcome.ctx,
+            outcome.selection,
+            outcome.student,
+            outcome.recon,
+        )
+        ctx.timings["structure"] = time.perf_counter() - t0
+        return _finish(model, ctx, selection, pruned, recon, outcome.report, t_start)
 
     method = METHOD_REGISTRY[opts.method]
     if opts.heads and not method.selects_heads:
@@ -170,6 +193,20 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
     t0 = time.perf_counter()
     pruned, recon = reconstruct(ctx, selection)
     ctx.timings["prune" if recon.name == "none" else recon.name] = time.perf_counter() - t0
+    return _finish(model, ctx, selection, pruned, recon, structure, t_start)
+
+
+def _why_fixed(opts) -> str:
+    if opts.structure == "fixed":
+        return "structure='fixed'"
+    if opts.reconstruction() != "ridge":
+        return f"reconstruct={opts.reconstruction()!r}: the search measures the ridge refit"
+    if METHOD_REGISTRY[opts.method].selects_heads:
+        return f"method={opts.method!r} chooses its own structure"
+    return "every part of the structure was given (method=, allocation=, heads=)"
+
+
+def _finish(model, ctx, selection, pruned, recon, structure, t_start) -> PruneResult:
     ctx.teacher = None  # free it before the report
     set_ff_chunking(pruned, ctx.chunking)
     pruned.eval()
@@ -180,6 +217,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
     ctx.timings["total"] = time.perf_counter() - t_start
 
     report = build_report(ctx, selection, recon)
+    report["structure"] = structure
     return PruneResult(
         model=pruned,
         masks=dict(enumerate(selection.masks)),

@@ -56,6 +56,11 @@ class PruneContext:
     head_plan: object | None = None  # heads=True: heads.HeadPlan (set by heads.plan_heads)
     d2_kcm_iterations: list[list[int]] | None = None
     r2_disk: dict | None = None  # R2's on-disk cache: its directory and whether it was a hit
+    # the structure search (structure.py): unlabeled rows held out from the sample, and whether
+    # the activation pass also collects the FFN and attention-output Grams its refits read
+    heldout: TokenizedSample | None = None
+    want_grams: bool = False
+    want_o_grams: bool = False
     _memo: dict = field(default_factory=dict, repr=False)
 
     # -- lazily computed statistics ------------------------------------------------------
@@ -64,7 +69,11 @@ class PruneContext:
         activation Gram."""
         from kcm_cuda.pruning.methods import METHODS
 
-        return self.options.allocation == "error" or METHODS[self.options.method].needs_grams
+        return (
+            self.want_grams
+            or self.options.allocation == "error"
+            or METHODS[self.options.method].needs_grams
+        )
 
     def _model_fp(self) -> str | None:
         """The weights' fingerprint (None for a model with offloaded weights: not memoised)."""
@@ -86,6 +95,8 @@ class PruneContext:
             key = ("activations", self._model_fp(), sample_fp, o.batch_size)
             if self.needs_grams():
                 key += ("grams",)
+            if self.want_o_grams:
+                key += ("o_grams",)
             if o.experimental.d2_mode == "kcm":
                 key += (
                     o.experimental.d2_kcm_batches,
@@ -115,6 +126,7 @@ class PruneContext:
                     backend=o.backend,
                 ),
                 **({"grams": True} if self.needs_grams() else {}),
+                **({"o_grams": True} if self.want_o_grams else {}),
             )
             if key is not None:
                 self.cache[key] = stats
@@ -354,8 +366,11 @@ def build_context(
     tokenizer: object | None,
     device: object,
     cache: dict | None,
+    holdout: int = 0,
 ) -> PruneContext:
-    """Device, backend, token sample, FLOPs budget and the teacher copy (timed as "data")."""
+    """Device, backend, token sample, FLOPs budget and the teacher copy (timed as "data").
+    ``holdout``: also draw that many unlabeled rows beside the sample (``ctx.heldout``, see
+    :func:`split_heldout`)."""
     from kcm_cuda.pruning.methods import METHODS
 
     if cache is not None and not isinstance(cache, dict):
@@ -395,7 +410,7 @@ def build_context(
     sample = prepare_sample(
         data,
         tok,
-        samples=o.samples,
+        samples=o.samples + holdout,
         max_length=o.max_length,
         seed=o.seed,
         text_column=o.text_column,
@@ -404,6 +419,7 @@ def build_context(
         causal=adapter.causal,
         context=adapter.context_length(model.config),
     )
+    sample, heldout = split_heldout(sample, o.samples, holdout)
     need = max(sizes)
     if sample.n_tokens < need:
         raise ValueError(
@@ -454,4 +470,27 @@ def build_context(
         chunking=chunking,
         cache=cache,
         timings={"data": data_s},
+        heldout=heldout,
     )
+
+
+# Fewer held-out rows than this: the structure search does not run (a fixed structure).
+MIN_HELDOUT = 8
+
+
+def split_heldout(
+    drawn: TokenizedSample, samples: int, holdout: int
+) -> tuple[TokenizedSample, TokenizedSample | None]:
+    """(calibration sample, held-out rows) from ``drawn`` (``samples + holdout`` rows drawn in
+    seeded order). With enough data the calibration sample is exactly the ``samples`` rows a
+    run without held-out rows draws and the held-out rows are the next ``holdout``; with
+    fewer rows the held-out part shrinks to what is left beyond ``samples``, but to no less
+    than a quarter of the data, split off the end of the drawn order; below
+    :data:`MIN_HELDOUT` rows nothing is held out."""
+    if holdout <= 0:
+        return drawn, None
+    n = drawn.n_sequences
+    h = min(holdout, max(n - samples, n // 4))
+    if h < MIN_HELDOUT:
+        return drawn.subset(min(samples, n)), None
+    return drawn.subset(min(samples, n - h)), drawn.part(n - h, n)

@@ -71,6 +71,14 @@ class TokenizedSample:
         y = self.labels[:n] if self.labels is not None else None
         return TokenizedSample(self.input_ids[:n], self.attention_mask[:n], tt, rows, y)
 
+    def part(self, start: int, stop: int) -> TokenizedSample:
+        """Sequences ``start`` … ``stop`` − 1 (in sample order) as a sample of their own."""
+        sl = slice(start, stop)
+        tt = self.token_type_ids[sl] if self.token_type_ids is not None else None
+        rows = self.rows[sl] if self.rows is not None else None
+        y = self.labels[sl] if self.labels is not None else None
+        return TokenizedSample(self.input_ids[sl], self.attention_mask[sl], tt, rows, y)
+
     def batch_rows(self, batch_size: int) -> list[torch.Tensor]:
         """The sequences of each batch: ``batch_size`` at a time in order of decreasing length
         (stable), so that a batch pads to the length of sequences like its own (on the

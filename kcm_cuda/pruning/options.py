@@ -86,6 +86,12 @@ class ExperimentalOptions:
     gqa_heads: str = "per_group"
     kwon_rearrange: bool = True  # kwon: mask rearrangement step
     kwon_tune: bool = True  # kwon: least-squares mask tuning step
+    # structure="search": unlabeled rows held out from the calibration sample to judge the
+    # candidate structures on (drawn beside the sample, or split off it when data is short)
+    search_rows: int = 128
+    # structure="search": how many of the best candidates by the one-shot proxy are built with
+    # both refits (one-shot, sequential) before the criterion picks the model returned
+    search_finalists: int = 1
 
     def __post_init__(self) -> None:
         from kcm_cuda.pruning.heads import GQA_STRUCTURES, HEAD_SCORES, JOINT_SPLITS
@@ -115,6 +121,8 @@ class ExperimentalOptions:
         self.gqa_heads = check_choice("gqa_heads", self.gqa_heads, GQA_STRUCTURES)
         self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
         self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
+        self.search_rows = check_int("search_rows", self.search_rows, 8)
+        self.search_finalists = check_int("search_finalists", self.search_finalists, 1)
 
     @classmethod
     def from_value(cls, value: object) -> ExperimentalOptions:
@@ -154,6 +162,10 @@ EXPERIMENTAL_NAMES = frozenset(f.name for f in fields(ExperimentalOptions))
 # heads reach below the attention floor (c = 0.3: 81.4 %); at 0.8 they gain nothing for a slower
 # prune. On the small LM at c = 0.5: perplexity 106.8 against 115.5 (1 seed).
 HEADS_AUTO_MAX_FLOPS = 0.7
+# structure=: "search" (default) measures the structure left open (heads=, allocation=,
+# method= not given) on held-out unlabeled rows (kcm_cuda.pruning.structure); "fixed" applies
+# the rules above (uniform widths under the ridge refit, heads at flops <= 0.7, flap)
+STRUCTURES = ("search", "fixed")
 
 
 @dataclass
@@ -162,7 +174,7 @@ class PruneOptions:
     variants are in ``experimental`` (:class:`ExperimentalOptions`)."""
 
     flops: float = 0.6
-    method: str = DEFAULT_METHOD
+    method: str | None = None  # None: DEFAULT_METHOD, or the structure search's choice
     scale: bool = True
     reconstruct: str | None = None  # None: scale=True → the default, scale=False → "none"
     ridge_lambda: float = 0.01
@@ -190,13 +202,20 @@ class PruneOptions:
     # ridge refit (measured: allocation_with_ridge_*), the method's own "global" otherwise
     allocation: str = "auto"
     r2_cache: bool | str | os.PathLike = True  # R2 scores on disk (kcm_cuda.pruning.r2_cache)
+    structure: str = "search"  # STRUCTURES: measure what heads= / allocation= / method= leave open
     experimental: ExperimentalOptions | Mapping | None = None
 
     def __post_init__(self) -> None:
         from kcm_cuda.pruning.methods import METHODS
 
         self.flops = check_flops(self.flops)
+        # not fields: what the caller left open (the structure search may choose it)
+        self.method_given = self.method is not None
+        self.allocation_given = self.allocation != "auto"
+        if self.method is None:
+            self.method = DEFAULT_METHOD
         self.method = check_choice("method", self.method, tuple(METHODS))
+        self.structure = check_choice("structure", self.structure, STRUCTURES)
         self.scale = check_bool("scale", self.scale)
         if self.reconstruct is not None:
             self.reconstruct = check_choice("reconstruct", self.reconstruct, RECONSTRUCTIONS)

@@ -406,7 +406,7 @@ def refit_layers(
             res.target_energy.append(float(fit.yy))
             update = (keep, W_new, db, with_bias)
             if seq:
-                _apply(adapter, sb, *update)
+                apply_ffn_refit(adapter, sb, *update)
                 for b, call in enumerate(calls):
                     h_s[b] = run_block(sb, call, h_s[b], dev)
             else:
@@ -416,7 +416,7 @@ def refit_layers(
             if lazy:
                 set_block(student, adapter, layer, sb)
     for sb, update in zip(adapter.layers(student), updates, strict=False):
-        _apply(adapter, sb, *update)
+        apply_ffn_refit(adapter, sb, *update)
     if any(res.fallback):
         res.notes.append(
             f"{variant}: plain pruning kept in layer(s) "
@@ -493,7 +493,7 @@ def _refit_o(adapter, tb, sb, head_mask, calls, h_t, h_s, dev, lam, result: ORef
     return (outs, yxs) if seq else None
 
 
-def _apply(
+def apply_ffn_refit(
     adapter,
     block: nn.Module,
     keep: torch.Tensor,

@@ -54,11 +54,14 @@ def test_grid_with_the_small_lm(tmp_path, monkeypatch):
         log=lambda m: None,
         checkpoint=lambda r: partial.append((r["seeds_done"], len(r["runs"]))),
     )
-    assert partial == [(1, 6)]  # after the first seed round, not after the last
+    n_methods = len(DEFAULT_LM_METHODS)  # the default (search), its fixed rules, two peers
+    assert partial == [(1, 2 * n_methods)]  # after the first seed round, not after the last
     assert report["seeds_done"] == 2 and report["dense_unchanged"] is True
-    assert len(report["runs"]) == 2 * 3 * 2 and not report["errors"]
-    assert {c["method"] for c in calls} == {"flap", "wanda_sp"}
-    assert {c["reconstruct"] for c in calls} == {"ridge", "bias"}
+    assert len(report["runs"]) == 2 * n_methods * 2 and not report["errors"]
+    # the default row calls prune() as a user does: no method=, no reconstruct=
+    assert {c["method"] for c in calls} == {None, "flap", "wanda_sp"}
+    assert {c.get("reconstruct") for c in calls} == {None, "ridge", "bias"}
+    assert {c.get("structure") for c in calls} == {None, "fixed"}
     assert all(c["samples"] == 4 and c["progress"] is False for c in calls)
     assert report["config"]["window"] == 32 and report["config"]["stride"] == 16
     assert report["lm"]["kind"] == "small LM trained here"
@@ -70,7 +73,7 @@ def test_grid_with_the_small_lm(tmp_path, monkeypatch):
         assert ("vs_default" in r) == (r["method"] != DEFAULT_LM_METHODS[0])
     assert dense > 0
     rows = report["summary"]
-    assert len(rows) == 2 * 3
+    assert len(rows) == 2 * n_methods
     assert rows[0]["budget"] == 0.8 and rows[0]["ppl"]["n"] == 2
     assert rows[1]["vs_default"]["seeds"] == 2
     paths = write_lm_report(report, cfg.output)
@@ -110,7 +113,7 @@ def test_cli_local_checkpoint_and_text_file(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["lm"]["kind"] == "local checkpoint"
     assert report["config"]["window"] == 24 and report["config"]["stride"] == 8
-    assert [r["budget"] for r in report["runs"]] == [0.7] * 3
+    assert [r["budget"] for r in report["runs"]] == [0.7] * len(DEFAULT_LM_METHODS)
     assert "report.md" in capsys.readouterr().out
     assert "not for a real LLM" not in (out / "report.md").read_text()
 
@@ -130,7 +133,7 @@ def test_cli_exits_1_when_every_prune_fails(tmp_path, monkeypatch, capsys):
                "--samples", "4", "--max-length", "16", "--output", str(out)])  # fmt: skip
     assert rc == 1
     report = json.loads((out / "report.json").read_text())
-    assert len(report["errors"]) == 3 and not report["runs"]
+    assert len(report["errors"]) == len(DEFAULT_LM_METHODS) and not report["runs"]
     assert "NotImplementedError" in format_lm_markdown(report)
     assert "no pruned model was measured" in capsys.readouterr().err
 

@@ -26,7 +26,8 @@ def test_real_prune_on_a_tiny_llama(tmp_path):
     assert not report["errors"]
     runs = report["runs"]
     assert [r["method"] for r in runs] == [
-        "flap:reconstruct=ridge",
+        "default",
+        "flap:reconstruct=ridge,structure=fixed",
         "flap:reconstruct=bias",
         "wanda_sp:reconstruct=bias",
     ]

@@ -44,3 +44,32 @@ def test_cut_short_training_is_not_cached(tmp_path, monkeypatch):
     assert meta["cut_short"] is True and meta["steps_run"] < 50
     assert "cache_path" not in meta
     assert not (tmp_path / "cache" / "lm" / cache_key(text, s)).exists()
+
+
+def test_qwen2_architecture_trains_caches_and_reloads(tmp_path, monkeypatch):
+    """The deeper LM's family: a Qwen2ForCausalLM (Q/K/V biases), cached and reloaded as such;
+    the LLaMA settings' cache key is the one made before the architecture field existed."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from kcm_cuda.evaluation.lm_train import CACHE_FORMAT, DEEP_LM_SETTINGS
+
+    monkeypatch.setenv("KCM_CUDA_CACHE", str(tmp_path / "cache"))
+    text = split_lines("tiny", make_lines(400))
+    s = tiny_settings(architecture="qwen2", num_layers=3)
+    model, tok, meta = load_small_lm(text, s, log=lambda m: None)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model2, _, meta2 = load_small_lm(text, s, log=lambda m: None)
+    assert meta2["cached"] is True and type(model2).__name__ == "Qwen2ForCausalLM"
+    x = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model2(input_ids=x).logits, model.eval()(input_ids=x).logits)
+    llama = tiny_settings()
+    old = dataclasses.asdict(llama)
+    del old["architecture"]
+    payload = {"format": CACHE_FORMAT, "text": text.fingerprint(("train", "test")), "settings": old}
+    expect = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    assert cache_key(text, llama) == expect != cache_key(text, s)
+    assert DEEP_LM_SETTINGS.architecture == "qwen2" and DEEP_LM_SETTINGS.num_layers >= 8

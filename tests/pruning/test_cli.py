@@ -366,7 +366,8 @@ def test_cli_defaults_are_prunes_defaults():
     from kcm_cuda.pruning.options import PruneOptions
 
     args = _parser().parse_args(["model", "--data", "d.txt", "--flops", "0.6", "--output", "o"])
-    assert args.method == PruneOptions().method
+    assert args.method is None  # not given: prune()'s structure search (or its default) decides
+    assert args.structure == PruneOptions().structure == "search"
     assert args.samples == PruneOptions().samples == 512  # the calibration-size study's choice
     assert args.allocation == "auto"  # → PruneOptions' own resolution
     from kcm_cuda.pruning.allocation import ALLOCATIONS

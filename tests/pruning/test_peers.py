@@ -332,7 +332,9 @@ def test_default_prune_reaches_below_the_attention_floor(bert, tokenizer, senten
 
 
 def test_default_prune_keeps_uniform_widths(bert, tokenizer, sentences):
-    r = prune(bert, sentences, 0.5, tokenizer=tokenizer, progress=False, samples=64)
+    r = prune(
+        bert, sentences, 0.5, tokenizer=tokenizer, progress=False, samples=64, structure="fixed"
+    )
     assert r.report["options"]["allocation"] == "uniform"
     kept = r.report["kept_per_layer"]
     sizes = [int(n) for n in get_adapter(bert).intermediate_sizes(bert)]

@@ -1,0 +1,316 @@
+"""The structure search (kcm_cuda.pruning.structure): candidates, the held-out criterion, the
+one-shot proxy's refit, what options fix, and what the report says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kcm_cuda.pruning import prune
+from kcm_cuda.pruning.reconstruct import LinearRefit
+from kcm_cuda.pruning.structure import (
+    SEARCH_ALLOCATIONS,
+    HeldoutCriterion,
+    _OneShot,
+    candidates,
+    open_axes,
+)
+from tests.pruning.conftest import make_sentences, tiny_bert, tiny_decoder, token_batch
+
+
+@pytest.fixture(scope="module")
+def many_sentences():
+    return make_sentences(200, seed=3)
+
+
+def _search(model, data, c, tokenizer=None, **kw):
+    kw.setdefault("experimental", {"search_rows": 48})
+    return prune(model, data, c, tokenizer=tokenizer, progress=False, samples=96, **kw)
+
+
+def test_default_searches_and_reports(bert, tokenizer, many_sentences):
+    r = _search(bert, many_sentences, 0.6, tokenizer)
+    s = r.report["structure"]
+    assert s["criterion"] == "kl"
+    assert s["heldout_rows"] == 48
+    assert set(s["searched"]) == {"method", "allocation", "heads", "head_split"}
+    # stage 1: heads off / on x 2 splits (flap, uniform); stage 2: 2 scores x 3 allocations
+    # with stage 1's heads, one of which stage 1 already measured
+    stages = [row["stage"] for row in s["candidates"]]
+    assert stages == [1, 1, 1, 2, 2, 2, 2, 2]
+    first = [row for row in s["candidates"] if row["stage"] == 1]
+    best1 = min(first, key=lambda row: row["criterion"])["structure"]
+    for row in s["candidates"]:
+        if row["stage"] == 2:
+            assert row["structure"]["heads"] == best1["heads"]
+            assert row["structure"].get("head_split") == best1.get("head_split")
+    live = [row for row in s["candidates"] if "skipped" not in row]
+    assert all(math.isfinite(row["criterion"]) and row["criterion"] >= 0 for row in live)
+    # the proxy's best is the finalist, built with both refits; the lower criterion is chosen
+    finals = [row for row in live if "criterion_sequential_refit" in row]
+    assert len(finals) == 1
+    fin = finals[0]
+    assert fin["criterion"] == min(row["criterion"] for row in live)
+    # the one-shot model built in full gives the proxy's value again
+    assert fin["criterion_oneshot_refit"] == pytest.approx(fin["criterion"], rel=1e-6)
+    mode = min(("oneshot", "sequential"), key=lambda m: fin[f"criterion_{m}_refit"])
+    assert s["chosen"] == {**fin["structure"], "refit": mode}
+    assert s["chosen_criterion"] == pytest.approx(fin[f"criterion_{mode}_refit"])
+    # the report's options, flops and reconstruction are the chosen structure's
+    assert r.report["method"] == s["chosen"]["method"]
+    assert r.report["options"]["allocation"] == s["chosen"]["allocation"]
+    assert r.report["options"]["heads"] is s["chosen"]["heads"]
+    assert r.report["reconstruct_mode"] == mode
+    assert r.report["flops"]["ratio"] <= 0.6 + 1e-9
+    assert "structure" in r.report["timings_s"]
+    assert s["runner_up"] is not None and s["runner_up"] != fin["structure"]
+
+
+def test_oneshot_student_matches_the_masked_refit(bert, tokenizer, many_sentences):
+    """The one-shot model equals the teacher with the same masks and the independent
+    LinearRefit solution written in (the physical model computes what the refit says)."""
+    from kcm_cuda.pruning.adapters import get_adapter
+    from kcm_cuda.pruning.context import build_context
+    from kcm_cuda.pruning.options import PruneOptions
+    from kcm_cuda.pruning.structure import (
+        Structure,
+        candidate_context,
+        candidate_selection,
+        oneshot_student,
+    )
+
+    opts = PruneOptions(flops=0.6, samples=96, progress=False)
+    ctx = build_context(
+        bert,
+        get_adapter(bert),
+        many_sentences,
+        opts,
+        tokenizer=tokenizer,
+        device="cpu",
+        cache=None,
+        holdout=0,
+    )
+    ctx.want_grams = True
+    cctx = candidate_context(ctx, Structure("wanda_sp", "global", False))
+    sel = candidate_selection(cctx)
+    student, recon = oneshot_student(cctx, sel)
+    assert recon.mode == "oneshot" and not any(recon.fallback)
+    assert all(e1 <= e0 for e0, e1 in zip(recon.error_before, recon.error_after, strict=True))
+    ad = get_adapter(bert)
+    for layer, block in enumerate(ad.layers(student)):
+        keep = sel.masks[layer]
+        assert ad.w2(block).weight.shape[1] == int(keep.sum())
+    # layer 1, independently: the teacher's activations on the sample, its own outputs as target
+    from kcm_cuda.pruning.activations import real_tokens
+
+    tb = ad.layers(bert)[1]
+    W2, b2 = ad.w2(tb).weight.detach().double(), ad.w2(tb).bias.detach().double()
+    got, cur = [], {}
+    h = ad.w2(tb).register_forward_pre_hook(
+        lambda _m, a: got.append(real_tokens(a[0], cur["mask"]).double())
+    )
+    try:
+        with torch.no_grad():
+            for batch in ctx.sample.batches(32, "cpu"):
+                cur["mask"] = batch["attention_mask"]
+                bert(**batch)
+    finally:
+        h.remove()
+    a = torch.cat(got)
+    keep = sel.masks[1]
+    ref = LinearRefit(int(keep.sum()), W2.shape[0], torch.device("cpu"), fit_bias=True)
+    ref.add(a[:, keep], a @ W2.t())
+    W_ref, db_ref, _ = ref.ridge(W2[:, keep], opts.ridge_lambda)
+    sw = ad.w2(ad.layers(student)[1])
+    # (the pass accumulates its Grams from float32 products: agreement to ~1e-4)
+    assert torch.allclose(sw.weight.double(), W_ref.double(), rtol=1e-3, atol=5e-4)
+    assert torch.allclose(sw.bias.double() - b2, db_ref.double(), rtol=1e-3, atol=5e-4)
+
+
+def test_the_chosen_model_has_the_criterion_reported(bert, tokenizer, many_sentences):
+    """The returned model's held-out KL, recomputed from its own logits, is the chosen value."""
+    r = _search(bert, many_sentences, 0.6, tokenizer)
+    from kcm_cuda.pruning.data import prepare_sample
+
+    drawn = prepare_sample(many_sentences, tokenizer, samples=96 + 48, seed=0)
+    held = drawn.part(96, 144)
+    kl, n = 0.0, 0
+    with torch.no_grad():
+        for batch in held.batches(32, "cpu"):
+            t = torch.log_softmax(bert(**batch).logits.double(), -1)
+            s = torch.log_softmax(r.model(**batch).logits.double(), -1)
+            kl += float((t.exp() * (t - s)).sum())
+            n += t.shape[0]
+    assert kl / n == pytest.approx(r.report["structure"]["chosen_criterion"], rel=1e-4, abs=1e-7)
+
+
+def test_given_options_fix_their_part(bert, tokenizer, many_sentences):
+    r = _search(bert, many_sentences, 0.6, tokenizer, method="wanda_sp", heads=False)
+    s = r.report["structure"]
+    assert set(s["searched"]) == {"allocation"}
+    assert s["fixed"]["method"] == "wanda_sp" and s["fixed"]["heads"] is False
+    allocs = [row["structure"]["allocation"] for row in s["candidates"]]
+    assert sorted(allocs) == sorted(SEARCH_ALLOCATIONS)
+    assert all(row["structure"]["method"] == "wanda_sp" for row in s["candidates"])
+    assert r.report["method"] == "wanda_sp"
+    assert r.head_masks is None
+
+
+def test_nothing_open_means_no_search(bert, tokenizer, many_sentences):
+    r = _search(
+        bert, many_sentences, 0.6, tokenizer, method="flap", allocation="uniform", heads=False
+    )
+    s = r.report["structure"]
+    assert s["candidates"] == [] and s["chosen"] is None
+    assert "given" in s["not_searched"]
+
+
+def test_fixed_structure_is_the_old_rules(bert, tokenizer, many_sentences):
+    fixed = _search(bert, many_sentences, 0.6, tokenizer, structure="fixed")
+    explicit = _search(
+        bert, many_sentences, 0.6, tokenizer, method="flap", allocation="uniform", heads=True
+    )
+    assert fixed.report["structure"]["not_searched"] == "structure='fixed'"
+    for i in fixed.masks:
+        assert torch.equal(fixed.masks[i], explicit.masks[i])
+        assert torch.equal(fixed.head_masks[i], explicit.head_masks[i])
+
+
+def test_no_search_without_the_ridge_refit(bert, tokenizer, many_sentences):
+    r = _search(bert, many_sentences, 0.6, tokenizer, reconstruct="bias")
+    assert "ridge" in r.report["structure"]["not_searched"]
+
+
+def test_too_few_rows_fall_back_to_the_fixed_rules(bert, tokenizer):
+    few = make_sentences(30, seed=5)
+    r = prune(bert, few, 0.7, tokenizer=tokenizer, progress=False, samples=96)
+    s = r.report["structure"]
+    assert s["chosen"] is None and "too few" in s["not_searched"]
+
+
+def test_heldout_rows_are_not_calibration_rows(bert, tokenizer, many_sentences):
+    from kcm_cuda.pruning.context import split_heldout
+    from kcm_cuda.pruning.data import prepare_sample
+
+    drawn = prepare_sample(many_sentences, tokenizer, samples=96 + 48, seed=2)
+    calib, held = split_heldout(drawn, 96, 48)
+    alone = prepare_sample(many_sentences, tokenizer, samples=96, seed=2)
+    assert torch.equal(calib.rows, alone.rows)  # the same sample as without a search
+    assert not set(held.rows.tolist()) & set(calib.rows.tolist())
+    assert held.n_sequences == 48
+    # short data: a quarter is split off the end; too short: nothing held out
+    small = prepare_sample(many_sentences[:60], tokenizer, samples=96 + 48, seed=2)
+    c2, h2 = split_heldout(small, 96, 48)
+    assert (c2.n_sequences, h2.n_sequences) == (45, 15)
+    tiny = prepare_sample(many_sentences[:20], tokenizer, samples=96 + 48, seed=2)
+    assert split_heldout(tiny, 96, 48)[1] is None
+
+
+def test_one_shot_refit_is_the_ridge_on_the_teachers_activations():
+    """The proxy's sub-solve from the full Gram equals LinearRefit fed with the kept columns
+    and the teacher's own outputs as target."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 20, generator=gen, dtype=torch.float64).abs()
+    W = torch.randn(8, 20, generator=gen, dtype=torch.float64)
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[[0, 3, 4, 7, 11, 12, 19]] = True
+    one = _OneShot(a.t() @ a, a.sum(0), a.shape[0], W, True, torch.device("cpu"))
+    Wn, db = one.refit(keep, 0.01)
+    ref = LinearRefit(int(keep.sum()), 8, torch.device("cpu"), fit_bias=True)
+    ref.add(a[:, keep], a @ W.t())
+    W2, db2, fb = ref.ridge(W[:, keep], 0.01)
+    assert not fb
+    assert torch.allclose(Wn.double(), W2.double(), atol=1e-5)
+    assert torch.allclose(db.double(), db2.double(), atol=1e-5)
+
+
+def test_criterion_of_the_teacher(tokenizer, many_sentences):
+    """KL of the teacher against itself is 0; a causal LM's criterion is the NLL that
+    transformers computes with labels = the inputs."""
+    from kcm_cuda.pruning.adapters import get_adapter
+    from kcm_cuda.pruning.context import build_context
+    from kcm_cuda.pruning.options import PruneOptions
+
+    model = tiny_bert(vocab_size=tokenizer.vocab_size)
+    opts = PruneOptions(flops=0.7, samples=96, progress=False)
+    ctx = build_context(
+        model,
+        get_adapter(model),
+        many_sentences,
+        opts,
+        tokenizer=tokenizer,
+        device="cpu",
+        cache=None,
+        holdout=40,
+    )
+    crit = HeldoutCriterion(ctx)
+    assert crit.values([crit.teacher_stream()]) == [pytest.approx(0.0, abs=1e-12)]
+    assert crit.kind == "kl"
+
+    lm = tiny_decoder("llama")
+    data = token_batch(n=80, width=20)
+    ctx = build_context(
+        lm,
+        get_adapter(lm),
+        data,
+        PruneOptions(flops=0.7, samples=40, progress=False),
+        tokenizer=None,
+        device="cpu",
+        cache=None,
+        holdout=40,
+    )
+    crit = HeldoutCriterion(ctx)
+    value = crit.values([crit.teacher_stream()])[0]
+    assert crit.kind == "nll"
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for batch in ctx.heldout.batches(8, "cpu"):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            out = lm(**batch, labels=labels)
+            k = int((labels[:, 1:] != -100).sum())
+            nll += float(out.loss) * k
+            n += k
+    assert value == pytest.approx(nll / n, rel=1e-4)
+
+
+def test_decoder_search_uses_nll(tokenizer):
+    lm = tiny_decoder("qwen2")
+    data = token_batch(n=120, width=20)
+    r = prune(lm, data, 0.6, progress=False, samples=64, experimental={"search_rows": 40})
+    s = r.report["structure"]
+    assert s["criterion"] == "nll"
+    assert s["chosen"] is not None
+    assert all(math.isfinite(row["criterion"]) for row in s["candidates"] if "skipped" not in row)
+
+
+def test_base_model_uses_the_hidden_state_error(builders, tokenizer, many_sentences):
+    model = builders["distilbert"]("base", vocab_size=tokenizer.vocab_size)
+    r = _search(model, many_sentences, 0.6, tokenizer, method="flap", heads=False)
+    assert r.report["structure"]["criterion"] == "hidden_error"
+
+
+def test_below_the_attention_floor_only_heads_candidates_run(bert, tokenizer, many_sentences):
+    r = _search(bert, many_sentences, 0.3, tokenizer, method="flap", allocation="uniform")
+    s = r.report["structure"]
+    ffn_only = [row for row in s["candidates"] if not row["structure"]["heads"]]
+    assert ffn_only and all("skipped" in row for row in ffn_only)
+    assert s["chosen"]["heads"] is True
+
+
+def test_open_axes():
+    from kcm_cuda.pruning.options import PruneOptions
+
+    model = tiny_bert()
+    from kcm_cuda.pruning.adapters import get_adapter
+
+    ad = get_adapter(model)
+    assert open_axes(PruneOptions(flops=0.6, structure="fixed"), ad, model) == {}
+    axes = open_axes(PruneOptions(flops=0.6), ad, model)
+    assert len(candidates(axes)) == 18
+    axes = open_axes(
+        PruneOptions(flops=0.6, heads=True, experimental={"head_split": "zscore"}), ad, model
+    )
+    assert axes["head_split"] == ("zscore",) and axes["heads"] == (True,)
+    assert open_axes(PruneOptions(flops=0.6, method="kwon", labels=[0]), ad, model) == {}
