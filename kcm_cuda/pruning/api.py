@@ -31,7 +31,12 @@ from kcm_cuda.pruning.r2 import r2_scores
 from kcm_cuda.pruning.reconstruct import reconstruct
 from kcm_cuda.pruning.report import build_report, format_summary
 from kcm_cuda.pruning.saving import save_pruned
-from kcm_cuda.pruning.structure import fixed_report, open_axes, search_structure
+from kcm_cuda.pruning.structure import (
+    fixed_report,
+    open_axes,
+    search_structure,
+    too_big_for_search,
+)
 
 # The method names (the registry is kcm_cuda.pruning.methods.METHODS).
 METHODS = tuple(METHOD_REGISTRY)
@@ -154,6 +159,12 @@ def prune(
 
 def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
+    too_big = too_big_for_search(adapter, model, axes) if axes else None
+    if too_big:
+        import warnings
+
+        warnings.warn(f"structure search skipped: {too_big}", stacklevel=3)
+        axes = {}
     holdout = opts.experimental.search_rows if axes else 0
     ctx = build_context(
         model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache, holdout=holdout
@@ -164,7 +175,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         )
         axes = {}
     elif not axes:
-        structure = fixed_report(_why_fixed(opts))
+        structure = fixed_report(too_big or _why_fixed(opts))
     if axes:
         t0 = time.perf_counter()
         outcome = search_structure(ctx, axes)

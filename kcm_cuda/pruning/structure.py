@@ -137,6 +137,47 @@ def open_axes(opts, adapter, model: nn.Module) -> dict[str, tuple]:
     return axes if n > 1 else {}
 
 
+# The search holds every layer's FFN-input (and O-input) Gram in float64 on the CPU: it runs
+# only when they take at most this share of the memory available now.
+GRAM_MEMORY_SHARE = 0.25
+
+
+def gram_bytes(adapter, model: nn.Module, heads: bool) -> int:
+    """Bytes of the Grams the search's one-shot refits read (float64, every layer)."""
+    sizes = adapter.intermediate_sizes(model)
+    total = sum(n * n for n in sizes)
+    if heads:
+        cfg = model.config
+        d_attn = adapter.num_heads(cfg) * adapter.head_size(cfg)
+        total += len(sizes) * d_attn * d_attn
+    return 8 * total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def too_big_for_search(adapter, model: nn.Module, axes: dict[str, tuple]) -> str | None:
+    """Why the search cannot hold this model's Grams (None: it can)."""
+    need = gram_bytes(adapter, model, True in axes.get("heads", ()))
+    free = available_memory()
+    if free is None or need <= GRAM_MEMORY_SHARE * free:
+        return None
+    return (
+        f"the search's Grams would take {need / 2**30:.1f} GiB, more than "
+        f"{GRAM_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available: the fixed rules "
+        "(structure='fixed') ran; set heads= / allocation= / method= to choose yourself"
+    )
+
+
 def candidates(axes: dict[str, tuple]) -> list[Structure]:
     out = []
     for m, a, h in itertools.product(axes["method"], axes["allocation"], axes["heads"]):

@@ -314,3 +314,23 @@ def test_open_axes():
     )
     assert axes["head_split"] == ("zscore",) and axes["heads"] == (True,)
     assert open_axes(PruneOptions(flops=0.6, method="kwon", labels=[0]), ad, model) == {}
+
+
+def test_a_model_whose_grams_do_not_fit_runs_the_fixed_rules(
+    bert, tokenizer, many_sentences, monkeypatch
+):
+    """Never an out-of-memory crash in the default: when the Grams would not fit, the fixed
+    rules run, with a warning and the reason in the report."""
+    from kcm_cuda.pruning import structure
+
+    monkeypatch.setattr(structure, "available_memory", lambda: 1000)
+    with pytest.warns(UserWarning, match="structure search skipped"):
+        r = _search(bert, many_sentences, 0.6, tokenizer)
+    s = r.report["structure"]
+    assert s["chosen"] is None and "GiB" in s["not_searched"]
+    fixed = _search(bert, many_sentences, 0.6, tokenizer, structure="fixed")
+    for i in r.masks:
+        assert torch.equal(r.masks[i], fixed.masks[i])
+    from kcm_cuda.pruning.adapters import get_adapter
+
+    assert structure.gram_bytes(get_adapter(bert), bert, False) == 8 * 3 * 96 * 96
