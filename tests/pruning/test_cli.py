@@ -45,8 +45,13 @@ def test_cli_end_to_end(tmp_path, model_dir, data_file, capsys, sentences, token
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "layer" in stdout and "saved to" in stdout
-    model = load_pruned(out)
+    # the structure search's choice and its runner-up, as the saved report has them
     report = json.loads((out / "kcm_report.json").read_text())
+    chosen = report["structure"]["chosen"]
+    line = next(x for x in stdout.splitlines() if x.startswith("structure: "))
+    assert chosen["method"] in line and "held-out kl" in line
+    assert any(x.startswith("runner-up: ") for x in stdout.splitlines())
+    model = load_pruned(out)
     assert report["flops"]["ratio"] <= 0.7
     assert report["source_model"] == str(model_dir)
     enc = tokenizer(sentences[:3], padding=True, return_tensors="pt")
@@ -59,6 +64,9 @@ def test_cli_end_to_end(tmp_path, model_dir, data_file, capsys, sentences, token
     assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
     assert err.count("\n") == 1
     assert main([*argv, "--overwrite", "--method", "d2", "--no-scale"]) == 0
+    assert "structure: fixed (reconstruct='none'" in capsys.readouterr().out
+    assert main([*argv, "--overwrite", "--structure", "fixed"]) == 0
+    assert "structure: fixed (structure='fixed')" in capsys.readouterr().out
 
 
 def _err(capsys) -> str:
