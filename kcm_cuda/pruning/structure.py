@@ -291,6 +291,9 @@ class HeldoutCriterion:
         self._head: nn.Module | None = None
         self._inject: _Inject | None = None
         self.kind: str | None = None
+        # a causal LM with its LM head is judged by its own NLL (no teacher needed)
+        out_emb = getattr(ctx.teacher, "get_output_embeddings", None)
+        self.lm = bool(ctx.adapter.causal and out_emb is not None and out_emb() is not None)
         self.teacher_final: list[torch.Tensor] | None = None
 
     # the output part of the model, with every block replaced
@@ -338,7 +341,7 @@ class HeldoutCriterion:
     @torch.no_grad()
     def values(self, streams: list[list[torch.Tensor]]) -> list[float]:
         """The criterion of each stream of final hidden states."""
-        need_teacher = not self.adapter.causal
+        need_teacher = not self.lm
         t_final = self.teacher_stream() if need_teacher else None
         num = [0.0] * len(streams)
         den = [0.0] * len(streams)
@@ -357,7 +360,7 @@ class HeldoutCriterion:
     def _score(self, out, ref, batch, mask, h_s, h_t) -> tuple[float, float]:
         """(numerator, denominator) of this batch's contribution."""
         logits = getattr(out, "logits", None)
-        if self.adapter.causal and logits is not None and logits.dim() == 3:
+        if self.lm and logits is not None and logits.dim() == 3:
             self.kind = "nll"
             ids = batch["input_ids"]
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

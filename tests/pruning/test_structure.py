@@ -334,3 +334,20 @@ def test_a_model_whose_grams_do_not_fit_runs_the_fixed_rules(
     from kcm_cuda.pruning.adapters import get_adapter
 
     assert structure.gram_bytes(get_adapter(bert), bert, False) == 8 * 3 * 96 * 96
+
+
+def test_decoder_without_lm_head_uses_the_hidden_state_error():
+    import transformers
+
+    lm = tiny_decoder("llama")
+    base = transformers.LlamaModel(lm.config).eval()
+    base.load_state_dict(lm.model.state_dict())
+    r = prune(
+        base,
+        token_batch(n=120, width=20),
+        0.6,
+        progress=False,
+        samples=64,
+        experimental={"search_rows": 40},
+    )
+    assert r.report["structure"]["criterion"] == "hidden_error"
