@@ -476,6 +476,10 @@ def build_context(
 
 # Fewer held-out rows than this: the structure search does not run (a fixed structure).
 MIN_HELDOUT = 8
+# The held-out rows hold at most this many real tokens (long sequences: fewer rows; every
+# candidate runs them once, so this bounds the search's cost on a causal LM's 128-token blocks
+# as on 20-token sentences).
+HELDOUT_TOKENS = 4096
 
 
 def split_heldout(
@@ -486,11 +490,16 @@ def split_heldout(
     run without held-out rows draws and the held-out rows are the next ``holdout``; with
     fewer rows the held-out part shrinks to what is left beyond ``samples``, but to no less
     than a quarter of the data, split off the end of the drawn order; below
-    :data:`MIN_HELDOUT` rows nothing is held out."""
+    :data:`MIN_HELDOUT` rows nothing is held out. The held-out rows are also cut to at most
+    :data:`HELDOUT_TOKENS` real tokens (but never below :data:`MIN_HELDOUT` rows)."""
     if holdout <= 0:
         return drawn, None
     n = drawn.n_sequences
     h = min(holdout, max(n - samples, n // 4))
     if h < MIN_HELDOUT:
         return drawn.subset(min(samples, n)), None
-    return drawn.subset(min(samples, n - h)), drawn.part(n - h, n)
+    calib = drawn.subset(min(samples, n - h))
+    lengths = drawn.attention_mask[n - h : n].sum(dim=1)
+    fits = int((lengths.cumsum(0) <= HELDOUT_TOKENS).sum())
+    h_kept = max(MIN_HELDOUT, fits)
+    return calib, drawn.part(n - h, n - h + h_kept)

@@ -663,23 +663,25 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
     ranked = sorted(live, key=lambda x: _rank_value(x[3]))
     finalists = ranked[: max(1, o.experimental.search_finalists)]
     best = None
-    for st, cctx, sel, _proxy in finalists:
+    for st, cctx, sel, proxy in finalists:
         row = seen[st]
-        for mode in ("oneshot", "sequential"):
-            if mode == "oneshot":
-                student, recon = oneshot_student(cctx, sel)
-            else:
-                student, recon = reconstruct(cctx, sel)
-            stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
-            value = crit.values([stream])[0]
-            row[f"criterion_{mode}_refit"] = value
-            if FINALIST_HOOK is not None:
-                FINALIST_HOOK(st, mode, student, value)
-            if best is None or _rank_value(value) < _rank_value(best[0]):
-                best = (value, st, mode, cctx, sel, student, recon)
-            else:
-                del student
+        # the one-shot model's criterion is its proxy value (the same blocks, the same rows):
+        # it is built only when it wins (or for a study's hook)
+        row["criterion_oneshot_refit"] = proxy
+        if FINALIST_HOOK is not None:
+            FINALIST_HOOK(st, "oneshot", *oneshot_student(cctx, sel)[:1], proxy)
+        student, recon = reconstruct(cctx, sel)
+        stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
+        value = crit.values([stream])[0]
+        row["criterion_sequential_refit"] = value
+        if FINALIST_HOOK is not None:
+            FINALIST_HOOK(st, "sequential", student, value)
+        for mode, v in (("oneshot", proxy), ("sequential", value)):
+            if best is None or _rank_value(v) < _rank_value(best[0]):
+                best = (v, st, mode, cctx, sel, student if mode == "sequential" else None, recon)
     value, st, mode, cctx, sel, student, recon = best
+    if mode == "oneshot":
+        student, recon = oneshot_student(cctx, sel)
     runner = next((x[0] for x in ranked if x[0] != st), None)
     chosen = {**st.as_dict(), "refit": mode}
     report = {

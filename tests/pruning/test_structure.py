@@ -53,8 +53,7 @@ def test_default_searches_and_reports(bert, tokenizer, many_sentences):
     assert len(finals) == 1
     fin = finals[0]
     assert fin["criterion"] == min(row["criterion"] for row in live)
-    # the one-shot model built in full gives the proxy's value again
-    assert fin["criterion_oneshot_refit"] == pytest.approx(fin["criterion"], rel=1e-6)
+    assert fin["criterion_oneshot_refit"] == fin["criterion"]  # the proxy *is* that model
     mode = min(("oneshot", "sequential"), key=lambda m: fin[f"criterion_{m}_refit"])
     assert s["chosen"] == {**fin["structure"], "refit": mode}
     assert s["chosen_criterion"] == pytest.approx(fin[f"criterion_{mode}_refit"])
@@ -144,6 +143,33 @@ def test_the_chosen_model_has_the_criterion_reported(bert, tokenizer, many_sente
             kl += float((t.exp() * (t - s)).sum())
             n += t.shape[0]
     assert kl / n == pytest.approx(r.report["structure"]["chosen_criterion"], rel=1e-4, abs=1e-7)
+
+
+def test_the_proxy_value_is_the_one_shot_models_criterion(
+    bert, tokenizer, many_sentences, monkeypatch
+):
+    """The proxy's number is the held-out KL of the physically built one-shot model (its
+    logits, recomputed here from the model itself)."""
+    from kcm_cuda.pruning import structure
+    from kcm_cuda.pruning.data import prepare_sample
+
+    built = {}
+    monkeypatch.setattr(
+        structure, "FINALIST_HOOK", lambda st, mode, m, v: built.setdefault(mode, (m, v))
+    )
+    r = _search(bert, many_sentences, 0.6, tokenizer)
+    model, value = built["oneshot"]
+    fin = next(x for x in r.report["structure"]["candidates"] if "criterion_oneshot_refit" in x)
+    assert value == fin["criterion"]
+    held = prepare_sample(many_sentences, tokenizer, samples=96 + 48, seed=0).part(96, 144)
+    kl, n = 0.0, 0
+    with torch.no_grad():
+        for batch in held.batches(32, "cpu"):
+            t = torch.log_softmax(bert(**batch).logits.double(), -1)
+            s = torch.log_softmax(model(**batch).logits.double(), -1)
+            kl += float((t.exp() * (t - s)).sum())
+            n += t.shape[0]
+    assert kl / n == pytest.approx(value, rel=1e-4, abs=1e-7)
 
 
 def test_given_options_fix_their_part(bert, tokenizer, many_sentences):
@@ -351,3 +377,16 @@ def test_decoder_without_lm_head_uses_the_hidden_state_error():
         experimental={"search_rows": 40},
     )
     assert r.report["structure"]["criterion"] == "hidden_error"
+
+
+def test_heldout_rows_are_capped_in_tokens():
+    from kcm_cuda.pruning.context import HELDOUT_TOKENS, MIN_HELDOUT, split_heldout
+    from kcm_cuda.pruning.data import prepare_sample
+
+    drawn = prepare_sample(token_batch(n=900, width=24), None, samples=100 + 700, seed=0)
+    calib, held = split_heldout(drawn, 100, 700)
+    assert calib.n_sequences == 100
+    assert held.n_tokens <= HELDOUT_TOKENS < held.n_tokens + 24  # as many rows as fit
+    assert not set(held.rows.tolist()) & set(calib.rows.tolist())
+    long = prepare_sample(token_batch(n=60, width=2000, vocab_size=50), None, samples=60, seed=0)
+    assert split_heldout(long, 40, 20)[1].n_sequences == MIN_HELDOUT  # never fewer rows
