@@ -560,7 +560,8 @@ def _one_run(
         opts["labels"] = [e.label for e in task.train]
     else:
         data = pool
-    if "reconstruct" not in opts:  # reconstruct= supersedes the scale alias
+    # reconstruct= supersedes the scale alias; the "default" row runs prune()'s own defaults
+    if "reconstruct" not in opts and m.name != DEFAULT_SPEC:
         opts["scale"] = s
     if prune_cache is not None:
         opts.setdefault("cache", prune_cache)

@@ -153,6 +153,39 @@ def test_pruner_sees_only_unlabeled_pool_texts(tiny_model_dir, tiny_tsv, tmp_pat
     assert len(report["runs"]) == 6
 
 
+def test_the_default_row_calls_prune_as_a_user_does(tiny_model_dir, tiny_tsv, tmp_path):
+    """The grid's "default" row passes no method=, scale= or reconstruct=: prune() runs its
+    own default (the structure search with the ridge refit), whatever --scale says."""
+    from kcm_cuda.pruning import prune
+
+    task = D.task_from_file(tiny_tsv)
+    calls = []
+
+    def spy(model, data, flops, **kw):
+        calls.append(dict(kw))
+        return prune(model, data, flops, **kw)
+
+    cfg = GridConfig(
+        model=str(tiny_model_dir),
+        budgets=(0.85,),
+        methods=("default", "flap:reconstruct=ridge,structure=fixed"),
+        scales=(False,),
+        seeds=1,
+        samples=20,
+        device="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        finetune=FinetuneSettings(mode="head"),
+    )
+    report = run_grid(cfg, task=task, prune_fn=spy, log=lambda *_: None)
+    default = calls[0]
+    assert default["method"] is None
+    assert "scale" not in default and "reconstruct" not in default
+    assert calls[1]["method"] == "flap" and calls[1]["structure"] == "fixed"
+    runs = {r["method"]: r for r in report["runs"]}
+    assert runs["default"]["reconstruct"] == "ridge"
+    assert report["config"]["default_method"] == "default"
+
+
 def test_full_finetune_mode_runs_and_is_cached_separately(tiny_model_dir, tiny_tsv, tmp_path):
     task = D.task_from_file(tiny_tsv)
     base = dict(
