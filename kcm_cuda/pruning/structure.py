@@ -568,6 +568,8 @@ def oneshot_student(ctx, sel: Selection):
     record_mlp_bias(student, adapter)
     if heads:
         record_heads(student, adapter)
+    if sel.scales is not None:
+        recon.notes.append("the selection's own scales were replaced by the reconstruction")
     if any(recon.fallback):
         recon.notes.append(
             f"ridge (one-shot): plain pruning kept in layer(s) "
@@ -670,13 +672,18 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
         row["criterion_oneshot_refit"] = proxy
         if FINALIST_HOOK is not None:
             FINALIST_HOOK(st, "oneshot", *oneshot_student(cctx, sel)[:1], proxy)
-        student, recon = reconstruct(cctx, sel)
-        stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
-        value = crit.values([stream])[0]
-        row["criterion_sequential_refit"] = value
-        if FINALIST_HOOK is not None:
-            FINALIST_HOOK(st, "sequential", student, value)
-        for mode, v in (("oneshot", proxy), ("sequential", value)):
+        tried = [("oneshot", proxy)]
+        student = recon = None
+        # reconstruct_mode="oneshot" given: the one-shot refit only (from the Grams)
+        if o.experimental.reconstruct_mode == "sequential":
+            student, recon = reconstruct(cctx, sel)
+            stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
+            value = crit.values([stream])[0]
+            row["criterion_sequential_refit"] = value
+            if FINALIST_HOOK is not None:
+                FINALIST_HOOK(st, "sequential", student, value)
+            tried.append(("sequential", value))
+        for mode, v in tried:
             if best is None or _rank_value(v) < _rank_value(best[0]):
                 best = (v, st, mode, cctx, sel, student if mode == "sequential" else None, recon)
     value, st, mode, cctx, sel, student, recon = best

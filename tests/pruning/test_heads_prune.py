@@ -83,7 +83,8 @@ def test_without_reconstruction_equals_the_masked_model(bert, tokenizer, sentenc
 
 
 def test_o_refit_lowers_the_attention_error(bert, tokenizer, sentences):
-    kw = dict(heads=True, tokenizer=tokenizer, progress=False, samples=96)
+    # the sequential refit's O pass (the search may return its one-shot model instead)
+    kw = dict(heads=True, tokenizer=tokenizer, progress=False, samples=96, structure="fixed")
     r = prune(bert, sentences, 0.35, **kw)
     rows = [row for row in r.report["layers"] if row["heads_kept"] < row["heads"]]
     assert rows

@@ -116,6 +116,7 @@ def test_ridge_is_exact_when_kept_neurons_can_represent_the_layer(
         reconstruct="ridge",
         experimental={"reconstruct_mode": mode},
         ridge_lambda=0.0,
+        structure="fixed",  # this refit mode, not the search's choice
         **kw,
     )
     assert r.report["reconstruct"] == "ridge" and r.report["reconstruct_mode"] == mode

@@ -390,3 +390,16 @@ def test_heldout_rows_are_capped_in_tokens():
     assert not set(held.rows.tolist()) & set(calib.rows.tolist())
     long = prepare_sample(token_batch(n=60, width=2000, vocab_size=50), None, samples=60, seed=0)
     assert split_heldout(long, 40, 20)[1].n_sequences == MIN_HELDOUT  # never fewer rows
+
+
+def test_a_given_oneshot_mode_is_the_only_refit(bert, tokenizer, many_sentences):
+    r = _search(
+        bert,
+        many_sentences,
+        0.6,
+        tokenizer,
+        experimental={"search_rows": 48, "reconstruct_mode": "oneshot"},
+    )
+    s = r.report["structure"]
+    assert s["chosen"]["refit"] == "oneshot" and r.report["reconstruct_mode"] == "oneshot"
+    assert not any("criterion_sequential_refit" in row for row in s["candidates"])
