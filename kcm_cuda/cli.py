@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
             "Qwen2 decoder LM (*ForCausalLM; statistics gathered one block at a time, so a "
             "model larger than the GPU prunes with --device-map auto), using unlabeled text "
             "only. Keeps the fraction C (--flops) of the transformer blocks' FLOPs (attention + "
-            "FFN; FFN neurons are removed, and heads with --heads), saves the physically pruned "
+            "FFN; FFN neurons are removed, and attention heads where the structure search "
+            "measures that better on held-out rows, or with --heads), saves the physically pruned "
             "model (load it back with kcm_cuda.load_pruned(DIR)) with its tokenizer and a JSON "
             "report."
         ),
