@@ -425,6 +425,8 @@ def _run_lm_grid(config: LMGridConfig, prune_fn, log, checkpoint) -> dict:
                         "kv_heads_kept_per_layer"
                     ),
                     "prune_timings_s": rep.get("timings_s"),
+                    # the structure search's choice (None: no search ran)
+                    "structure": (rep.get("structure") or {}).get("chosen"),
                 }
                 report["runs"].append(run)
                 log(

@@ -612,6 +612,7 @@ def _one_run(
         "flops_ratio": (rep.get("flops") or {}).get("ratio"),
         "kept_per_layer": rep.get("kept_per_layer"),
         "heads_kept_per_layer": rep.get("heads_kept_per_layer"),
+        "structure": (rep.get("structure") or {}).get("chosen"),  # the search's choice
         "r2_iterations": rep.get("r2_iterations"),
         "mask_digest": digest,
     }
