@@ -178,6 +178,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         structure = fixed_report(too_big or _why_fixed(opts))
     if axes:
         t0 = time.perf_counter()
+        before = _stats_time(ctx)
         outcome = search_structure(ctx, axes)
         ctx, selection, pruned, recon = (
             outcome.ctx,
@@ -185,7 +186,8 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
             outcome.student,
             outcome.recon,
         )
-        ctx.timings["structure"] = time.perf_counter() - t0
+        # the search's own time (candidates, proxy, the winner's refits), not its statistics
+        ctx.timings["structure"] = time.perf_counter() - t0 - (_stats_time(ctx) - before)
         return _finish(model, ctx, selection, pruned, recon, outcome.report, t_start)
 
     method = METHOD_REGISTRY[opts.method]
