@@ -106,28 +106,11 @@ def _log(msg: str) -> None:
 
 
 def model_config(settings: LMSettings, tokenizer):
+    """The small LM's transformers config: LLaMA (no biases), or Qwen2 (Q/K/V biases, which
+    its class always has; no sliding window)."""
     from transformers import LlamaConfig, Qwen2Config
 
-    if settings.architecture == "qwen2":
-        return Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=settings.hidden_size,
-            intermediate_size=settings.intermediate_size,
-            num_hidden_layers=settings.num_layers,
-            num_attention_heads=settings.num_heads,
-            num_key_value_heads=settings.num_kv_heads,
-            head_dim=settings.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=settings.context,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=settings.tie_embeddings,
-            use_sliding_window=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return LlamaConfig(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size,
@@ -140,12 +123,13 @@ def model_config(settings: LMSettings, tokenizer):
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=settings.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if settings.architecture == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
 
 
 def pack_blocks(stream: torch.Tensor, context: int) -> torch.Tensor:

@@ -25,6 +25,18 @@ def many_sentences():
     return make_sentences(200, seed=3)
 
 
+def _heldout_kl(teacher, student, held) -> float:
+    """Mean KL(teacher ‖ student) of the class distributions over the rows of ``held``."""
+    kl, n = 0.0, 0
+    with torch.no_grad():
+        for batch in held.batches(32, "cpu"):
+            t = torch.log_softmax(teacher(**batch).logits.double(), -1)
+            s = torch.log_softmax(student(**batch).logits.double(), -1)
+            kl += float((t.exp() * (t - s)).sum())
+            n += t.shape[0]
+    return kl / n
+
+
 def _search(model, data, c, tokenizer=None, **kw):
     kw.setdefault("experimental", {"search_rows": 48})
     return prune(model, data, c, tokenizer=tokenizer, progress=False, samples=96, **kw)
@@ -135,14 +147,8 @@ def test_the_chosen_model_has_the_criterion_reported(bert, tokenizer, many_sente
 
     drawn = prepare_sample(many_sentences, tokenizer, samples=96 + 48, seed=0)
     held = drawn.part(96, 144)
-    kl, n = 0.0, 0
-    with torch.no_grad():
-        for batch in held.batches(32, "cpu"):
-            t = torch.log_softmax(bert(**batch).logits.double(), -1)
-            s = torch.log_softmax(r.model(**batch).logits.double(), -1)
-            kl += float((t.exp() * (t - s)).sum())
-            n += t.shape[0]
-    assert kl / n == pytest.approx(r.report["structure"]["chosen_criterion"], rel=1e-4, abs=1e-7)
+    kl = _heldout_kl(bert, r.model, held)
+    assert kl == pytest.approx(r.report["structure"]["chosen_criterion"], rel=1e-4, abs=1e-7)
 
 
 def test_the_proxy_value_is_the_one_shot_models_criterion(
@@ -162,14 +168,7 @@ def test_the_proxy_value_is_the_one_shot_models_criterion(
     fin = next(x for x in r.report["structure"]["candidates"] if "criterion_oneshot_refit" in x)
     assert value == fin["criterion"]
     held = prepare_sample(many_sentences, tokenizer, samples=96 + 48, seed=0).part(96, 144)
-    kl, n = 0.0, 0
-    with torch.no_grad():
-        for batch in held.batches(32, "cpu"):
-            t = torch.log_softmax(bert(**batch).logits.double(), -1)
-            s = torch.log_softmax(model(**batch).logits.double(), -1)
-            kl += float((t.exp() * (t - s)).sum())
-            n += t.shape[0]
-    assert kl / n == pytest.approx(value, rel=1e-4, abs=1e-7)
+    assert _heldout_kl(bert, model, held) == pytest.approx(value, rel=1e-4, abs=1e-7)
 
 
 def test_given_options_fix_their_part(bert, tokenizer, many_sentences):
