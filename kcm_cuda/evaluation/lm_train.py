@@ -326,7 +326,7 @@ def load_small_lm(
 ):
     """(model, tokenizer, meta): the cached small LM for ``text`` and ``settings``, trained
     (and cached, unless cut short) on first use. ``meta['cache_path']`` is the directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     s = settings or LMSettings()
     cdir = default_cache_dir(cache_dir) / "lm" / cache_key(text, s)
@@ -334,7 +334,9 @@ def load_small_lm(
         meta = json.loads((cdir / META_FILE).read_text())
         model = AutoModelForCausalLM.from_pretrained(cdir)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(cdir)
+        # the BPE exactly as trained: AutoTokenizer would pick the family's own class from
+        # config.json (Qwen2Tokenizer pre-tokenizes differently: 0.7 % more held-out tokens)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cdir)
         meta.update(cached=True, cache_path=str(cdir))
         log(f"small LM: cached at {cdir}")
         return model, tokenizer, meta

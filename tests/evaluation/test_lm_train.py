@@ -61,8 +61,11 @@ def test_qwen2_architecture_trains_caches_and_reloads(tmp_path, monkeypatch):
     model, tok, meta = load_small_lm(text, s, log=lambda m: None)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert model.model.layers[0].self_attn.q_proj.bias is not None
-    model2, _, meta2 = load_small_lm(text, s, log=lambda m: None)
+    model2, tok2, meta2 = load_small_lm(text, s, log=lambda m: None)
     assert meta2["cached"] is True and type(model2).__name__ == "Qwen2ForCausalLM"
+    # the reloaded tokenizer is the trained one (not the family's own class)
+    probe = ["don't stop 12345 café!!  ok", "The movie's plot\twas\u00a0fine... 3.5/10"]
+    assert [tok2(x)["input_ids"] for x in probe] == [tok(x)["input_ids"] for x in probe]
     x = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(model2(input_ids=x).logits, model.eval()(input_ids=x).logits)
