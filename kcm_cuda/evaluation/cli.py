@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=None,
-        help="selection methods to compare (default: the profile's). Known: "
+        help="selection methods to compare (default: the profile's). 'default' runs prune() "
+        "as a user who passes no method= does (the structure search chooses). Known: "
         + " ".join(known_methods())
         + " (kwon uses labels: the grid draws its sample from the labelled train split). "
         "Variants as name:key=value,key=value with any prune() option (e.g. "
