@@ -452,6 +452,9 @@ class _OneShot:
             Ck = torch.cat([Ck, self.sW.unsqueeze(0)], dim=0)
         fit.G, fit.C, fit.yy, fit.tokens = Gk, Ck, torch.tensor(self.yy), int(self.N)
         W0 = self.W[:, idx]
+        if k == self.W.shape[1]:  # nothing removed: the teacher's own output, nothing to refit
+            e0 = fit.error(W0)
+            return W0.cpu(), torch.zeros(d, dtype=torch.float64), False, e0, e0, self.yy
         W, db, fell_back = fit.ridge(W0, lam)
         W, db, fell_back = finite_refit(W, db, W0.cpu(), fell_back)
         return W, db, fell_back, fit.error(W0), fit.error(W, db), self.yy

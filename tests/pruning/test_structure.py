@@ -402,3 +402,13 @@ def test_a_given_oneshot_mode_is_the_only_refit(bert, tokenizer, many_sentences)
     s = r.report["structure"]
     assert s["chosen"]["refit"] == "oneshot" and r.report["reconstruct_mode"] == "oneshot"
     assert not any("criterion_sequential_refit" in row for row in s["candidates"])
+
+
+def test_one_shot_refit_of_a_whole_layer_is_the_layer_itself():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    one = _OneShot(a.t() @ a, a.sum(0), 50, W, True, torch.device("cpu"))
+    Wn, db, fell_back, e0, e1, _ = one.fit(torch.ones(6, dtype=torch.bool), 0.01)
+    assert torch.equal(Wn, W) and not db.any() and not fell_back
+    assert e0 == e1 == pytest.approx(0.0, abs=1e-8)
