@@ -16,7 +16,7 @@ caller leaves open are chosen per model by a label-free measurement:
                that part. A candidate whose budget its structure cannot reach (FFN-only below
                the attention floor) is left out. The search runs in two stages (``STAGES``):
                first heads × split with the first score and allocation (flap, uniform), then
-               score × allocation with the heads the first stage chose: 3 + 6 candidates
+               score × allocation with the heads the first stage chose: 3 + 5 new candidates
                instead of the 18 of every combination.
   criterion    computed on unlabeled rows held out from those the statistics and the refit
                are fitted on (``ctx.heldout``): for a classifier the mean KL(teacher ‖ student)
@@ -587,7 +587,7 @@ def oneshot_student(ctx, sel: Selection):
 FINALIST_HOOK = None
 
 # The search runs in stages, each over the candidates that differ in its parts, the other
-# parts at the best found so far (coordinate search: 3 + 6 candidates instead of 18).
+# parts at the best found so far (coordinate search: 3 + 5 new candidates instead of 18).
 STAGES = (("heads", "head_split"), ("method", "allocation"))
 
 
