@@ -382,7 +382,7 @@ def _run_lm_grid(config: LMGridConfig, prune_fn, log, checkpoint) -> dict:
                         model,
                         calib_data,
                         flops=c,
-                        method=None if name == "default" else name,
+                        method=None if name == DEFAULT_METHOD else name,
                         seed=seed,
                         samples=samples,
                         max_length=seq_len,

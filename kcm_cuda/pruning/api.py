@@ -32,6 +32,8 @@ from kcm_cuda.pruning.reconstruct import reconstruct
 from kcm_cuda.pruning.report import build_report, format_summary
 from kcm_cuda.pruning.saving import save_pruned
 from kcm_cuda.pruning.structure import (
+    NOTHING_OPEN,
+    fixed_reason,
     fixed_report,
     open_axes,
     search_structure,
@@ -175,7 +177,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         )
         axes = {}
     elif not axes:
-        structure = fixed_report(too_big or _why_fixed(opts))
+        structure = fixed_report(too_big or fixed_reason(opts) or NOTHING_OPEN)
     if axes:
         t0 = time.perf_counter()
         before = _stats_time(ctx)
@@ -207,16 +209,6 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
     pruned, recon = reconstruct(ctx, selection)
     ctx.timings["prune" if recon.name == "none" else recon.name] = time.perf_counter() - t0
     return _finish(model, ctx, selection, pruned, recon, structure, t_start)
-
-
-def _why_fixed(opts) -> str:
-    if opts.structure == "fixed":
-        return "structure='fixed'"
-    if opts.reconstruction() != "ridge":
-        return f"reconstruct={opts.reconstruction()!r}: the search measures the ridge refit"
-    if METHOD_REGISTRY[opts.method].selects_heads:
-        return f"method={opts.method!r} chooses its own structure"
-    return "every part of the structure was given (method=, allocation=, heads=)"
 
 
 def _finish(model, ctx, selection, pruned, recon, structure, t_start) -> PruneResult:

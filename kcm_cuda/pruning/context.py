@@ -26,7 +26,7 @@ from kcm_cuda.pruning.d2 import D2Result, d2_scores
 from kcm_cuda.pruning.data import TokenizedSample, prepare_sample
 from kcm_cuda.pruning.flops import FlopsModel
 from kcm_cuda.pruning.heads import HeadEnergyRecorder, HeadStats, proportional_split
-from kcm_cuda.pruning.masks import resolve_min_keep
+from kcm_cuda.pruning.masks import resolve_min_keep, width_quotas
 from kcm_cuda.pruning.options import PruneOptions
 from kcm_cuda.pruning.r2_cache import cached_r2_scores, resolve_r2_cache
 
@@ -314,6 +314,26 @@ def head_flops_model(
     )
 
 
+def flops_budget(
+    model: nn.Module,
+    adapter: FFNAdapter,
+    options: PruneOptions,
+    heads: bool,
+    seq_len: float,
+    sizes,
+    keep_min: list[int],
+) -> tuple[FlopsModel, int]:
+    """The FLOPs model and the neuron budget of ``options.flops``: FFN-only, or with heads
+    (provisional: the heads stage, heads.plan_heads, sets the final split). BudgetError when
+    the structure cannot reach the budget."""
+    o = options
+    if heads:
+        fm = head_flops_model(model, adapter, seq_len, sizes, o.experimental.gqa_heads)
+        return fm, proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
+    fm = ffn_flops_model(model, adapter, seq_len, sizes)
+    return fm, fm.neuron_budget(o.flops, sum(keep_min))
+
+
 def resolve_device(model: nn.Module, device: object) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
@@ -430,14 +450,9 @@ def build_context(
     labels = sample.labels  # the drawn rows' labels (checked and aligned by prepare_sample)
     data_s = time.perf_counter() - t0
 
-    if o.heads or METHODS[o.method].selects_heads:
-        fm = head_flops_model(model, adapter, sample.mean_tokens, sizes, o.experimental.gqa_heads)
-        # provisional (the heads stage, heads.plan_heads, sets the final split)
-        k_total = proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
-    else:
-        fm = ffn_flops_model(model, adapter, sample.mean_tokens, sizes)
-        k_total = fm.neuron_budget(o.flops, sum(keep_min))
-    quotas = [round(k_total * n / sum(sizes)) for n in sizes]
+    heads = bool(o.heads or METHODS[o.method].selects_heads)
+    fm, k_total = flops_budget(model, adapter, o, heads, sample.mean_tokens, sizes, keep_min)
+    quotas = width_quotas(k_total, sizes)
 
     if adapter.causal:
         # Decoders (possibly larger than the device, spread over devices or offloaded): the

@@ -61,7 +61,7 @@ from kcm_cuda.pruning.blockwise import (
 from kcm_cuda.pruning.d2 import combine_with_tiebreak, vote_fractions
 from kcm_cuda.pruning.data import TokenizedSample
 from kcm_cuda.pruning.flops import BudgetError, FlopsModel
-from kcm_cuda.pruning.masks import global_topk
+from kcm_cuda.pruning.masks import global_topk, width_quotas
 from kcm_cuda.pruning.progress import progress_bar
 from kcm_cuda.pruning.r2 import diag_coefficients
 
@@ -529,7 +529,7 @@ def plan_heads(ctx) -> HeadPlan:
         )
     if k_n != ctx.k_total:
         ctx.k_total = k_n
-        ctx.quotas = [round(k_n * n / sum(ctx.sizes)) for n in ctx.sizes]
+        ctx.quotas = width_quotas(k_n, ctx.sizes)
         ctx._memo.pop("d2", None)  # the D2 votes depend on the quotas
     r2 = iters = None
     if o.experimental.head_score in ("votes", "r2"):

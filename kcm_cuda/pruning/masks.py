@@ -8,6 +8,11 @@ import math
 import torch
 
 
+def width_quotas(k_total: int, sizes: list[int]) -> list[int]:
+    """Each layer's width-proportional share of ``k_total`` neurons (rounded; D2's votes)."""
+    return [round(k_total * n / sum(sizes)) for n in sizes]
+
+
 def resolve_min_keep(min_keep: object, sizes: list[int]) -> list[int]:
     """``min_keep``: an int (neurons) or a float in [0, 1) (fraction of each layer)."""
     if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)):

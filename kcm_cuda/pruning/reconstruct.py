@@ -89,6 +89,16 @@ class ReconstructionResult:
     notes: list[str] = field(default_factory=list)
     o_refit: ORefitResult | None = None  # heads pruned + head_refit: the O refit per layer
 
+    def record(self, scales, fell_back: bool, lam: float, err0: float, err1: float, yy) -> None:
+        """One layer's refit: its scales (Scale) or None, whether it fell back, λ, the error
+        before and after, the target energy."""
+        self.scales.append(scales)
+        self.fallback.append(bool(fell_back))
+        self.lambda_used.append(float(lam))
+        self.error_before.append(err0)
+        self.error_after.append(err1)
+        self.target_energy.append(float(yy))
+
 
 @dataclass
 class ORefitResult:
@@ -98,6 +108,13 @@ class ORefitResult:
     error_before: list[float] = field(default_factory=list)
     error_after: list[float] = field(default_factory=list)
     target_energy: list[float] = field(default_factory=list)
+
+    def record(self, fell_back: bool, err0: float, err1: float, yy) -> None:
+        """One layer's O refit (a fallback keeps the error before)."""
+        self.refit.append(not fell_back)
+        self.error_before.append(err0)
+        self.error_after.append(err0 if fell_back else err1)
+        self.target_energy.append(float(yy))
 
     def skip(self) -> None:
         self.refit.append(False)
@@ -398,12 +415,7 @@ def refit_layers(
             if scales is not None and not bool(torch.isfinite(scales).all()):
                 scales = torch.ones_like(scales)
             err1 = fit.error(W_new, db)
-            res.scales.append(scales)
-            res.fallback.append(bool(fell_back))
-            res.lambda_used.append(float(lam_used))
-            res.error_before.append(err0)
-            res.error_after.append(err1)
-            res.target_energy.append(float(fit.yy))
+            res.record(scales, fell_back, lam_used, err0, err1, fit.yy)
             update = (keep, W_new, db, with_bias)
             if seq:
                 apply_ffn_refit(adapter, sb, *update)
@@ -483,14 +495,16 @@ def _refit_o(adapter, tb, sb, head_mask, calls, h_t, h_s, dev, lam, result: ORef
     W, db, fell_back = finite_refit(W, db, W0.double(), fell_back)
     err1 = fit.error(W, db)
     if not fell_back:
-        o_s.weight.copy_(W.to(o_s.weight.device, o_s.weight.dtype))
-        if o_s.bias is not None:
-            o_s.bias.add_(db.to(o_s.bias.device, o_s.bias.dtype))
-    result.refit.append(not fell_back)
-    result.error_before.append(err0)
-    result.error_after.append(err0 if fell_back else err1)
-    result.target_energy.append(float(fit.yy))
+        apply_o_refit(o_s, W, db)
+    result.record(fell_back, err0, err1, fit.yy)
     return (outs, yxs) if seq else None
+
+
+def apply_o_refit(o: nn.Linear, W: torch.Tensor, db: torch.Tensor) -> None:
+    """Write a refitted attention output projection: its (kept) weight and the bias change."""
+    o.weight.copy_(W.to(o.weight.device, o.weight.dtype))
+    if o.bias is not None:
+        o.bias.add_(db.to(o.bias.device, o.bias.dtype))
 
 
 def apply_ffn_refit(

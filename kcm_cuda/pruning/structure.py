@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.activations import real_tokens
+from kcm_cuda.pruning.blockwise import _to as move_to
 from kcm_cuda.pruning.blockwise import (
     capture_block_inputs,
     detached_copy,
@@ -66,11 +67,17 @@ from kcm_cuda.pruning.blockwise import (
     skeleton_copy,
 )
 from kcm_cuda.pruning.flops import BudgetError
-from kcm_cuda.pruning.heads import plan_heads, proportional_split
+from kcm_cuda.pruning.heads import plan_heads
+from kcm_cuda.pruning.masks import width_quotas
 from kcm_cuda.pruning.methods import METHODS
 from kcm_cuda.pruning.methods.base import ScoreMethod, Selection
 from kcm_cuda.pruning.progress import progress_bar
-from kcm_cuda.pruning.reconstruct import LinearRefit, apply_ffn_refit, reconstruct
+from kcm_cuda.pruning.reconstruct import (
+    LinearRefit,
+    apply_ffn_refit,
+    apply_o_refit,
+    reconstruct,
+)
 from kcm_cuda.pruning.safety import finite_refit
 
 SEARCH_METHODS = ("flap", "wanda_sp")
@@ -103,17 +110,26 @@ class Structure:
 
 
 # -- what is searched -------------------------------------------------------------------------
+def fixed_reason(opts) -> str | None:
+    """Why these options run no search (None: the open parts are searched)."""
+    if opts.structure != "search":
+        return "structure='fixed'"
+    if opts.reconstruction() != "ridge":  # the proxy is that refit
+        return f"reconstruct={opts.reconstruction()!r}: the search measures the ridge refit"
+    if METHODS[opts.method].selects_heads:
+        return f"method={opts.method!r} chooses its own structure"
+    return None
+
+
+NOTHING_OPEN = "every part of the structure was given (method=, allocation=, heads=)"
+
+
 def open_axes(opts, adapter, model: nn.Module) -> dict[str, tuple]:
     """Per structure part, the choices the search tries (a single choice: fixed). Empty when
-    nothing is searched: ``structure="fixed"``, a reconstruction other than the ridge refit
-    (the proxy is that refit), a method that picks its own structure (``kwon``), or nothing
-    left open."""
-    if opts.structure != "search" or opts.reconstruction() != "ridge":
+    nothing is searched (:func:`fixed_reason`, or nothing left open)."""
+    if fixed_reason(opts) is not None:
         return {}
-    method = METHODS[opts.method]
-    if method.selects_heads:
-        return {}
-    scored = isinstance(method, ScoreMethod)
+    scored = isinstance(METHODS[opts.method], ScoreMethod)
     axes: dict[str, tuple] = {}
     axes["method"] = SEARCH_METHODS if not opts.method_given else (opts.method,)
     if opts.allocation_given or not scored:
@@ -129,12 +145,7 @@ def open_axes(opts, adapter, model: nn.Module) -> dict[str, tuple]:
     default_split = type(opts.experimental)().head_split
     open_split = split == default_split and True in axes["heads"]
     axes["head_split"] = SEARCH_SPLITS if open_split else (split,)
-    n = math.prod(len(v) for k, v in axes.items() if k != "head_split")
-    if True in axes["heads"]:
-        n += (len(axes["head_split"]) - 1) * math.prod(
-            len(v) for k, v in axes.items() if k not in ("heads", "head_split")
-        )
-    return axes if n > 1 else {}
+    return axes if len(candidates(axes)) > 1 else {}
 
 
 # The search holds every layer's FFN-input (and O-input) Gram in float64 on the CPU: it runs
@@ -196,27 +207,22 @@ def candidate_context(ctx, st: Structure):
     """A copy of ``ctx`` set up for ``st`` (options, FLOPs model, neuron budget; the heads
     planned); the expensive statistics are shared. BudgetError when ``st`` cannot reach the
     budget."""
-    from kcm_cuda.pruning.context import ffn_flops_model, head_flops_model
+    from kcm_cuda.pruning.context import flops_budget
 
     o = copy.copy(ctx.options)
     o.method, o.allocation, o.heads = st.method, st.allocation, st.heads
     if st.heads:
         o.experimental = replace(o.experimental, head_split=st.head_split)
-    n_tok = ctx.sample.mean_tokens
-    keep_min = sum(ctx.keep_min)
-    if st.heads:
-        fm = head_flops_model(ctx.teacher, ctx.adapter, n_tok, ctx.sizes, o.experimental.gqa_heads)
-        k_total = proportional_split(fm, o.flops, o.min_heads, keep_min)[1]
-    else:
-        fm = ffn_flops_model(ctx.teacher, ctx.adapter, n_tok, ctx.sizes)
-        k_total = fm.neuron_budget(o.flops, keep_min)
+    fm, k_total = flops_budget(
+        ctx.teacher, ctx.adapter, o, st.heads, ctx.sample.mean_tokens, ctx.sizes, ctx.keep_min
+    )
     memo = {k: ctx._memo[k] for k in SHARED_MEMO if k in ctx._memo}
     c = replace(
         ctx,
         options=o,
         fm=fm,
         k_total=k_total,
-        quotas=[round(k_total * n / sum(ctx.sizes)) for n in ctx.sizes],
+        quotas=width_quotas(k_total, ctx.sizes),
         head_plan=None,
         cache_hits=ctx.cache_hits,
         timings=ctx.timings,
@@ -295,6 +301,7 @@ class HeldoutCriterion:
         out_emb = getattr(ctx.teacher, "get_output_embeddings", None)
         self.lm = bool(ctx.adapter.causal and out_emb is not None and out_emb() is not None)
         self.teacher_final: list[torch.Tensor] | None = None
+        self._teacher_out: list | None = None  # the teacher's outputs per batch (computed once)
 
     # the output part of the model, with every block replaced
     def _output_model(self) -> nn.Module:
@@ -303,7 +310,8 @@ class HeldoutCriterion:
         teacher, adapter = self.ctx.teacher, self.adapter
         blocks = adapter.layers(teacher)
         with executing(blocks[0], self.device) as (b0, dev):  # tensor or tuple, per version
-            out = b0(self.inputs[0].to(dev), *self.calls[0].args, **_to(self.calls[0].kwargs, dev))
+            call = self.calls[0]
+            out = b0(self.inputs[0].to(dev), *move_to(call.args, dev), **move_to(call.kwargs, dev))
         as_tuple = isinstance(out, (tuple, list))
         head = skeleton_copy(teacher, adapter)
         for i, b in enumerate(blocks):
@@ -343,11 +351,15 @@ class HeldoutCriterion:
         """The criterion of each stream of final hidden states."""
         need_teacher = not self.lm
         t_final = self.teacher_stream() if need_teacher else None
+        if need_teacher and self._teacher_out is None:
+            self._teacher_out = [
+                self._outputs(t_final[b], batch) for b, batch in enumerate(self._batches())
+            ]
         num = [0.0] * len(streams)
         den = [0.0] * len(streams)
         for b, batch in enumerate(self._batches()):
             mask = batch["attention_mask"]
-            ref = self._outputs(t_final[b], batch) if need_teacher else None
+            ref = self._teacher_out[b] if need_teacher else None
             for s, stream in enumerate(streams):
                 out = self._outputs(stream[b], batch)
                 n, d = self._score(
@@ -391,12 +403,6 @@ class HeldoutCriterion:
         s = real_tokens(hs.double(), mask.to(hs.device))
         t = real_tokens(ht.double(), mask.to(ht.device))
         return float(((s - t) ** 2).sum()), float((t**2).sum()) + 1e-30
-
-
-def _to(obj, device):
-    from kcm_cuda.pruning.blockwise import _to as move
-
-    return move(obj, device)
 
 
 def _kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask=None) -> tuple[float, float]:
@@ -459,9 +465,6 @@ class _OneShot:
         W, db, fell_back = finite_refit(W, db, W0.cpu(), fell_back)
         return W, db, fell_back, fit.error(W0), fit.error(W, db), self.yy
 
-    def refit(self, keep: torch.Tensor, lam: float):
-        return self.fit(keep, lam)[:2]
-
 
 def _layer_refits(ctx, layer: int, tb: nn.Module, bdev, heads: bool):
     stats = ctx.activation_stats()
@@ -496,29 +499,17 @@ def _oneshot_block(ctx, tb, bdev, layer, sel: Selection, ffn, attn, recon=None) 
         cols = hm.cpu().repeat_interleave(d_h)
         Wo, dbo, fb, e0, e1, yy = attn.fit(cols, lam)
         adapter.shrink_heads(sb, hm.cpu(), d_h)
-        o_s = adapter.o(sb)
         if not fb:
-            o_s.weight.copy_(Wo.to(o_s.weight.device, o_s.weight.dtype))
-            if o_s.bias is not None:
-                o_s.bias.add_(dbo.to(o_s.bias.device, o_s.bias.dtype))
+            apply_o_refit(adapter.o(sb), Wo, dbo)
         if recon is not None and recon.o_refit is not None:
-            o = recon.o_refit
-            o.refit.append(not fb)
-            o.error_before.append(e0)
-            o.error_after.append(e0 if fb else e1)
-            o.target_energy.append(yy)
+            recon.o_refit.record(fb, e0, e1, yy)
     elif recon is not None and recon.o_refit is not None:
         recon.o_refit.skip()
     keep = sel.masks[layer]
     W, db, fb, e0, e1, yy = ffn.fit(keep, lam)
     apply_ffn_refit(adapter, sb, keep.to(bdev), W, db, True)
     if recon is not None:
-        recon.scales.append(None)
-        recon.fallback.append(bool(fb))
-        recon.lambda_used.append(lam)
-        recon.error_before.append(e0)
-        recon.error_after.append(e1)
-        recon.target_energy.append(yy)
+        recon.record(None, fb, lam, e0, e1, yy)
     return sb
 
 
@@ -649,13 +640,11 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
             if "same_masks_as" in row and row["criterion"] is None:
                 twin = next(x for x in live if x[0].as_dict() == row["same_masks_as"])
                 row["criterion"] = twin[3]
-        if not live:
-            if stage == len(STAGES) or not any("skipped" not in r for r in rows):
-                raise BudgetError(
-                    f"flops={o.flops:g}: no structure can reach this budget "
-                    f"({'; '.join(r.get('skipped', '') for r in rows)})"
-                )
-            continue
+        if not live:  # every candidate so far was skipped: the budget is out of reach
+            raise BudgetError(
+                f"flops={o.flops:g}: no structure can reach this budget "
+                f"({'; '.join(r.get('skipped', '') for r in rows)})"
+            )
         best = min(live, key=lambda x: _rank_value(x[3]))[0]
         at = {
             "method": best.method,
@@ -674,7 +663,7 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
         # it is built only when it wins (or for a study's hook)
         row["criterion_oneshot_refit"] = proxy
         if FINALIST_HOOK is not None:
-            FINALIST_HOOK(st, "oneshot", *oneshot_student(cctx, sel)[:1], proxy)
+            FINALIST_HOOK(st, "oneshot", oneshot_student(cctx, sel)[0], proxy)
         tried = [("oneshot", proxy)]
         student = recon = None
         # reconstruct_mode="oneshot" given: the one-shot refit only (from the Grams)

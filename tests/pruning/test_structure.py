@@ -37,6 +37,25 @@ def _heldout_kl(teacher, student, held) -> float:
     return kl / n
 
 
+def _context(model, data, tokenizer, *, flops: float, samples: int, holdout: int):
+    """The pruning context of ``model`` (with ``holdout`` held-out rows), on the CPU."""
+    from kcm_cuda.pruning.adapters import get_adapter
+    from kcm_cuda.pruning.context import build_context
+    from kcm_cuda.pruning.options import PruneOptions
+
+    opts = PruneOptions(flops=flops, samples=samples, progress=False)
+    return build_context(
+        model,
+        get_adapter(model),
+        data,
+        opts,
+        tokenizer=tokenizer,
+        device="cpu",
+        cache=None,
+        holdout=holdout,
+    )
+
+
 def _search(model, data, c, tokenizer=None, **kw):
     kw.setdefault("experimental", {"search_rows": 48})
     return prune(model, data, c, tokenizer=tokenizer, progress=False, samples=96, **kw)
@@ -83,8 +102,6 @@ def test_oneshot_student_matches_the_masked_refit(bert, tokenizer, many_sentence
     """The one-shot model equals the teacher with the same masks and the independent
     LinearRefit solution written in (the physical model computes what the refit says)."""
     from kcm_cuda.pruning.adapters import get_adapter
-    from kcm_cuda.pruning.context import build_context
-    from kcm_cuda.pruning.options import PruneOptions
     from kcm_cuda.pruning.structure import (
         Structure,
         candidate_context,
@@ -92,17 +109,8 @@ def test_oneshot_student_matches_the_masked_refit(bert, tokenizer, many_sentence
         oneshot_student,
     )
 
-    opts = PruneOptions(flops=0.6, samples=96, progress=False)
-    ctx = build_context(
-        bert,
-        get_adapter(bert),
-        many_sentences,
-        opts,
-        tokenizer=tokenizer,
-        device="cpu",
-        cache=None,
-        holdout=0,
-    )
+    ctx = _context(bert, many_sentences, tokenizer, flops=0.6, samples=96, holdout=0)
+    opts = ctx.options
     ctx.want_grams = True
     cctx = candidate_context(ctx, Structure("wanda_sp", "global", False))
     sel = candidate_selection(cctx)
@@ -242,7 +250,7 @@ def test_one_shot_refit_is_the_ridge_on_the_teachers_activations():
     keep = torch.zeros(20, dtype=torch.bool)
     keep[[0, 3, 4, 7, 11, 12, 19]] = True
     one = _OneShot(a.t() @ a, a.sum(0), a.shape[0], W, True, torch.device("cpu"))
-    Wn, db = one.refit(keep, 0.01)
+    Wn, db = one.fit(keep, 0.01)[:2]
     ref = LinearRefit(int(keep.sum()), 8, torch.device("cpu"), fit_bias=True)
     ref.add(a[:, keep], a @ W.t())
     W2, db2, fb = ref.ridge(W[:, keep], 0.01)
@@ -254,38 +262,15 @@ def test_one_shot_refit_is_the_ridge_on_the_teachers_activations():
 def test_criterion_of_the_teacher(tokenizer, many_sentences):
     """KL of the teacher against itself is 0; a causal LM's criterion is the NLL that
     transformers computes with labels = the inputs."""
-    from kcm_cuda.pruning.adapters import get_adapter
-    from kcm_cuda.pruning.context import build_context
-    from kcm_cuda.pruning.options import PruneOptions
-
     model = tiny_bert(vocab_size=tokenizer.vocab_size)
-    opts = PruneOptions(flops=0.7, samples=96, progress=False)
-    ctx = build_context(
-        model,
-        get_adapter(model),
-        many_sentences,
-        opts,
-        tokenizer=tokenizer,
-        device="cpu",
-        cache=None,
-        holdout=40,
-    )
+    ctx = _context(model, many_sentences, tokenizer, flops=0.7, samples=96, holdout=40)
     crit = HeldoutCriterion(ctx)
     assert crit.values([crit.teacher_stream()]) == [pytest.approx(0.0, abs=1e-12)]
     assert crit.kind == "kl"
 
     lm = tiny_decoder("llama")
     data = token_batch(n=80, width=20)
-    ctx = build_context(
-        lm,
-        get_adapter(lm),
-        data,
-        PruneOptions(flops=0.7, samples=40, progress=False),
-        tokenizer=None,
-        device="cpu",
-        cache=None,
-        holdout=40,
-    )
+    ctx = _context(lm, data, None, flops=0.7, samples=40, holdout=40)
     crit = HeldoutCriterion(ctx)
     value = crit.values([crit.teacher_stream()])[0]
     assert crit.kind == "nll"
