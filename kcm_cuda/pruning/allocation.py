@@ -220,6 +220,12 @@ def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], d
 
     o = ctx.options
     info: dict = {"allocation": o.allocation}
+    if getattr(o, "layout", "per_layer") == "standard":  # every layer alike (layout.py)
+        from kcm_cuda.pruning.layout import equal_counts
+
+        counts = equal_counts(ctx.sizes, ctx.k_total, ctx.keep_min)
+        info["allocation"] = "equal (layout='standard')"
+        return masks_from_counts(scores, counts), info
     if o.allocation != "error":
         return allocate(scores, ctx.k_total, ctx.keep_min, o.allocation), info
     stats = ctx.activation_stats()

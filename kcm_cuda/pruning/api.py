@@ -25,6 +25,7 @@ from kcm_cuda.pruning.activations import collect_activation_stats
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.context import build_context, set_ff_chunking
 from kcm_cuda.pruning.heads import collect_head_stats, plan_heads
+from kcm_cuda.pruning.layout import check_layout, write_stock_config
 from kcm_cuda.pruning.methods import METHODS as METHOD_REGISTRY
 from kcm_cuda.pruning.options import PruneOptions
 from kcm_cuda.pruning.r2 import r2_scores
@@ -68,10 +69,22 @@ class PruneResult:
     head_masks: dict[int, torch.Tensor] | None = None  # heads pruned: per layer, kept heads
     source_dirs: list[Path] = field(default_factory=list, repr=False)  # input dirs, protected
 
-    def save(self, path: str | Path, overwrite: bool = False, *, padded: bool = True) -> Path:
+    def save(
+        self, path: str | Path, overwrite: bool = False, *, padded: bool = True, onnx: bool = False
+    ) -> Path:
         """Save model, config (per-layer FFN sizes), tokenizer and report atomically.
         ``padded``: store the FFNs zero-padded to the widest layer so that plain
-        ``from_pretrained`` loads it too (see kcm_cuda.pruning.saving)."""
+        ``from_pretrained`` loads it too (see kcm_cuda.pruning.saving). ``onnx``: also write
+        ``model.onnx`` (encoders, at the pruned size: kcm_cuda.onnx_export), checked in ONNX
+        Runtime before anything is published."""
+        also = ()
+        if onnx:
+            from kcm_cuda.onnx_export import ONNX_NAME, export_onnx
+
+            def write_onnx(directory: Path) -> None:
+                export_onnx(self.model, directory / ONNX_NAME)
+
+            also = (write_onnx,)
         return save_pruned(
             self.model,
             path,
@@ -80,6 +93,7 @@ class PruneResult:
             overwrite=overwrite,
             padded=padded,
             protect=tuple(self.source_dirs),  # never the input model's directory
+            also=also,
         )
 
     def summary(self) -> str:
@@ -127,6 +141,11 @@ def prune(
       True, False, or "auto" (default: True with the ridge refit at flops <= 0.7, where heads
       and neurons together measured never worse and at c = 0.4 2 pt better than neurons only,
       docs/RESULTS.md; False otherwise); min_heads: heads kept per layer at least (>= 1).
+    layout: "per_layer" (default: each layer keeps its own width and heads; load it with
+      kcm_cuda.load_pruned, or the padded save with plain from_pretrained at the widest
+      layer's cost) or "standard" (every layer the same FFN width and heads: an ordinary
+      checkpoint that plain from_pretrained, ONNX export, vLLM and llama.cpp's converter read
+      at its pruned size; encoders keep their heads whole; kcm_cuda.pruning.layout).
     data: list of texts, list of (text, text) pairs, a .txt/.jsonl/.csv/.tsv path, or a
       pre-tokenized dict {"input_ids", "attention_mask"}; ``samples`` sequences are drawn with
       ``seed`` and tokenized to ``max_length``.
@@ -160,6 +179,7 @@ def prune(
 
 
 def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
+    check_layout(opts, adapter)  # layout="standard": what it allows on this family
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
     too_big = too_big_for_search(adapter, model, axes) if axes else None
     if too_big:
@@ -213,6 +233,8 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
 
 def _finish(model, ctx, selection, pruned, recon, structure, t_start) -> PruneResult:
     ctx.teacher = None  # free it before the report
+    if ctx.options.layout == "standard":  # every layer alike: the stock config fields say so
+        write_stock_config(pruned, ctx.adapter)
     set_ff_chunking(pruned, ctx.chunking)
     pruned.eval()
     setattr(pruned, safety.SOURCES_ATTR, safety.model_sources(model))  # save_pruned protects them

@@ -527,6 +527,15 @@ def plan_heads(ctx) -> HeadPlan:
             min_heads=o.min_heads,
             min_neurons=sum(ctx.keep_min),
         )
+    standard = getattr(o, "layout", "per_layer") == "standard"
+    if standard:  # the same head units in every layer (layout.py); the neurons get the rest
+        from kcm_cuda.pruning.layout import equal_units
+
+        per_layer = equal_units(
+            k_units, len(layouts), ctx.fm.min_units(o.min_heads), min(lay.units for lay in layouts)
+        )
+        k_units = per_layer * len(layouts)
+        k_n = ctx.fm.neuron_budget(o.flops, sum(ctx.keep_min), kept_heads=k_units)
     if k_n != ctx.k_total:
         ctx.k_total = k_n
         ctx.quotas = width_quotas(k_n, ctx.sizes)
@@ -545,7 +554,9 @@ def plan_heads(ctx) -> HeadPlan:
     n_q = [lay.n_q for lay in layouts]
     quotas = head_quotas(k_units * ctx.fm.heads_per_unit, n_q)
     scores = head_scores(stats, quotas, mode=o.experimental.head_score, r2=r2)
-    if ctx.adapter.grouped:  # whole units per layer, then the query heads of those units
+    if standard:
+        masks = [lay.head_mask(x, per_layer) for lay, x in zip(layouts, scores, strict=True)]
+    elif ctx.adapter.grouped:  # whole units per layer, then the query heads of those units
         unit_scores = [lay.unit_values(x) for lay, x in zip(layouts, scores, strict=True)]
         unit_masks = select_heads(unit_scores, k_units, ctx.fm.min_units(o.min_heads))
         masks = [

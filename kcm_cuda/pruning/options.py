@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from kcm_cuda.pruning.allocation import ALLOCATIONS
 from kcm_cuda.pruning.d2 import D2_MODES
 from kcm_cuda.pruning.flops import check_flops
+from kcm_cuda.pruning.layout import LAYOUTS
 from kcm_cuda.pruning.merge import DEFAULT_MERGE, MERGES
 from kcm_cuda.pruning.r2 import R2_POINTS, SIGMA_RULES
 from kcm_cuda.pruning.r2_cache import resolve_r2_cache
@@ -92,6 +93,10 @@ class ExperimentalOptions:
     # structure="search": how many of the best candidates by the one-shot proxy are built with
     # both refits (one-shot, sequential) before the criterion picks the model returned
     search_finalists: int = 1
+    # the FFN refit's bias change (b2 / down_proj): None = yes, except in layout="standard" on a
+    # family whose class has no MLP bias (Mistral, Qwen2: the weights alone; kcm_cuda.pruning.
+    # layout.refit_bias); True / False force it (the study of the weight-only refit)
+    refit_bias: bool | None = None
 
     def __post_init__(self) -> None:
         from kcm_cuda.pruning.heads import GQA_STRUCTURES, HEAD_SCORES, JOINT_SPLITS
@@ -123,6 +128,8 @@ class ExperimentalOptions:
         self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
         self.search_rows = check_int("search_rows", self.search_rows, 8)
         self.search_finalists = check_int("search_finalists", self.search_finalists, 1)
+        if self.refit_bias is not None:
+            self.refit_bias = check_bool("refit_bias", self.refit_bias)
 
     @classmethod
     def from_value(cls, value: object) -> ExperimentalOptions:
@@ -203,6 +210,9 @@ class PruneOptions:
     allocation: str = "auto"
     r2_cache: bool | str | os.PathLike = True  # R2 scores on disk (kcm_cuda.pruning.r2_cache)
     structure: str = "search"  # STRUCTURES: measure what heads= / allocation= / method= leave open
+    # LAYOUTS: "per_layer" widths and heads, or "standard" (every layer alike: an ordinary
+    # checkpoint of its architecture, kcm_cuda.pruning.layout)
+    layout: str = "per_layer"
     experimental: ExperimentalOptions | Mapping | None = None
 
     def __post_init__(self) -> None:
@@ -216,6 +226,7 @@ class PruneOptions:
             self.method = DEFAULT_METHOD
         self.method = check_choice("method", self.method, tuple(METHODS))
         self.structure = check_choice("structure", self.structure, STRUCTURES)
+        self.layout = check_choice("layout", self.layout, LAYOUTS)
         self.scale = check_bool("scale", self.scale)
         if self.reconstruct is not None:
             self.reconstruct = check_choice("reconstruct", self.reconstruct, RECONSTRUCTIONS)

@@ -58,6 +58,7 @@ from kcm_cuda.pruning.blockwise import (
     set_block,
     skeleton_copy,
 )
+from kcm_cuda.pruning.layout import refit_bias
 from kcm_cuda.pruning.methods.base import Selection
 from kcm_cuda.pruning.physical import (
     check_masks,
@@ -270,6 +271,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         device=ctx.device,
         progress=o.progress,
         head_masks=selection.head_masks if o_refit else None,
+        fit_bias=refit_bias(o, ctx.adapter),
     )
     record_sizes(student, ctx.adapter)
     record_mlp_bias(student, ctx.adapter)
@@ -315,11 +317,14 @@ def refit_layers(
     device: torch.device,
     progress: bool = True,
     head_masks: list[torch.Tensor] | None = None,
+    fit_bias: bool = True,
 ) -> ReconstructionResult:
     """Refit every layer (see the module docstring); ``student`` (a copy of ``teacher``) is
     physically pruned in place. Sequential: three block passes per layer; one-shot: one.
     ``head_masks``: the student's heads are already removed by these masks; the O of every
-    layer that lost heads is refit first (one more student pass on that layer)."""
+    layer that lost heads is refit first (one more student pass on that layer).
+    ``fit_bias=False``: the ridge refit fits W2's kept columns alone, no b2 change (a family
+    whose stock class has no MLP bias, in the standard layout: kcm_cuda.pruning.layout)."""
     if variant not in ("bias", "scale", "ridge"):
         raise ValueError(f"variant must be 'bias', 'scale' or 'ridge', got {variant!r}")
     if mode not in ("sequential", "oneshot"):
@@ -333,7 +338,10 @@ def refit_layers(
     if head_masks is not None:
         res.o_refit = ORefitResult()
     updates = []
-    with_bias = variant in ("bias", "ridge")  # these write a b2 (added where the family has none)
+    if variant == "bias" and not fit_bias:
+        raise ValueError("variant='bias' writes a bias: it needs fit_bias=True")
+    # these write a b2 (added where the family has none)
+    with_bias = variant in ("bias", "ridge") and fit_bias
     bar = progress_bar(
         range(len(t_blocks)), total=len(t_blocks), desc=variant, enabled=progress, unit="layer"
     )
@@ -351,7 +359,7 @@ def refit_layers(
             w2 = adapter.w2(tb)
             W2 = w2.weight.detach().float()
             W2k = W2[:, keep]
-            fit = LinearRefit(k, W2.shape[0], dev, fit_bias=True)
+            fit = LinearRefit(k, W2.shape[0], dev, fit_bias=with_bias or variant == "scale")
             a_sum = torch.zeros(W2.shape[1], dtype=torch.float64, device=dev)
             teacher_pass = None  # the O pass's teacher outputs and FFN targets (sequential)
             if res.o_refit is not None:

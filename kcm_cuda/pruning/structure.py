@@ -68,6 +68,7 @@ from kcm_cuda.pruning.blockwise import (
 )
 from kcm_cuda.pruning.flops import BudgetError
 from kcm_cuda.pruning.heads import plan_heads
+from kcm_cuda.pruning.layout import refit_bias
 from kcm_cuda.pruning.masks import width_quotas
 from kcm_cuda.pruning.methods import METHODS
 from kcm_cuda.pruning.methods.base import ScoreMethod, Selection
@@ -470,8 +471,9 @@ def _layer_refits(ctx, layer: int, tb: nn.Module, bdev, heads: bool):
     stats = ctx.activation_stats()
     adapter = ctx.adapter
     w2 = adapter.w2(tb)
+    bias = refit_bias(ctx.options, adapter)
     ffn = _OneShot(
-        stats.grams[layer], stats.sums[layer].sum(dim=0), stats.n_tokens, w2.weight, True, bdev
+        stats.grams[layer], stats.sums[layer].sum(dim=0), stats.n_tokens, w2.weight, bias, bdev
     )
     attn = None
     if heads:
@@ -507,7 +509,7 @@ def _oneshot_block(ctx, tb, bdev, layer, sel: Selection, ffn, attn, recon=None) 
         recon.o_refit.skip()
     keep = sel.masks[layer]
     W, db, fb, e0, e1, yy = ffn.fit(keep, lam)
-    apply_ffn_refit(adapter, sb, keep.to(bdev), W, db, True)
+    apply_ffn_refit(adapter, sb, keep.to(bdev), W, db, ffn.has_bias)
     if recon is not None:
         recon.record(None, fb, lam, e0, e1, yy)
     return sb

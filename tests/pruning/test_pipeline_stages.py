@@ -158,7 +158,7 @@ def test_options_are_few_and_the_variants_live_in_experimental():
 
     from kcm_cuda.pruning.options import EXPERIMENTAL_NAMES, ExperimentalOptions
 
-    assert len(dataclasses.fields(PruneOptions)) <= 24
+    assert len(dataclasses.fields(PruneOptions)) <= 25
     assert not EXPERIMENTAL_NAMES & {f.name for f in dataclasses.fields(PruneOptions)}
     o = PruneOptions(experimental={"merge": "weighted", "sigma": "median"})
     assert isinstance(o.experimental, ExperimentalOptions)

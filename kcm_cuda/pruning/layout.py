@@ -1,0 +1,131 @@
+"""The layout of the pruned model: per-layer widths (``layout="per_layer"``, the default) or the
+standard layout (``layout="standard"``), in which every layer keeps the same FFN width and the
+same attention heads, so the result is an ordinary checkpoint of its own architecture: plain
+``AutoModelFor*.from_pretrained`` loads it at its pruned size, without kcm_cuda, and so does
+every engine that reads the stock config (ONNX export, vLLM, llama.cpp's converter).
+
+What the standard layout constrains:
+  FFN widths   every layer keeps ⌊k / L⌋ neurons (k: the budget's neurons, L: layers), the
+               best by the method's score within the layer; the config's ``intermediate_size``
+               is that width.
+  heads        decoders (LLaMA / Mistral / Qwen2): every layer keeps the same head units
+               (``gqa_heads="per_group"``: the same number of query heads in every KV group,
+               the KV heads kept; ``"groups"``: the same number of whole KV groups); the config
+               gets ``num_attention_heads``, ``num_key_value_heads`` and an explicit
+               ``head_dim``. Encoders (BERT / DistilBERT / RoBERTa): their classes derive the
+               head size from ``hidden_size / num_attention_heads``, so a config cannot say
+               "fewer heads of the same size": their heads stay whole (``heads=True`` is an
+               error, ``heads="auto"`` means no heads).
+  refit        only parameters the stock class holds: LLaMA's ``mlp_bias`` (the refit's
+               down_proj bias), encoders' own FFN output bias; Mistral / Qwen2 have no MLP or
+               O bias, so their refit fits the weights alone (``reconstruct="bias"``, which is
+               a bias alone, is refused there).
+  methods      score-based methods (the allocation decides the widths); ``kwon`` / ``obs``,
+               which choose their own structure, are refused.
+
+The structure search (``structure="search"``) searches within the constraint: the allocation
+is fixed to these equal widths and, on encoders, heads stay off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("per_layer", "standard")
+
+
+def check_layout(opts, adapter) -> None:
+    """Resolve and check ``opts`` (a PruneOptions) against ``layout="standard"`` for this model
+    family: a clear ValueError for an option the layout cannot honour."""
+    from kcm_cuda.pruning.methods import METHODS
+    from kcm_cuda.pruning.methods.base import ScoreMethod
+
+    bias = opts.experimental.refit_bias
+    if opts.layout != "standard":
+        return
+    method = METHODS[opts.method]
+    if not isinstance(method, ScoreMethod):
+        raise ValueError(
+            f"layout='standard' needs a score-based method (the widths are set per layer): "
+            f"method={opts.method!r} chooses its own structure; use layout='per_layer'"
+        )
+    if opts.allocation_given and opts.allocation != "uniform":
+        raise ValueError(
+            f"layout='standard' keeps the same FFN width in every layer: allocation="
+            f"{opts.allocation!r} is not possible (leave it out, or 'uniform')"
+        )
+    opts.allocation, opts.allocation_given = "uniform", True
+    if not adapter.causal:
+        if opts.heads is True and not opts.heads_auto:
+            raise ValueError(
+                f"layout='standard' keeps {adapter.name}'s heads whole: its config derives the "
+                "head size from hidden_size / num_attention_heads, so it cannot hold fewer "
+                "heads; use heads=False (or layout='per_layer' to prune heads)"
+            )
+        opts.heads, opts.heads_auto = False, False
+    if bias is True and not can_hold_ffn_bias(adapter):
+        raise ValueError(
+            f"layout='standard': {adapter.name}'s class has no MLP bias, so the refit cannot "
+            "give down_proj one (experimental refit_bias=True); leave refit_bias unset"
+        )
+    if opts.reconstruction() == "bias" and not can_hold_ffn_bias(adapter):
+        raise ValueError(
+            f"layout='standard': reconstruct='bias' writes a down_proj bias, which "
+            f"{adapter.name}'s class cannot hold; use reconstruct='ridge' (weights only) or "
+            "layout='per_layer'"
+        )
+
+
+def can_hold_ffn_bias(adapter) -> bool:
+    """Whether the family's stock class holds a bias on the FFN output (encoders: always;
+    LLaMA: ``mlp_bias``; Mistral / Qwen2: no)."""
+    return not adapter.causal or adapter.mlp_bias_field is not None
+
+
+def refit_bias(opts, adapter) -> bool:
+    """Whether the refit fits a bias change of the FFN output (b2 / down_proj) besides the
+    weights: ``experimental refit_bias`` when set; otherwise yes, except in the standard layout
+    of a family whose class has no MLP bias (there the weights alone)."""
+    given = opts.experimental.refit_bias
+    if given is not None:
+        return bool(given)
+    return opts.layout != "standard" or can_hold_ffn_bias(adapter)
+
+
+def equal_counts(sizes: list[int], k_total: int, keep_min: list[int]) -> list[int]:
+    """The same neuron count in every layer, ⌊k_total / L⌋ (at most the narrowest layer, at
+    least the largest ``keep_min``): the standard layout's widths."""
+    k = min(min(sizes), k_total // max(len(sizes), 1))
+    return [max(k, max(keep_min))] * len(sizes)
+
+
+def equal_units(k_units: int, n_layers: int, min_units: int, max_units: int) -> int:
+    """Head units per layer in the standard layout: ⌊k_units / L⌋ within [min, max]."""
+    return min(max_units, max(min_units, k_units // max(n_layers, 1)))
+
+
+def write_stock_config(model: torch.nn.Module, adapter) -> None:
+    """Write the pruned shapes into the config's own fields (every layer alike: checked) and
+    drop the per-layer ``kcm_*`` records, so the model is an ordinary checkpoint."""
+    from kcm_cuda.pruning.physical import HEADS_FIELD, KV_HEADS_FIELD, SIZES_FIELD
+
+    cfg = model.config
+    sizes = adapter.intermediate_sizes(model)
+    if len(set(sizes)) > 1:
+        raise RuntimeError(f"standard layout: the FFN widths differ by layer ({sizes})")
+    setattr(cfg, adapter.intermediate_field, sizes[0])
+    heads = adapter.head_counts(model)
+    kv = adapter.kv_head_counts(model) if adapter.grouped else heads
+    if len(set(heads)) > 1 or len(set(kv)) > 1:
+        raise RuntimeError(f"standard layout: the head counts differ by layer ({heads}, {kv})")
+    if adapter.causal:
+        d_h = adapter.head_size(cfg)
+        cfg.head_dim = d_h  # explicit: hidden_size / heads no longer gives it
+        setattr(cfg, adapter.heads_field, heads[0])
+        if adapter.kv_heads_field is not None:
+            setattr(cfg, adapter.kv_heads_field, kv[0])
+    elif heads[0] != adapter.num_heads(cfg):
+        raise RuntimeError("standard layout: an encoder's heads must stay whole")
+    for name in (SIZES_FIELD, HEADS_FIELD, KV_HEADS_FIELD):
+        if hasattr(cfg, name):
+            delattr(cfg, name)
