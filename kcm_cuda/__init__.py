@@ -4,6 +4,7 @@ Kernels (GPU-accelerated, one function each):
     rbf_kernel, convex_update, kcm_coefficients, available_backends
 Pruning (Kernelized Convex Masking, Nova et al., ICML 2023):
     prune, load_pruned, PruneResult
+Deployment: export_onnx (an encoder, pruned or not, to ONNX at its own per-layer sizes)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = [
     "PruneResult",
     "available_backends",
     "convex_update",
+    "export_onnx",
     "kcm_coefficients",
     "load_pruned",
     "prune",
@@ -32,4 +34,8 @@ def __getattr__(name: str):
         from kcm_cuda import pruning
 
         return getattr(pruning, name)
+    if name == "export_onnx":
+        from kcm_cuda.onnx_export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'kcm_cuda' has no attribute {name!r}")

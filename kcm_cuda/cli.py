@@ -97,6 +97,19 @@ def _parser() -> argparse.ArgumentParser:
         "measured on your model)",
     )
     p.add_argument(
+        "--layout",
+        default="per_layer",
+        choices=("per_layer", "standard"),
+        help="per_layer (default): each layer keeps its own FFN width and heads (load it with "
+        "kcm_cuda.load_pruned; plain from_pretrained loads the zero-padded save at the widest "
+        "layer's cost). standard: every layer the same FFN width and heads, so the output is "
+        "an ordinary checkpoint of its architecture (smaller intermediate_size; decoders: "
+        "num_attention_heads, num_key_value_heads, head_dim) that plain from_pretrained, ONNX, "
+        "vLLM and llama.cpp's converter run at its pruned size. BERT-like encoders keep whole "
+        "heads there (their config cannot hold fewer); Mistral / Qwen2 are refit without a "
+        "down_proj bias (their class has none)",
+    )
+    p.add_argument(
         "--samples",
         type=int,
         default=512,
@@ -161,6 +174,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     heads.add_argument(
         "--no-heads", action="store_true", help="FFN neurons only, whatever the budget"
+    )
+    p.add_argument(
+        "--export",
+        choices=("onnx",),
+        default=None,
+        help="onnx: also write DIR/model.onnx (encoders; every layer at its pruned size, "
+        "inputs input_ids / attention_mask [/ token_type_ids], dynamic batch and length), "
+        "checked in ONNX Runtime against the pruned model (max |diff| <= 1e-4) before the "
+        "output is published; needs pip install onnx onnxruntime onnxscript",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
@@ -346,9 +368,22 @@ def load_model(name: str | ModelSource, config=None, *, dtype: str = "auto", dev
             ) from None
         kwargs["device_map"] = device_map
     from kcm_cuda.loading import check_loading_info, check_weights
+    from kcm_cuda.pruning.saving import load_pruned, needs_load_pruned
 
     if src.local:
         check_weights(src.path)  # missing, truncated, corrupt: one line naming the file
+    if needs_load_pruned(config):  # one of our per-layer outputs: its real widths and heads
+        if not src.local:
+            raise CLIError(f"{src.name} is a kcm_cuda per-layer output: give its local directory")
+        if device_map is not None:
+            raise CLIError(
+                f"{src.name} is a kcm_cuda per-layer output, which loads without --device-map "
+                "(prune it with --layout standard to get a checkpoint accelerate can place)"
+            )
+        try:
+            return load_pruned(src.path, dtype=None if dtype == "auto" else dtype)
+        except ValueError as exc:
+            raise CLIError(f"cannot load {src.name}: {_first_line(exc)}") from None
     try:
         model, info = cls.from_pretrained(src.path, **kwargs, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type: one line
@@ -504,6 +539,8 @@ def _run(args: argparse.Namespace) -> int:
     extra = _new_options(args)
     src = ModelSource(args.model)
     config = load_config(src)
+    if args.export == "onnx":  # before the prune: its failure after minutes would waste them
+        _check_onnx_export(config)
     if args.tokenizer:
         tok = load_tokenizer(ModelSource(args.tokenizer, "tokenizer"), explicit=True)
     else:
@@ -532,6 +569,7 @@ def _run(args: argparse.Namespace) -> int:
         texts,
         args.flops,
         structure=args.structure,
+        layout=args.layout,
         scale=not args.no_scale,
         tokenizer=tok,
         samples=args.samples,
@@ -556,11 +594,24 @@ def _run(args: argparse.Namespace) -> int:
     )
     result.report["source_model"] = args.model
     result.report["data_file"] = str(data)
-    saved = result.save(out, overwrite=args.overwrite)
+    saved = result.save(out, overwrite=args.overwrite, onnx=args.export == "onnx")
     print(result.summary())
     print(structure_lines(result.report.get("structure") or {}))
     print(f"saved to {saved}")
     return 0
+
+
+def _check_onnx_export(config) -> None:
+    from kcm_cuda.onnx_export import DECODER_TYPES, missing_modules
+
+    if getattr(config, "model_type", None) in DECODER_TYPES:
+        raise CLIError(
+            "--export onnx writes encoders; for a decoder use --layout standard (an ordinary "
+            "checkpoint the engines' own exporters read: optimum, llama.cpp)"
+        )
+    missing = missing_modules()
+    if missing:
+        raise CLIError(f"--export onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
 def structure_lines(block: dict) -> str:

@@ -214,8 +214,15 @@ def load_lm(config: LMGridConfig, text, log: Callable[[str], None]):
             raise FileNotFoundError(
                 f"--model {config.model}: not a local directory (nothing is downloaded here)"
             )
+        from transformers import AutoConfig
+
+        from kcm_cuda.pruning.saving import load_pruned, needs_load_pruned
+
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if needs_load_pruned(AutoConfig.from_pretrained(path)):  # our per-layer output
+            model = load_pruned(path, dtype="float32")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
         n = sum(p.numel() for p in model.parameters())
         return (

@@ -110,7 +110,22 @@ def load_classifier(path: Path | str, num_labels: int, *, regression: bool = Fal
     kwargs = {"num_labels": num_labels}
     if regression:
         kwargs["problem_type"] = "regression"
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    from kcm_cuda.pruning.saving import load_pruned, needs_load_pruned
+
+    if needs_load_pruned(config):  # our per-layer output: its real widths, never padded
+        archs = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ValueError(
+                f"{path} is a pruned {archs or 'model'} without a sequence-classification head: "
+                "prune the fine-tuned classifier instead"
+            )
+        if config.num_labels != num_labels:
+            raise ValueError(
+                f"{path} classifies into {config.num_labels} labels, the task has {num_labels}"
+            )
+        model = load_pruned(path, dtype="float32")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     from kcm_cuda.pruning.safety import check_finite
 
     check_finite(model, then="nothing was fine-tuned or pruned")  # before the long steps

@@ -37,6 +37,7 @@ size mismatch rather than silently dropping the biases).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -79,9 +80,12 @@ def save_pruned(
     overwrite: bool = False,
     padded: bool = True,
     protect: tuple = (),
+    also: tuple = (),
 ) -> Path:
     """``protect``: paths of inputs the output must not be, contain or lie inside (the
-    directory ``model`` was loaded from is always protected; kcm_cuda.pruning.safety)."""
+    directory ``model`` was loaded from is always protected; kcm_cuda.pruning.safety).
+    ``also``: callables given the directory being written, before it is published (e.g. an
+    ONNX export beside the checkpoint): a failure leaves no output."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     target = Path(path).expanduser()
@@ -144,6 +148,8 @@ def save_pruned(
             if report is not None:
                 with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
                     json.dump(report, f, indent=2, default=_json_default)
+            for write in also:
+                write(tmp)
             safety.publish(tmp, target, overwrite=overwrite)
         except BaseException as exc:
             if tmp is not None:
@@ -165,6 +171,17 @@ def _refuse_plain_loading(config_json: Path, field: str) -> None:
     cfg[field] = 0
     with open(config_json, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+PER_LAYER_FIELDS = (SIZES_FIELD, HEADS_FIELD, KV_HEADS_FIELD, MLP_BIAS_FIELD)
+
+
+def needs_load_pruned(config) -> bool:
+    """Whether a checkpoint's config describes one of our per-layer outputs (padded or
+    compact, any family): plain ``from_pretrained`` would load it at the padded width or fail
+    with a size mismatch, so it must be read by :func:`load_pruned`. A standard-layout output
+    is an ordinary checkpoint (False)."""
+    return any(getattr(config, f, None) for f in PER_LAYER_FIELDS)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -205,10 +222,56 @@ def load_report(path: str | os.PathLike) -> dict:
     return report
 
 
-def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
-    """The pruned model saved at ``path`` (eval mode, on ``device`` or the CPU)."""
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules without memory for their parameters: every parameter registered while
+    this is active is moved to the meta device as it is registered (so no random
+    initialisation touches real memory); buffers (rotary frequencies, position ids) stay
+    real. ``load_state_dict(..., assign=True)`` then puts the saved tensors in place."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(
+                param.detach().to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(
+        f"dtype must be None, 'auto', {sorted(DTYPES)} or a torch float dtype, got {dtype!r}"
+    )
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> nn.Module:
+    """The pruned model saved at ``path`` (eval mode, on ``device`` or the CPU), in the dtype
+    it was saved in (``dtype=`` converts it: "float32", "bfloat16", "float16" or a torch
+    dtype). The model is built without a random initialisation (parameters on the meta device
+    until the saved tensors are assigned), so loading takes about one copy of the weights."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    want = _check_dtype(dtype)
     import transformers
 
     p = Path(path).expanduser()
@@ -227,7 +290,8 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         raise ValueError(f"config.json in {p} names no known architecture ({archs})")
     if getattr(config, MLP_BIAS_FIELD, False) and not getattr(config, "intermediate_size", 1):
         config.intermediate_size = 1  # saved as 0 (see _refuse_plain_loading); resized below
-    model = cls(config)
+    with _parameters_on_meta():
+        model = cls(config)
     adapter = get_adapter(model)
     sizes = getattr(config, SIZES_FIELD, None)
     blocks = adapter.layers(model)
@@ -282,7 +346,18 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
     if getattr(config, MLP_BIAS_FIELD, False):  # the refit's down_proj bias (Mistral, Qwen2)
         for block in blocks:
             adapter.ensure_w2_bias(block)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if want is not None:  # one tensor at a time: never two copies of the weights
+        for k in list(state):
+            if state[k].is_floating_point():
+                state[k] = state[k].to(want)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a shape that does not fit: one line
+        first = str(exc).strip().splitlines()
+        raise ValueError(
+            f"weights in {p} do not match the architecture: {first[-1].strip() if first else exc}"
+        ) from None
+    del state
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)
@@ -294,6 +369,12 @@ def load_pruned(path: str | os.PathLike, *, device: str | torch.device | None = 
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    still_empty = [n for n, t in model.named_parameters() if t.device.type == "meta"]
+    if still_empty:
+        raise ValueError(f"weights in {p} lack {still_empty[:5]}: not a complete saved model")
+    floats = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if len(floats) == 1:
+        model.config.dtype = next(iter(floats))
     if sizes is not None:  # strip the zero padding
         for i, (block, n, have) in enumerate(zip(blocks, sizes, stored, strict=True)):
             n = int(n)
