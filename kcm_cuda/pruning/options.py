@@ -93,9 +93,9 @@ class ExperimentalOptions:
     # structure="search": how many of the best candidates by the one-shot proxy are built with
     # both refits (one-shot, sequential) before the criterion picks the model returned
     search_finalists: int = 1
-    # the FFN refit's bias change (b2 / down_proj): None = yes, except in layout="standard" on a
-    # family whose class has no MLP bias (Mistral, Qwen2: the weights alone; kcm_cuda.pruning.
-    # layout.refit_bias); True / False force it (the study of the weight-only refit)
+    # the FFN refit's bias change (b2 / down_proj): None = where the family's class holds one
+    # (not Mistral / Qwen2: the weights alone, measured as good; kcm_cuda.pruning.layout.
+    # refit_bias); True / False force it (True on Mistral / Qwen2: kcm_mlp_bias, load_pruned only)
     refit_bias: bool | None = None
 
     def __post_init__(self) -> None:

@@ -47,7 +47,8 @@ def test_prune_save_reload_generate(family, tmp_path):
     for b in pruned.model.layers:  # gate, up and down shrink together; the refit's bias
         assert b.mlp.up_proj.out_features == b.mlp.gate_proj.out_features
         assert b.mlp.down_proj.in_features == b.mlp.gate_proj.out_features
-        assert b.mlp.down_proj.bias is not None
+        # where the stock class holds one (LLaMA's mlp_bias); Mistral / Qwen2: weights alone
+        assert (b.mlp.down_proj.bias is not None) == (family == "llama")
         assert b.self_attn.k_proj.out_features == 2 * 16  # GQA untouched: 2 KV heads of 16
 
     ids = data["input_ids"][:3, :16]
@@ -61,13 +62,26 @@ def test_prune_save_reload_generate(family, tmp_path):
     assert [b.mlp.gate_proj.out_features for b in loaded.model.layers] == sizes
 
     cls = type(model)
-    if family == "llama":  # mlp_bias=True: the padded save is a plain LLaMA checkpoint
-        plain = cls.from_pretrained(out)
-        with torch.no_grad():
-            assert (plain(input_ids=ids).logits - ref).abs().max() <= 1e-4
-    else:  # the family's class cannot hold a down_proj bias: refused, never silently dropped
+    # the padded save is a plain checkpoint of the family (LLaMA: with mlp_bias=True)
+    plain = cls.from_pretrained(out)
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - ref).abs().max() <= 1e-4
+    if family != "llama":  # a down_proj bias the class cannot hold: refused, never dropped
+        biased = kcm_cuda.prune(
+            model,
+            data,
+            flops=0.6,
+            progress=False,
+            structure="fixed",
+            experimental={"refit_bias": True},
+        )
+        biased.save(tmp_path / "biased")
         with pytest.raises(RuntimeError):
-            cls.from_pretrained(out)
+            cls.from_pretrained(tmp_path / "biased")
+        back = kcm_cuda.load_pruned(tmp_path / "biased")
+        with torch.no_grad():
+            want = biased.model(input_ids=ids).logits
+            assert (back(input_ids=ids).logits - want).abs().max() <= 1e-4
 
     prompt = ids[:2, :5]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)

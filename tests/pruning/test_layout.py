@@ -89,10 +89,10 @@ def test_standard_qwen2_refit_fits_the_weights_alone(tmp_path):
     keep = r.masks[0]
     w_teacher = model.model.layers[0].mlp.down_proj.weight[:, keep]
     assert not torch.allclose(r.model.model.layers[0].mlp.down_proj.weight, w_teacher)
-    # the per-layer default gives Qwen2 a down_proj bias its class cannot hold
+    # the per-layer default fits the weights alone on Qwen2 too: its output is a Qwen2
     p = kcm_cuda.prune(model, data, 0.6, samples=64, progress=False, structure="fixed")
-    assert p.model.model.layers[0].mlp.down_proj.bias is not None
-    # and refit_bias=False takes it away there too (the weight-only study)
+    assert all(b.mlp.down_proj.bias is None for b in p.model.model.layers)
+    # refit_bias=True gives down_proj a bias the class cannot hold (saved for load_pruned)
     w = kcm_cuda.prune(
         model,
         data,
@@ -100,9 +100,10 @@ def test_standard_qwen2_refit_fits_the_weights_alone(tmp_path):
         samples=64,
         progress=False,
         structure="fixed",
-        experimental={"refit_bias": False},
+        experimental={"refit_bias": True},
     )
-    assert all(b.mlp.down_proj.bias is None for b in w.model.model.layers)
+    assert all(b.mlp.down_proj.bias is not None for b in w.model.model.layers)
+    assert w.model.config.kcm_mlp_bias is True
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_distilbert])
