@@ -28,11 +28,18 @@ pads K and V back to the config's KV heads and puts each kept group's query head
 of its group's slots (``FFNAdapter.padded_head_slots``), so query head i still reads KV head
 i // g of the unpruned layout.
 
-Decoders: the refit gives down_proj a bias. LLaMA's class declares it (``mlp_bias=True``, with
-zero gate/up biases), so the padded save loads with plain ``from_pretrained`` too. Mistral's
-and Qwen2's classes cannot hold it: such a model records ``kcm_mlp_bias`` and is saved for
-``load_pruned`` only (its config's FFN width is 0, so plain ``from_pretrained`` fails with a
-size mismatch rather than silently dropping the biases).
+Decoders: LLaMA's refit gives down_proj a bias its class declares (``mlp_bias=True``, with zero
+gate/up biases), so the padded save loads with plain ``from_pretrained``; Mistral's and Qwen2's
+classes have no MLP bias, so their refit fits the weights alone (kcm_cuda.pruning.layout) and
+their saves load plainly too. Forced with ``experimental refit_bias=True``, such a bias is
+recorded as ``kcm_mlp_bias`` and the config's FFN width is saved as 0, so plain
+``from_pretrained`` fails with a size mismatch rather than silently dropping the biases.
+
+``layout="standard"`` outputs hold every layer alike in the config's own fields: an ordinary
+checkpoint, no ``kcm_*`` record. ``load_pruned`` builds the model with its parameters on the
+meta device and assigns the saved tensors (no random initialisation, one copy of the weights,
+the saved dtype); ``needs_load_pruned(config)`` says whether a checkpoint is one of our
+per-layer outputs, which kcm-prune and kcm-eval then read through it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ down(act(gate(x)) ⊙ up(x))), self_attn.{q,k,v,o}_proj with grouped-query atten
 
 LLaMA's class reads ``mlp_bias`` (a bias on all three MLP linears), so a refitted down_proj
 bias saves as a plain LLaMA checkpoint; Mistral's and Qwen2's MLPs are built without biases,
-so theirs is recorded as ``kcm_mlp_bias`` and restored by ``load_pruned``.
+so their refit fits the weights alone (kcm_cuda.pruning.layout.refit_bias); a bias forced on
+them is recorded as ``kcm_mlp_bias`` and restored by ``load_pruned``.
 """
 
 from kcm_cuda.pruning.adapters.base import FFNAdapter
