@@ -27,6 +27,7 @@ from kcm_cuda.pruning.context import build_context, set_ff_chunking
 from kcm_cuda.pruning.heads import collect_head_stats, plan_heads
 from kcm_cuda.pruning.layout import check_layout, write_stock_config
 from kcm_cuda.pruning.methods import METHODS as METHOD_REGISTRY
+from kcm_cuda.pruning.methods import ScoreMethod
 from kcm_cuda.pruning.options import PruneOptions
 from kcm_cuda.pruning.r2 import r2_scores
 from kcm_cuda.pruning.reconstruct import reconstruct
@@ -179,7 +180,8 @@ def prune(
 
 
 def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
-    check_layout(opts, adapter)  # layout="standard": what it allows on this family
+    # layout="standard": what it allows on this family and method
+    check_layout(opts, adapter, isinstance(METHOD_REGISTRY[opts.method], ScoreMethod))
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
     too_big = too_big_for_search(adapter, model, axes) if axes else None
     if too_big:

@@ -35,17 +35,14 @@ import torch
 LAYOUTS = ("per_layer", "standard")
 
 
-def check_layout(opts, adapter) -> None:
+def check_layout(opts, adapter, score_based: bool) -> None:
     """Resolve and check ``opts`` (a PruneOptions) against ``layout="standard"`` for this model
-    family: a clear ValueError for an option the layout cannot honour."""
-    from kcm_cuda.pruning.methods import METHODS
-    from kcm_cuda.pruning.methods.base import ScoreMethod
-
+    family (``score_based``: the method ranks neurons, so the allocation sets the widths): a
+    clear ValueError for an option the layout cannot honour."""
     bias = opts.experimental.refit_bias
     if opts.layout != "standard":
         return
-    method = METHODS[opts.method]
-    if not isinstance(method, ScoreMethod):
+    if not score_based:
         raise ValueError(
             f"layout='standard' needs a score-based method (the widths are set per layer): "
             f"method={opts.method!r} chooses its own structure; use layout='per_layer'"
