@@ -59,7 +59,24 @@ def llama7b_2l(samples: int):
     return model
 
 
-MODELS = {"small": small, "llama7b-2l": llama7b_2l}
+def tiny(samples: int):
+    """A 2-layer LLaMA of random weights: the CI smoke test of this script."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=160,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+MODELS = {"small": small, "llama7b-2l": llama7b_2l, "tiny": tiny}
 
 
 def _calibration(model, samples: int, length: int):
