@@ -9,9 +9,6 @@ Deployment: export_onnx (an encoder, pruned or not, to ONNX at its own per-layer
 
 from __future__ import annotations
 
-from kcm_cuda.dispatch import available_backends
-from kcm_cuda.kernels import convex_update, kcm_coefficients, rbf_kernel
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,8 +25,20 @@ __all__ = [
 _PRUNING_NAMES = ("prune", "load_pruned", "PruneResult")
 
 
+_KERNEL_NAMES = ("convex_update", "kcm_coefficients", "rbf_kernel")
+
+
 def __getattr__(name: str):
-    # The pruning layer imports transformers: load it only when asked for.
+    # Everything loads when first asked for: ``import kcm_cuda`` (and the command-line entry
+    # points, kcm_cuda._entry) imports neither torch nor transformers.
+    if name in _KERNEL_NAMES:
+        from kcm_cuda import kernels
+
+        return getattr(kernels, name)
+    if name == "available_backends":
+        from kcm_cuda.dispatch import available_backends
+
+        return available_backends
     if name in _PRUNING_NAMES:
         from kcm_cuda import pruning
 

@@ -39,16 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kcm-prune",
         description=(
-            "Gradient-free structured pruning (KCM, Nova et al. 2023) of the FFN neurons of a "
-            "Hugging Face BERT / DistilBERT / RoBERTa model (a base model or one with a task "
+            "Label-free, gradient-free structured pruning of the FFN neurons (and attention "
+            "heads) of a Hugging Face BERT / DistilBERT / RoBERTa model (a base model or one "
+            "with a task "
             "head, e.g. *ForSequenceClassification) or the MLP channels of a LLaMA / Mistral / "
             "Qwen2 decoder LM (*ForCausalLM; statistics gathered one block at a time, so a "
             "model larger than the GPU prunes with --device-map auto), using unlabeled text "
             "only. Keeps the fraction C (--flops) of the transformer blocks' FLOPs (attention + "
             "FFN; FFN neurons are removed, and attention heads where the structure search "
             "measures that better on held-out rows, or with --heads), saves the physically pruned "
-            "model (load it back with kcm_cuda.load_pruned(DIR)) with its tokenizer and a JSON "
-            "report."
+            "model (load it back with kcm_cuda.load_pruned(DIR); --layout standard: an ordinary "
+            "checkpoint any loader reads) with its tokenizer and a JSON report. By default the "
+            "neuron score (FLAP's or Wanda-sp's), the layer widths and the heads are measured "
+            "per model by the structure search and every layer is refit by ridge least "
+            "squares; the paper's KCM (Nova et al., ICML 2023) is --method kcm_paper."
         ),
         epilog=(
             "Data file formats: .txt (one text per line), .jsonl / .csv / .tsv (text column "
@@ -143,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-scale",
         action="store_true",
-        help="no reconstruction after the selection (same as --reconstruct none)",
+        help="no reconstruction at all after the selection: neither the default ridge refit "
+        "nor Scale (the same as --reconstruct none; the name is historical)",
     )
     p.add_argument(
         "--reconstruct",
@@ -188,14 +193,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory/name (default: MODEL)")
     p.add_argument("--text-column", default=None, help="JSONL/CSV field holding the text")
     p.add_argument("--pair-column", default=None, help="JSONL/CSV field of the second text")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward batch")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="sequences per forward batch (default 32)"
+    )
     p.add_argument(
         "--min-keep",
         type=float,
         default=0.01,
-        help="neurons kept per layer at least: a fraction < 1 of the layer, or a count >= 1",
+        help="neurons kept per layer at least: a fraction < 1 of the layer, or a count >= 1 "
+        "(default 0.01)",
     )
-    p.add_argument("--scale-samples", type=int, default=256, help="sequences used by Scale")
+    p.add_argument(
+        "--scale-samples",
+        type=int,
+        default=256,
+        help="sequences the reconstruction (ridge refit or Scale) fits on (default 256)",
+    )
     p.add_argument(
         "--precision",
         default="auto",
@@ -511,9 +524,18 @@ def run(args: argparse.Namespace) -> int:
     from kcm_cuda.pruning import safety
 
     inputs = {"input model": args.model, "tokenizer": args.tokenizer, "data file": args.data}
-    safety.check_output_path(Path(args.output).expanduser(), inputs)
-    with safety.output_lock(Path(args.output).expanduser(), missing_parent_ok=True):
-        return _run(args)
+    out = Path(args.output).expanduser()
+    safety.check_output_path(out, inputs)
+    created = safety.prepare_output(out, overwrite=args.overwrite)  # before the long steps
+    ok = False
+    try:
+        with safety.output_lock(out):
+            rc = _run(args)
+        ok = rc == 0
+        return rc
+    finally:
+        if not ok:
+            safety.remove_created(created)  # a failed run leaves no new directory behind
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -638,8 +660,12 @@ def structure_lines(block: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    from kcm_cuda._entry import interrupted
+
+    try:  # building the parser imports torch: Ctrl-C there is one line too
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt as exc:
+        return interrupted("kcm-prune", exc)
     debug = os.environ.get("KCM_DEBUG", "0") not in ("", "0")
     try:
         return run(args)
@@ -657,12 +683,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         msg = f"{type(exc).__name__}: {_first_line(exc)} (set KCM_DEBUG=1 for a traceback)"
-    except KeyboardInterrupt:
-        print("kcm-prune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under kcm_cuda._entry
+        return interrupted("kcm-prune", exc)
     print(f"kcm-prune: error: {msg}", file=sys.stderr)
     return EXIT_ERROR
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kcm_cuda._entry import kcm_prune
+
+    kcm_prune()

@@ -139,6 +139,73 @@ def check_output_path(
             )
 
 
+def prepare_output(output: str | os.PathLike, *, overwrite: bool) -> list[Path]:
+    """Check, before any long step, that ``output`` can be written, and create its missing
+    parent directories (so that its lock can be taken now: two runs on one new output are
+    refused at once). Returns the directories created, for :func:`remove_created` after a
+    failure. UnsafeOutputError / SaveError / FileExistsError, one line each, for: the current
+    directory or one of its ancestors (a replaced output is deleted), an existing file, an
+    existing output without ``overwrite``, a name too long for the file system (with the
+    temporary names the save uses), a parent path through a file, a parent not writable."""
+    out = Path(output).expanduser()
+    if not out.name or out.name in (".", ".."):
+        raise UnsafeOutputError(
+            f"output {output!s} names no directory: give a new directory's path"
+        )
+    here = Path.cwd()
+    if any(_same(a, out) for a in _self_and_ancestors(here)):
+        raise UnsafeOutputError(
+            f"output {out} is the current directory or contains it: replacing it would delete "
+            "it; choose a new directory"
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise FileExistsError(f"output {out} exists and is not a directory")
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {out} already exists (use --overwrite / overwrite=True)"
+            )
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SaveError(f"cannot create the output {out}: {ancestor} is not a directory")
+    try:
+        limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(os.fsencode(f".{out.name}{OLD_TAG}XXXXXXXX"))
+    if longest > limit:
+        raise SaveError(
+            f"output name {out.name[:40]}… is too long: with the save's temporary names it needs "
+            f"{longest} bytes, the file system allows {limit}"
+        )
+    for part in (p for p in out.parent.parents if p != ancestor):
+        if part.exists() and not part.is_dir():
+            raise SaveError(f"cannot create the output {out}: {part} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SaveError(f"cannot write the output in {ancestor}: Permission denied")
+    created = []
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            remove_created(created)
+            raise save_error(exc, out, where=d.parent) from None
+        created.append(d)
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the directories :func:`prepare_output` created, deepest first, when still empty."""
+    for d in reversed(created):
+        with suppress(OSError):
+            d.rmdir()
+
+
 # -- one writer per output ------------------------------------------------------------------
 _held: dict[str, tuple[int, int]] = {}  # lock path → (thread id, depth)
 _held_guard = threading.Lock()
@@ -178,10 +245,7 @@ def output_lock(target: str | os.PathLike, *, missing_parent_ok: bool = False) -
         yield
         return
     while True:
-        try:
-            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise save_error(exc, Path(target), where=lp.parent) from None
+        fd = _open_lock_file(lp, Path(target))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -218,6 +282,47 @@ def output_lock(target: str | os.PathLike, *, missing_parent_ok: bool = False) -
             with suppress(OSError):
                 os.unlink(lp)  # while still locked: a waiter re-checks the inode
             os.close(fd)
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask (read without changing it where Linux says it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_lock_file(lp: Path, target: Path) -> int:
+    """Open (create) the lock file without following a link planted at its name: a symbolic
+    link (O_NOFOLLOW), a second hard link or anything but a regular file there is refused, so
+    the PID written into it can never land in another file."""
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lp, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeOutputError(
+                f"the lock file {lp} of output {target} is a symbolic link: refusing to follow "
+                "it (remove it if no kcm-prune is writing this output)"
+            ) from None
+        raise save_error(exc, target, where=lp.parent) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link"
+        raise UnsafeOutputError(
+            f"the lock file {lp} of output {target} is {what}: refusing to write into it "
+            "(remove it if no kcm-prune is writing this output)"
+        )
+    return fd
 
 
 def _same_fd(fd: int, p: Path) -> bool:
