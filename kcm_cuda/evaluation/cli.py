@@ -1,17 +1,19 @@
 """``kcm-eval``: the accuracy evaluation of KCM pruning (the project's main job).
 
 With no arguments: the packaged all-MiniLM-L6-v2 fine-tuned on the VADER movie-review snippets
-(binary sentiment), pruned at several FLOPs budgets by KCM and the baselines, scored on the
-whole test split; writes report.json, report.md and accuracy_vs_flops.png to --output.
+(binary sentiment), pruned at several FLOPs budgets by the default (prune() with its structure
+search) and the label-free peers a user could pick instead, scored on the whole test split;
+writes report.json, report.md and accuracy_vs_flops.png to --output (out/accuracy).
 
 Profiles (explicit flags override them):
   cpu   (default without a GPU; what `make run` does) a fixed, stated amount of work: full
         fine-tune for 2 epochs (no time guard: progress and an ETA are printed inside each
-        epoch), then the grid CPU_GRID_BUDGETS x CPU_GRID_METHODS with 512 unlabeled sentences
-        per seed; the number of seeds (at most 3) is chosen UP FRONT from a per-run time
-        estimate so that the grid takes at most CPU_GRID_TARGET_MIN minutes on a slow 2-core
-        CPU (another process using one core), and printed before anything runs. Every planned
-        run is run (--seeds N: exactly N seeds, no sizing).
+        epoch), then the grid of budgets {budgets} x the methods
+        {methods}
+        with 512 unlabeled sentences per seed; the number of seeds (at most {seeds}) is chosen
+        UP FRONT from a per-run time estimate so that the grid takes at most {target:g} minutes
+        on a slow 2-core CPU (another process using one core), and printed before anything
+        runs. Every planned run is run (--seeds N: exactly N seeds, no sizing).
   full  (default with a GPU) the paper's protocol widened: full fine-tune, budgets 0.8 0.7
         0.6 0.5 0.4, the cpu grid's methods plus the labelled anchor kwon, kcm, d2, magnitude,
         wanda_sp and the default with attention heads pruned, 10 seeds of 2048 sentences.
@@ -19,8 +21,8 @@ Profiles (explicit flags override them):
 kcm-eval exits with status 1 when the grid measured no pruned model (the report is written).
 
 Language models (--task lm-vader, --task lm-FILE.txt [--model DIR]): perplexity of pruned
-causal LMs on held-out lines, default vs FLAP vs Wanda-sp at 0.8 / 0.7 / 0.6
-(kcm_cuda.evaluation.lm_grid; report in out/lm/).
+causal LMs on held-out lines, the default vs its fixed rules vs FLAP vs Wanda-sp (with bias
+compensation) at 0.8 / 0.7 / 0.6 (kcm_cuda.evaluation.lm_grid; report in out/lm/).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 
@@ -172,15 +175,29 @@ def _budgets(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _epilog() -> str:
+    """The module doc's profiles, with the grid's constants written out as values."""
+    text = (__doc__ or "").split("\n\n", 1)[1]
+    return text.format(
+        budgets=" ".join(f"{c:g}" for c in CPU_GRID_BUDGETS),
+        methods=("\n        ").join(
+            textwrap.wrap(", ".join(CPU_GRID_METHODS), 80, break_on_hyphens=False)
+        ),
+        seeds=CPU_GRID_MAX_SEEDS,
+        target=CPU_GRID_TARGET_MIN,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kcm_cuda.evaluation.grid import known_methods
 
     p = argparse.ArgumentParser(
         prog="kcm-eval",
-        description="Accuracy of KCM pruning vs baselines on a fine-tuned model "
-        "(default: all-MiniLM-L6-v2 on the VADER movie-review snippets).",
+        description="Accuracy of label-free pruning (the default and its peers) on a "
+        "fine-tuned model (default: all-MiniLM-L6-v2 on the VADER movie-review snippets), or "
+        "perplexity of pruned causal LMs (--task lm-*).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        epilog=_epilog(),
     )
     p.add_argument(
         "--task",
@@ -253,8 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="passed to every prune() call (e.g. scale_lambda=0.1)",
     )
-    p.add_argument("--finetune", default=None, help="auto | full | head | top:K")
-    p.add_argument("--epochs", type=int, default=None, help="cpu profile: 2, full: 4")
+    p.add_argument(
+        "--finetune",
+        default=None,
+        help="how the dense model is fine-tuned before pruning: full (every weight; auto = "
+        "full), head (the "
+        "classifier head only, the encoder frozen), top:K (the head and the top K layers)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fine-tuning epochs (cpu profile: 2, full: 4)"
+    )
     p.add_argument(
         "--finetune-budget",
         type=float,
@@ -263,16 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="no fine-tune epoch is started that would end past it (default none); a "
         "fine-tune it cuts short is used but never cached",
     )
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--finetune-seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--lr", type=float, default=5e-5, help="fine-tuning learning rate (AdamW; 5e-5)"
+    )
+    p.add_argument(
+        "--finetune-seed", type=int, default=0, help="seed of the fine-tune (its head, order)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens per sentence for fine-tuning, pruning and scoring (128)",
+    )
     lm = p.add_argument_group("language models (--task lm-*)")
     lm.add_argument("--window", type=int, default=None, help="perplexity window (tokens)")
     lm.add_argument("--stride", type=int, default=None, help="< window (default window/2)")
     lm.add_argument("--max-test-tokens", type=int, default=None, help="cap the held-out text")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to fine-tune, prune and score: auto (cuda when available, else cpu), "
+        "cpu, cuda, cuda:N",
+    )
     p.add_argument("--cache-dir", default=None, help="default $KCM_CUDA_CACHE or ~/.cache/kcm_cuda")
-    p.add_argument("--output", default="out/accuracy", help="report directory")
+    p.add_argument(
+        "--output",
+        default="out/accuracy",
+        help="report directory: report.md, report.json, accuracy_vs_flops.png (default "
+        "out/accuracy; language models: out/lm); never inside the input model",
+    )
     p.add_argument(
         "--time-limit",
         type=float,

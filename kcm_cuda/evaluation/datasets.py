@@ -417,9 +417,10 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
         delimiter = "," if suffix == ".csv" else "\t"
         # GLUE TSVs are unquoted (QUOTE_NONE); CSVs use standard quoting
         quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
-        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+        from kcm_cuda.pruning.data import read_csv_rows
+
+        reader, records = read_csv_rows(text, delimiter, str(path), quoting)
         columns = list(reader.fieldnames or [])
-        records = [dict(r) for r in reader]
         return records, columns
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .tsv, .csv or .jsonl)")
 

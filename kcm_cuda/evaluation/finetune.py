@@ -535,7 +535,11 @@ def finetune(
     if mode != "head":
         log(f"fine-tuning: {meta['convergence']}")
         if meta.get("converged") is False and not meta.get("stopped_by_time_budget"):
-            log("WARNING: fine-tuning did not converge (dev loss still falling): raise --epochs")
+            log(
+                "WARNING: fine-tuning did not converge (dev loss still falling): raise "
+                f"--epochs (now {settings.epochs}; with make run: make run EVAL_ARGS=\"--epochs "
+                f"{settings.epochs + 2}\"); the accuracies below are of this model"
+            )
     if meta.get("stopped_by_time_budget"):
         log(
             f"WARNING: fine-tuning was cut short by the time budget after {meta['epochs_run']} "

@@ -224,6 +224,9 @@ def load_lm(config: LMGridConfig, text, log: Callable[[str], None]):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
+        from kcm_cuda.pruning.safety import check_finite
+
+        check_finite(model, then="nothing was evaluated or pruned")  # before the long steps
         n = sum(p.numel() for p in model.parameters())
         return (
             model,

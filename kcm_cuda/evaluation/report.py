@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from kcm_cuda.evaluation.scoring import default_rows
+
 __all__ = ["format_markdown", "plot", "write_report"]
 
 METHOD_ORDER = ("random", "magnitude", "r2", "d2", "kcm")
@@ -190,8 +192,8 @@ def format_markdown(report: dict) -> str:
         "difference. Drop = dense − mean, in points. Always compare with `random`. "
         "Δacc vs X (paired): accuracy difference to method X (same budget, Scale off; `no "
         "Scale`: the same method without Scale; `best label-free peer`: the label-free method "
-        "other than the default "
-        f"(`{report['config'].get('default_method', 'kcm')}`) with the highest mean accuracy "
+        "other than the default (the row marked **(the default)**: "
+        f"`{report['config'].get('default_method', 'kcm')}`) with the highest mean accuracy "
         "at that budget, named under each table) with the standard error of the difference "
         "paired over test sentences (the test-set noise both share cancels; seeds are averaged "
         "first). Reconstruction: what ran after the selection (`none`, `scale`, ...). "
@@ -228,9 +230,12 @@ def format_markdown(report: dict) -> str:
                 dense_row.append("")
         dense_row += [""] * (len(refs) + 2)
         lines.append("| " + " | ".join(dense_row) + " |")
+        defaults = default_rows(rows, report["config"].get("default_method", "kcm"))
         for row in rows:
             cells = [
-                f"`{row['method']}`" + (" (uses labels)" if row.get("uses_labels") else ""),
+                f"`{row['method']}`"
+                + (" **(the default)**" if any(row is d for d in defaults) else "")
+                + (" (uses labels)" if row.get("uses_labels") else ""),
                 row.get("reconstruct") or ("scale" if row["scale"] else "none"),
                 f"{row['flops_ratio']:.3f}" if row.get("flops_ratio") else "?",
             ]

@@ -348,7 +348,9 @@ def run_grid(
                 ckpt.append(run)
                 reused = run.get("reused_stages") or []
                 log(
-                    f"[{done}/{total_runs}] c={c:g} {m.label} reconstruct={run['reconstruct']} "
+                    f"[{done}/{total_runs}] c={c:g} {m.label}"
+                    + ("" if "reconstruct=" in m.label else f" reconstruct={run['reconstruct']}")
+                    + " "
                     f"seed={seed}{' (uses labels)' if run.get('uses_labels') else ''}: "
                     f"{_fmt_metrics(run['metrics'])} "
                     f"(prune {run['prune_seconds']:.1f}s"

@@ -181,6 +181,7 @@ def collect_activation_stats(
             finally:
                 for h in handles:
                     h.remove()
+        check_finite_activations(per_layer[i], i, adapter.w2(blocks[i]).weight.dtype)
     return ActivationStats(
         sq_sums=[torch.stack(x) for x in per_layer],
         tokens=torch.tensor(tokens, dtype=torch.long),
@@ -191,6 +192,23 @@ def collect_activation_stats(
         input_sq=input_sq if grams else None,
         o_grams=list(o_gram_acc) if o_grams else None,
         o_sums=list(o_sum_acc) if o_grams else None,
+    )
+
+
+def check_finite_activations(sq_sums: list[torch.Tensor], layer: int, dtype) -> None:
+    """ValueError when a layer's activations overflowed (NaN / inf): every statistic, score
+    and refit read from them would be garbage, so the run stops here, saying what to do."""
+    if all(bool(torch.isfinite(x).all()) for x in sq_sums):
+        return
+    hint = (
+        "the model overflows in float16: load it in bfloat16 or float32 "
+        "(kcm-prune --dtype bfloat16; from_pretrained(..., dtype=torch.bfloat16))"
+        if dtype == torch.float16
+        else "the model or the data makes them overflow (check the weights and the inputs)"
+    )
+    raise ValueError(
+        f"the activations of layer {layer} are not finite (NaN / inf) on the calibration "
+        f"sample, in {str(dtype).replace('torch.', '')}: {hint}; nothing was pruned"
     )
 
 

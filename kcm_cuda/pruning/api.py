@@ -180,6 +180,9 @@ def prune(
 
 
 def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> PruneResult:
+    if opts.flops >= 1.0:  # nothing to remove: no refit, no heads, no search; the same weights
+        opts.reconstruct, opts.heads, opts.heads_auto = "none", False, False
+        opts.structure = "fixed"
     # layout="standard": what it allows on this family and method
     check_layout(opts, adapter, isinstance(METHOD_REGISTRY[opts.method], ScoreMethod))
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured

@@ -377,6 +377,30 @@ def set_ff_chunking(model: nn.Module, value: int) -> int:
     return previous
 
 
+def check_token_ids(sample, model: nn.Module, tokenizer) -> None:
+    """ValueError when the sample holds a token id (padding included: it is looked up too)
+    outside the model's embedding table, naming the id and, when it is the tokenizer's padding
+    token, saying so."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if not isinstance(rows, int) or sample.input_ids.numel() == 0:
+        return
+    top = int(sample.input_ids.max())
+    low = int(sample.input_ids.min())
+    if low >= 0 and top < rows:
+        return
+    bad = top if top >= rows else low
+    pad = getattr(tokenizer, "pad_token_id", None)
+    what = f"token id {bad}"
+    if pad is not None and bad == pad:
+        what = f"the tokenizer's padding token {getattr(tokenizer, 'pad_token', '?')!r} (id {bad})"
+    raise ValueError(
+        f"{what} is outside the model's embedding table of {rows} rows: the tokenizer does not "
+        "fit the model (a padding token added after training? set tokenizer.pad_token to one "
+        "the model knows, e.g. its eos_token, or resize the model's embeddings)"
+    )
+
+
 def build_context(
     model: nn.Module,
     adapter: FFNAdapter,
@@ -439,6 +463,7 @@ def build_context(
         causal=adapter.causal,
         context=adapter.context_length(model.config),
     )
+    check_token_ids(sample, model, tok)  # an id past the embedding table: one line
     sample, heldout = split_heldout(sample, o.samples, holdout)
     need = max(sizes)
     if sample.n_tokens < need:

@@ -219,6 +219,21 @@ def _rows_to_texts(
     return out
 
 
+def read_csv_rows(text: str, delimiter: str, what: str, quoting: int = csv.QUOTE_MINIMAL):
+    """(reader, rows) of a CSV / TSV already in memory: a field may be as long as the file (the
+    csv module's default limit of 131,072 characters guards memory the text already takes); a
+    malformed file is a one-line ValueError naming it."""
+    if csv.field_size_limit() < len(text) + 1:
+        csv.field_size_limit(len(text) + 1)
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    try:
+        return reader, [dict(r) for r in reader]
+    except csv.Error as exc:
+        raise ValueError(
+            f"{what}: not a readable CSV/TSV (line {reader.line_num}: {exc})"
+        ) from None
+
+
 def read_texts(
     path: str | os.PathLike, text_column: str | None = None, text_pair_column: str | None = None
 ) -> Texts:
@@ -242,8 +257,7 @@ def read_texts(
             rows.append(obj)
         texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = list(reader)
+        reader, rows = read_csv_rows(text, "\t" if suffix == ".tsv" else ",", f"data file {p}")
         if reader.fieldnames is None:
             rows = []
         texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")

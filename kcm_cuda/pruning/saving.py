@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -76,6 +77,24 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def _finite(obj):
+    """``obj`` with every NaN / infinity replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON (no bare NaN / Infinity, which strict parsers reject: an
+    undefined number, such as an error ratio of a layer with nothing to refit, is null)."""
+    plain = json.loads(json.dumps(report, default=_json_default))
+    return json.dumps(_finite(plain), indent=2, allow_nan=False)
 
 
 def save_pruned(
@@ -147,6 +166,7 @@ def save_pruned(
         tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{safety.TMP_TAG}", dir=parent))
+            os.chmod(tmp, 0o777 & ~safety.current_umask())  # as mkdir would: mkdtemp is 0700
             model.save_pretrained(tmp, safe_serialization=True)
             if bias_only_ours:
                 _refuse_plain_loading(tmp / "config.json", adapter.intermediate_field)
@@ -154,7 +174,7 @@ def save_pruned(
                 tokenizer.save_pretrained(tmp)
             if report is not None:
                 with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
-                    json.dump(report, f, indent=2, default=_json_default)
+                    f.write(report_json(report))
             for write in also:
                 write(tmp)
             safety.publish(tmp, target, overwrite=overwrite)
@@ -379,6 +399,8 @@ def load_pruned(
     still_empty = [n for n, t in model.named_parameters() if t.device.type == "meta"]
     if still_empty:
         raise ValueError(f"weights in {p} lack {still_empty[:5]}: not a complete saved model")
+    # our saves never hold NaN / inf: a file that does was damaged (or not written by us)
+    safety.check_finite(model, what=f"the model in {p}: its", then="it was not loaded")
     floats = {t.dtype for t in model.parameters() if t.is_floating_point()}
     if len(floats) == 1:
         model.config.dtype = next(iter(floats))

@@ -64,6 +64,9 @@ class FFNAdapter:
     head_dim_field: str | None = None  # config field of d_h when the family has one
     mlp_bias_field: str | None = None  # config field that gives the MLP linears a bias
     kv_groups_attr: str | None = None  # attention module attribute: query heads per KV head
+    # positions start after the padding index (RoBERTa: padding_idx + 1), so the model reads
+    # max_position_embeddings − pad_token_id − 1 tokens at most
+    positions_after_padding: bool = False
 
     # -- access ---------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -122,8 +125,14 @@ class FFNAdapter:
         return int(getattr(config, self.kv_heads_field, None) or self.num_heads(config))
 
     def context_length(self, config) -> int | None:
+        """The longest sequence the model can read (None: unknown / unlimited)."""
         n = getattr(config, "max_position_embeddings", None)
-        return int(n) if isinstance(n, int) and n > 0 else None
+        if not isinstance(n, int) or n <= 0:
+            return None
+        if self.positions_after_padding:
+            pad = getattr(config, "pad_token_id", None)
+            n -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+        return n if n > 0 else None
 
     @torch.no_grad()
     def ensure_w2_bias(self, block: nn.Module) -> bool:

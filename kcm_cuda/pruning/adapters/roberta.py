@@ -18,4 +18,5 @@ ROBERTA = FFNAdapter(
     o_path=("attention", "output", "dense"),
     heads_attrs=("num_attention_heads",),
     all_head_size_attrs=("all_head_size",),
+    positions_after_padding=True,  # roberta-base: 514 positions, 512 tokens
 )
