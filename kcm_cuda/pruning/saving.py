@@ -317,8 +317,15 @@ def load_pruned(
         raise ValueError(f"config.json in {p} names no known architecture ({archs})")
     if getattr(config, MLP_BIAS_FIELD, False) and not getattr(config, "intermediate_size", 1):
         config.intermediate_size = 1  # saved as 0 (see _refuse_plain_loading); resized below
-    with _parameters_on_meta():
-        model = cls(config)
+    try:
+        with _parameters_on_meta():
+            model = cls(config)
+    except Exception as exc:  # noqa: BLE001 - e.g. a zero head count: one line naming the file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"config.json in {p} does not describe a buildable {archs[0]}: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     adapter = get_adapter(model)
     sizes = getattr(config, SIZES_FIELD, None)
     blocks = adapter.layers(model)
