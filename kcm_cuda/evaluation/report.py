@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from kcm_cuda.evaluation.scoring import default_rows
+from kcm_cuda.pruning.saving import finite_json
 
 __all__ = ["format_markdown", "plot", "write_report"]
 
@@ -46,15 +47,7 @@ def _json_default(x):
     return str(x)
 
 
-def _clean(x):
-    """NaN / Inf → None so that report.json is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
+_clean = finite_json  # NaN / Inf → None so that report.json is strict JSON
 
 
 def _sort_key(row: dict):

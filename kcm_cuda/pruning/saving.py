@@ -79,14 +79,15 @@ def _json_default(obj):
     return str(obj)
 
 
-def _finite(obj):
-    """``obj`` with every NaN / infinity replaced by None (JSON has no such numbers)."""
+def finite_json(obj):
+    """``obj`` with every NaN / infinity replaced by None (JSON has no such numbers; strict
+    parsers reject the bare ``NaN`` json.dumps writes)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -94,7 +95,7 @@ def report_json(report: dict) -> str:
     """The report as strict JSON (no bare NaN / Infinity, which strict parsers reject: an
     undefined number, such as an error ratio of a layer with nothing to refit, is null)."""
     plain = json.loads(json.dumps(report, default=_json_default))
-    return json.dumps(_finite(plain), indent=2, allow_nan=False)
+    return json.dumps(finite_json(plain), indent=2, allow_nan=False)
 
 
 def save_pruned(
