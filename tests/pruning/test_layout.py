@@ -153,3 +153,10 @@ def test_standard_layout_refuses_what_it_cannot_express(build, options, match):
     opts = {"layout": "standard", **options}
     with pytest.raises(ValueError, match=match):
         kcm_cuda.prune(build(), token_batch(96, 24), 0.6, samples=64, progress=False, **opts)
+
+
+def test_standard_encoder_below_the_attention_floor_says_why_heads_cannot_help():
+    with pytest.raises(ValueError, match="keeps BERT's heads whole; layout='per_layer'"):
+        kcm_cuda.prune(
+            tiny_bert(), token_batch(96, 24), 0.3, layout="standard", samples=64, progress=False
+        )
