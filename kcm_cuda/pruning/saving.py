@@ -132,7 +132,11 @@ def save_pruned(
     except OSError as exc:
         raise safety.save_error(exc, target, where=parent) from None
     adapter = get_adapter(model)
-    sizes = record_sizes(model, adapter)
+    sizes = adapter.intermediate_sizes(model)
+    if len(set(sizes)) > 1 or hasattr(model.config, SIZES_FIELD):
+        record_sizes(model, adapter)  # per-layer widths: the record load_pruned reads
+    else:  # every layer alike (a standard-layout or unpruned model): the stock field alone
+        setattr(model.config, adapter.intermediate_field, sizes[0])
     heads = record_heads(model, adapter)
     full_heads = adapter.num_heads(model.config)
     kv_heads = adapter.kv_head_counts(model) if adapter.grouped else heads

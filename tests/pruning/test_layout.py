@@ -68,6 +68,8 @@ def test_standard_decoder_is_a_stock_checkpoint(family, gqa, tmp_path):
     assert r.report["flops"]["ratio"] <= 0.6 + 1e-9
     out = tmp_path / "out"
     r.save(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert not [k for k in saved if k.startswith("kcm_")], saved  # an ordinary checkpoint
     x = token_batch(4, 16, seed=3)
     info, plain = _plain_load(out, "AutoModelForCausalLM", x)
     assert not info["kcm_imported"]
@@ -119,6 +121,8 @@ def test_standard_encoder_keeps_whole_heads_and_loads_plainly(build, tmp_path):
     assert (r.report["structure"]["chosen"] or {}).get("heads", False) is False
     out = tmp_path / "out"
     r.save(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert not [k for k in saved if k.startswith("kcm_")], saved
     x = token_batch(3, 12, seed=5)
     kind = "AutoModelForSequenceClassification"
     info, plain = _plain_load(out, kind, x)
