@@ -1,14 +1,15 @@
 """Saving a pruned model (atomically) and loading it back in one call.
 
-A save directory holds: ``config.json`` (with ``kcm_intermediate_sizes``, the FFN size of every
-layer, and the architecture), ``model.safetensors``, the tokenizer files when a tokenizer is
-known, and ``kcm_report.json``. It is written to a temporary sibling directory and renamed into
-place, so a crash never leaves a half-written model at ``path``; with ``overwrite`` the old and
-the new directory are exchanged atomically, so ``path`` always holds one of them whole. One
-writer per output at a time (a lock next to it); an output that is, contains or lies inside
-the directory the model was loaded from is refused; a model with a NaN or infinite weight is
-not saved (kcm_cuda.pruning.safety). ``load_pruned`` checks the files first
-(kcm_cuda.loading): a corrupt or truncated one is a one-line ValueError naming it.
+A save directory holds: ``config.json`` (the architecture; with per-layer widths also
+``kcm_intermediate_sizes``, the FFN size of every layer), ``model.safetensors``, the tokenizer
+files when a tokenizer is known, and ``kcm_report.json`` (strict JSON). It is written to a
+temporary sibling directory and renamed into place, so a crash never leaves a half-written
+model at ``path``; with ``overwrite`` the old and the new directory are exchanged atomically,
+so ``path`` always holds one of them whole. One writer per output at a time (a lock next to
+it); an output that is, contains or lies inside the directory the model was loaded from is
+refused; a model with a NaN or infinite weight is not saved (kcm_cuda.pruning.safety).
+``load_pruned`` checks the files first (kcm_cuda.loading): a corrupt or truncated one is a
+one-line ValueError naming it.
 
 By default (``padded=True``) every layer's FFN is stored zero-padded to the widest kept layer
 (zero W1 rows, b1 entries and W2 columns: the padding neurons contribute exactly nothing) and
