@@ -550,9 +550,7 @@ def _run(args: argparse.Namespace) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    out = Path(args.output).expanduser()
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"output directory {out} already exists (use --overwrite to replace it)")
+    out = Path(args.output).expanduser()  # checked and locked by run() (safety.prepare_output)
     data = Path(args.data).expanduser()
     if not data.is_file():
         raise CLIError(f"data file not found: {args.data}")

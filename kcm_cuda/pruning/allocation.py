@@ -220,7 +220,7 @@ def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], d
 
     o = ctx.options
     info: dict = {"allocation": o.allocation}
-    if getattr(o, "layout", "per_layer") == "standard":  # every layer alike (layout.py)
+    if o.layout == "standard":  # every layer alike (layout.py)
         from kcm_cuda.pruning.layout import equal_counts
 
         counts = equal_counts(ctx.sizes, ctx.k_total, ctx.keep_min)

@@ -24,7 +24,6 @@ from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.activations import collect_activation_stats
 from kcm_cuda.pruning.adapters import get_adapter
 from kcm_cuda.pruning.context import build_context, set_ff_chunking
-from kcm_cuda.pruning.flops import BudgetError
 from kcm_cuda.pruning.heads import collect_head_stats, plan_heads
 from kcm_cuda.pruning.layout import check_layout, write_stock_config
 from kcm_cuda.pruning.methods import METHODS as METHOD_REGISTRY
@@ -194,28 +193,9 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         warnings.warn(f"structure search skipped: {too_big}", stacklevel=3)
         axes = {}
     holdout = opts.experimental.search_rows if axes else 0
-    try:
-        ctx = build_context(
-            model,
-            adapter,
-            data,
-            opts,
-            tokenizer=tokenizer,
-            device=device,
-            cache=cache,
-            holdout=holdout,
-        )
-    except BudgetError as exc:
-        if opts.layout == "standard" and not adapter.causal and "prune heads too" in str(exc):
-            raise BudgetError(  # the usual hint (prune heads) is what this layout cannot do
-                str(exc).replace(
-                    "prune heads too to go lower",
-                    "the standard layout keeps "
-                    f"{adapter.name}'s heads whole; layout='per_layer' prunes "
-                    "heads and goes lower",
-                )
-            ) from None
-        raise
+    ctx = build_context(
+        model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache, holdout=holdout
+    )
     if axes and ctx.heldout is None:
         structure = fixed_report(
             "too few unlabeled rows to hold some out: the fixed rules (structure='fixed') ran"

@@ -331,7 +331,13 @@ def flops_budget(
         fm = head_flops_model(model, adapter, seq_len, sizes, o.experimental.gqa_heads)
         return fm, proportional_split(fm, o.flops, o.min_heads, sum(keep_min))[1]
     fm = ffn_flops_model(model, adapter, seq_len, sizes)
-    return fm, fm.neuron_budget(o.flops, sum(keep_min))
+    lower = "prune heads too to go lower"
+    if o.layout == "standard" and not adapter.causal:  # heads are what this layout keeps
+        lower = (
+            f"the standard layout keeps {adapter.name}'s heads whole; layout='per_layer' prunes "
+            "heads and goes lower"
+        )
+    return fm, fm.neuron_budget(o.flops, sum(keep_min), lower=lower)
 
 
 def resolve_device(model: nn.Module, device: object) -> torch.device:

@@ -142,10 +142,16 @@ class FlopsModel:
         return self.attention_cost(self.min_units(min_heads) * len(self.sizes)) / self.total()
 
     def neuron_budget(
-        self, c: float, min_kept: int = 0, kept_heads: Sequence[int] | int | None = None
+        self,
+        c: float,
+        min_kept: int = 0,
+        kept_heads: Sequence[int] | int | None = None,
+        *,
+        lower: str = "prune heads too to go lower",
     ) -> int:
         """k = floor((c·F_full − F_attention) / (2·s·d)), checked against the floor;
-        F_attention counts ``kept_heads`` when given (else the whole attention)."""
+        F_attention counts ``kept_heads`` when given (else the whole attention). ``lower``:
+        what the error below the attention floor advises (FFN-only budgets)."""
         full = self.total()
         attn = self.attention_cost(kept_heads)
         floor = attn / full
@@ -157,7 +163,7 @@ class FlopsModel:
                 f"{'heads' if self.heads_per_unit == 1 else 'head units'} alone"
             )
             hint = (
-                "only FFN neurons are pruned (prune heads too to go lower); "
+                f"only FFN neurons are pruned ({lower}); "
                 if kept_heads is None
                 else ""
             )

@@ -527,7 +527,7 @@ def plan_heads(ctx) -> HeadPlan:
             min_heads=o.min_heads,
             min_neurons=sum(ctx.keep_min),
         )
-    standard = getattr(o, "layout", "per_layer") == "standard"
+    standard = o.layout == "standard"
     if standard:  # the same head units in every layer (layout.py); the neurons get the rest
         from kcm_cuda.pruning.layout import equal_units
 

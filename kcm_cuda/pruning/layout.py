@@ -39,7 +39,6 @@ def check_layout(opts, adapter, score_based: bool) -> None:
     """Resolve and check ``opts`` (a PruneOptions) against ``layout="standard"`` for this model
     family (``score_based``: the method ranks neurons, so the allocation sets the widths): a
     clear ValueError for an option the layout cannot honour."""
-    bias = opts.experimental.refit_bias
     if opts.layout != "standard":
         return
     if not score_based:
@@ -61,7 +60,7 @@ def check_layout(opts, adapter, score_based: bool) -> None:
                 "heads; use heads=False (or layout='per_layer' to prune heads)"
             )
         opts.heads, opts.heads_auto = False, False
-    if bias is True and not can_hold_ffn_bias(adapter):
+    if opts.experimental.refit_bias is True and not can_hold_ffn_bias(adapter):
         raise ValueError(
             f"layout='standard': {adapter.name}'s class has no MLP bias, so the refit cannot "
             "give down_proj one (experimental refit_bias=True); leave refit_bias unset"

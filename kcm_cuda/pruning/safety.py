@@ -180,9 +180,6 @@ def prepare_output(output: str | os.PathLike, *, overwrite: bool) -> list[Path]:
             f"output name {out.name[:40]}… is too long: with the save's temporary names it needs "
             f"{longest} bytes, the file system allows {limit}"
         )
-    for part in (p for p in out.parent.parents if p != ancestor):
-        if part.exists() and not part.is_dir():
-            raise SaveError(f"cannot create the output {out}: {part} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise SaveError(f"cannot write the output in {ancestor}: Permission denied")
     created = []
