@@ -19,13 +19,13 @@ model of the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results_file import study_meta, write_study
 
 BUDGETS = (0.8, 0.7, 0.6)
 
@@ -194,23 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"tok/s (x{row['decode_speedup']:.2f})",
                 flush=True,
             )
-    import transformers
-
-    meta = {
-        "device": f"cpu ({platform.machine()}, {a.threads} threads)",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "kcm_cuda": kcm_cuda.__version__,
-        },
-        "batch": a.batch,
-        "prompt": a.prompt,
-        "new_tokens": a.new,
-        "rounds": a.rounds,
-        "dtype": "float32",
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = study_meta(
+        batch=a.batch, prompt=a.prompt, new_tokens=a.new, rounds=a.rounds, dtype="float32"
+    )
     lines = [
         f"# Decoder speed with transformers: dense vs standard vs per-layer "
         f"({meta['device']}, fp32, batch {a.batch}, prompt {a.prompt}, {a.new} new tokens, "
@@ -228,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.1f} | "
             f"{r['decode_speedup']:.2f} |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_study(out, meta, rows, lines)
     return 0
 
 

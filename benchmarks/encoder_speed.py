@@ -14,8 +14,6 @@ medians, with the speed-up over the dense model of the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.onnx_speed import minilm
+from benchmarks.results_file import study_meta, write_study
 
 
 @torch.no_grad()
@@ -107,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"b={b} {k}: {1000 * med:.1f} ms, x{base / med:.2f}", flush=True)
-    meta = {
-        "device": f"cpu ({platform.machine()}, {a.threads} threads)",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seq": a.seq,
-        "rounds": a.rounds,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = study_meta(seq=a.seq, rounds=a.rounds)
     lines = [
         f"# MiniLM in transformers: dense vs pruned, by how it is loaded ({meta['device']}, "
         f"fp32, sequence {a.seq}, {meta['date']})",
@@ -128,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['parameters'] / 1e6:.1f}M | {r['latency_ms']:.1f} | "
             f"{r['sequences_per_s']:.1f} | {r['speedup']:.2f} |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_study(out, meta, rows, lines)
     return 0
 
 

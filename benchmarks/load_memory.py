@@ -13,15 +13,14 @@ once, minus VmRSS before it) is reported beside the size of the weights, and bes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results_file import study_meta, write_study
 
 CHILD = """
 import gc, sys, torch, transformers
@@ -124,15 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"MiB of {dtype} weights ({row['peak_over_weights']:.2f}x)",
                 flush=True,
             )
-    meta = {
-        "device": f"cpu ({platform.machine()})",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": cfg.to_dict() | {"layers": a.layers},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    }
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "rows": results}, indent=1, default=str)
-    )
+    meta = study_meta(model=cfg.to_dict() | {"layers": a.layers})
     lines = [
         f"# Peak memory of a load ({meta['device']}, {meta['date']})",
         "",
@@ -145,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['weights_bytes'] / 2**20:.0f} | {row['peak_bytes'] / 2**20:.0f} | "
             f"{row['peak_over_weights']:.2f} |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_study(out, meta, results, lines)
     return 0
 
 

@@ -16,14 +16,14 @@ the same run. The structure of a pruned model is what ``prune`` chose (``--layou
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results_file import study_meta, write_study
 
 BATCHES = (1, 8, 32)
 BUDGETS = (0.7, 0.6, 0.5)
@@ -192,20 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"x{dense / med:.2f}",
                         flush=True,
                     )
-    import onnxruntime
-
-    meta = {
-        "device": f"cpu ({platform.machine()}, {a.threads} threads)",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "kcm_cuda": kcm_cuda.__version__,
-        },
-        "layout": a.layout,
-        "rounds": a.rounds,
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = study_meta(layout=a.layout, rounds=a.rounds)
     lines = [
         f"# ONNX Runtime: dense vs pruned ({meta['device']}, {meta['date']})",
         "",
@@ -218,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['model']} | {r['batch']} | {r['graph']} | {fl:.3f} | "
             f"{r['latency_ms']:.1f} | {r['sequences_per_s']:.1f} | {r['speedup']:.2f} |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_study(out, meta, rows, lines)
     return 0
 
 

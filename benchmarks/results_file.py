@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import math
 import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +101,33 @@ def versions() -> dict[str, str | None]:
         "transformers": _package_version("transformers"),
         "pykeops": _package_version("pykeops"),
         "pytest-benchmark": _package_version("pytest-benchmark"),
+        "onnxruntime": _package_version("onnxruntime"),
         "kcm_cuda": _package_version("kcm_cuda") or _kcm_version(),
     }
+
+
+def study_meta(**extra: Any) -> dict[str, Any]:
+    """The header of a study script's results.json (onnx_speed, decoder_speed, encoder_speed,
+    load_memory): the CPU it ran on and its torch threads (:func:`device_info`), the date, the
+    versions (:func:`versions`), and the study's own settings (``extra``)."""
+    machine = device_info(torch.device("cpu"))
+    return {
+        "device": f"{machine['name']} ({machine['torch_threads']} torch threads)",
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        **extra,
+    }
+
+
+def write_study(out: Path, meta: dict[str, Any], rows: list, lines: list[str]) -> None:
+    """A study's results.json ({"meta", "rows"}) and report.md (``lines``), printed too."""
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1, default=str)
+    )
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    print(text, end="")
 
 
 def _kcm_version() -> str | None:
