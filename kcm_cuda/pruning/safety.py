@@ -462,19 +462,26 @@ def _mb(n: int) -> str:
 
 
 # -- finite weights -------------------------------------------------------------------------
+FINITE_CHUNK = 1 << 20  # elements per finiteness test in check_finite
+
+
 def check_finite(
     model: nn.Module, *, what: str = "model", then: str = "nothing was pruned"
 ) -> None:
     """ValueError naming the first parameter that holds a NaN or an infinity (meta-device and
-    integer parameters are skipped). One pass over the weights, no copy."""
+    integer parameters are skipped). One pass over the weights, in chunks of
+    ``FINITE_CHUNK`` elements: the temporaries of the test stay small whatever the tensor
+    (a whole-tensor isfinite of a 32000 × 4096 embedding would take several times its bool
+    size on top of the weights)."""
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     for name, p in model.named_parameters():
         if p.device.type == "meta" or not p.is_floating_point():
             continue
         with torch.no_grad():
-            bad = ~torch.isfinite(p)
-            if not bool(bad.any()):
+            flat = p.detach().reshape(-1)
+            if all(bool(torch.isfinite(c).all()) for c in flat.split(FINITE_CHUNK)):
                 continue
+            bad = ~torch.isfinite(p)  # the error path: the details, whole-tensor
             n_bad = int(bad.sum())
             n_nan = int(torch.isnan(p).sum())
             first = [int(i) for i in bad.nonzero()[0].tolist()]
