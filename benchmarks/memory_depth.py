@@ -2,10 +2,13 @@
 working memory flat as layers are added.
 
     python -m benchmarks.memory_depth [--depths 2,4,8,16] [--device cpu|cuda] [--out DIR]
+        [--structures search,fixed] [--hidden 256 --ffn 4096 --samples 64 --seq 96]
 
 For each depth, a fresh process builds a random LLaMA-architecture model (GQA, gated MLP) of
 that many layers in float32 on the CPU and prunes it (default method and refit, c = 0.6,
-pre-tokenized random calibration data of fixed size) with ``device=``:
+pre-tokenized random calibration data of fixed size) with ``device=``, once per
+``--structures`` entry (``search``: the default's structure search, ``fixed``: the fixed
+rules; the table then gives the search's extra over the fixed rules at each depth):
 * ``cuda``: the model stays on the CPU and every block is run on the GPU in turn; reported:
   ``torch.cuda.max_memory_allocated`` during ``prune()`` (the GPU's whole share of the work);
 * ``cpu``: the process's resident memory is sampled every 2 ms during ``prune()``; reported:
@@ -46,7 +49,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(depth: int, device: str, samples: int = SAMPLES, seq: int = SEQ, **config) -> dict:
+def measure(
+    depth: int,
+    device: str,
+    samples: int = SAMPLES,
+    seq: int = SEQ,
+    structure: str = "search",
+    **config,
+) -> dict:
     """One measurement, in this process (call it in a fresh process: see :func:`main`)."""
     import threading
 
@@ -76,7 +86,9 @@ def measure(depth: int, device: str, samples: int = SAMPLES, seq: int = SEQ, **c
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    res = kcm_cuda.prune(model, data, flops=0.6, device=device, progress=False)
+    res = kcm_cuda.prune(
+        model, data, flops=0.6, device=device, progress=False, samples=samples, structure=structure
+    )
     wall = time.perf_counter() - t0
     stop.set()
     thread.join()
@@ -90,16 +102,20 @@ def measure(depth: int, device: str, samples: int = SAMPLES, seq: int = SEQ, **c
         "working_mb": (peak["rss"] - base - pruned_bytes) / 2**20,
         "prune_s": wall,
         "flops_ratio": res.report["flops"]["ratio"],
+        "structure": structure,
+        "searched": res.report["structure"].get("chosen") is not None,
+        "not_searched": res.report["structure"].get("not_searched"),
+        "candidates": len(res.report["structure"].get("candidates", [])),
     }
     if device == "cuda":
         out["gpu_peak_mb"] = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
     return out
 
 
-def _child(depth: int, device: str, extra: dict) -> dict:
+def _child(depth: int, device: str, extra: dict, structure: str = "search") -> dict:
     code = (
         "import json, sys; from benchmarks.memory_depth import measure; "
-        f"print(json.dumps(measure({depth}, {device!r}, **{extra!r})))"
+        f"print(json.dumps(measure({depth}, {device!r}, structure={structure!r}, **{extra!r})))"
     )
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     # glibc raises its mmap threshold after large frees, so freed buffers stay in the heap and
@@ -119,20 +135,39 @@ def _child(depth: int, device: str, extra: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     gpu = any("gpu_peak_mb" in r for r in rows)
-    head = "| layers | model MB | pruned MB | peak RSS above start MB |"
+    head = "| layers | structure | searched | model MB | pruned MB | peak RSS above start MB |"
     head += " working MB (peak − pruned) |"
     head += " GPU peak MB |" if gpu else ""
     head += " prune s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (
-            f"| {r['depth']} | {r['model_mb']:.0f} | {r['pruned_mb']:.0f} | "
+            f"| {r['depth']} | {r.get('structure', 'search')} | "
+            f"{'yes' if r.get('searched') else 'no'} | {r['model_mb']:.0f} | "
+            f"{r['pruned_mb']:.0f} | "
             f"{r['rss_peak_above_start_mb']:.0f} | {r['working_mb']:.0f} |"
         )
         if gpu:
             line += f" {r.get('gpu_peak_mb', float('nan')):.0f} |"
         lines.append(line + f" {r['prune_s']:.1f} |")
     return "\n".join(lines)
+
+
+def extra_of_search(rows: list[dict]) -> dict | None:
+    """Per depth, the search's peak memory above the fixed rules' (MB), and its growth from
+    the first depth to the last (the number that must stay flat)."""
+    by = {(r["depth"], r.get("structure", "search")): r for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    key = "gpu_peak_mb" if any("gpu_peak_mb" in r for r in rows) else "rss_peak_above_start_mb"
+    extra = {
+        d: by[(d, "search")][key] - by[(d, "fixed")][key]
+        for d in depths
+        if (d, "search") in by and (d, "fixed") in by
+    }
+    if len(extra) < 2:
+        return None
+    lo, hi = min(extra), max(extra)
+    return {"measure": key, "per_depth_mb": extra, "growth_mb": extra[hi] - extra[lo]}
 
 
 def _device_slug(device: str) -> str:
@@ -159,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--out", default=None, help="directory for the JSON and the table")
     p.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
+    p.add_argument(
+        "--structures", default="search", help="comma list of structure= values (search,fixed)"
+    )
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 512)")
+    p.add_argument("--ffn", type=int, default=None, help="FFN width (default 1408)")
+    p.add_argument("--samples", type=int, default=None, help=f"sequences (default {SAMPLES})")
+    p.add_argument("--seq", type=int, default=None, help=f"tokens per sequence (default {SEQ})")
     args = p.parse_args(argv)
     import torch
     import transformers
@@ -170,10 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny
         else {}
     )
+    for key, value in (
+        ("hidden_size", args.hidden),
+        ("intermediate_size", args.ffn),
+        ("samples", args.samples),
+        ("seq", args.seq),
+    ):
+        if value is not None:
+            extra[key] = value
+    structures = [x.strip() for x in args.structures.split(",") if x.strip()]
     rows = []
     for depth in depths:
-        rows.append(_child(depth, device, extra))
-        print(table(rows).splitlines()[-1], flush=True)
+        for structure in structures:
+            rows.append(_child(depth, device, extra, structure))
+            print(table(rows).splitlines()[-1], flush=True)
     out = (
         Path(args.out)
         if args.out
@@ -186,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "device": device},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {**CONFIG, **extra, "samples": SAMPLES, "seq": SEQ} if not args.tiny else extra,
+        "config": {"samples": SAMPLES, "seq": SEQ, **CONFIG, **extra},
         "rows": rows,
+        "extra_of_search": extra_of_search(rows),
     }
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=2)
     os.replace(f.name, out / "memory_vs_depth.json")
     (out / "memory_vs_depth.md").write_text(table(rows) + "\n", encoding="utf-8")
     print(table(rows))
+    if result["extra_of_search"] is not None:
+        e = result["extra_of_search"]
+        print(f"the search's extra over the fixed rules grew by {e['growth_mb']:.0f} MB")
     print(f"wrote {out / 'memory_vs_depth.json'}")
     return 0
 

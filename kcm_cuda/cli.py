@@ -206,8 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale-samples",
         type=int,
-        default=256,
-        help="sequences the reconstruction (ridge refit or Scale) fits on (default 256)",
+        default=None,
+        help="sequences the reconstruction (ridge refit or Scale) fits on (default: every "
+        "calibration sequence, --samples)",
     )
     p.add_argument(
         "--precision",
@@ -639,10 +640,17 @@ def structure_lines(block: dict) -> str:
     if not block.get("chosen"):
         return f"structure: fixed ({block.get('not_searched', 'not searched')})"
     crit = block.get("criterion")
+    rows = block.get("judged_rows", block.get("heldout_rows"))
+    how = f"{block['folds']}-fold cross-fitted" if block.get("folds") else "held-out"
     out = [
-        f"structure: {block['chosen_label']} (held-out {crit} {block['chosen_criterion']:.4g}, "
-        f"{len(block['candidates'])} candidates on {block['heldout_rows']} held-out rows)"
+        f"structure: {block['chosen_label']} ({how} {crit} {block['chosen_criterion']:.4g}, "
+        f"{len(block['candidates'])} candidates judged on {rows} rows)"
     ]
+    for tie in (block.get("tie_rule") or {}).get("applied", []):
+        out.append(
+            f"tie rule: kept the simpler {tie['kept']} ({crit} +{tie['difference']:.3g}, "
+            f"within its SE {tie['se']:.3g})"
+        )
     runner = block.get("runner_up_label")
     if runner:
         value = next(

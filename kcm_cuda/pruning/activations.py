@@ -7,9 +7,12 @@ activation (the input of W2) and of its square: Σa (bias compensation, FLAP's m
 (D2's energies, Wanda-sp's ‖a_i‖₂, FLAP's variance), so memory is (batches × neurons), never
 (tokens × neurons). Padding tokens are excluded with the batch's attention mask.
 ``token_means`` / ``token_variances`` / ``token_norms`` turn them into per-neuron statistics
-over all real tokens. With ``grams=True`` the pass also accumulates each layer's (n × n)
+over all real tokens. With ``grams=True`` the pass also keeps each layer's (n × n)
 second-moment matrix Σ_tokens a aᵀ (float64) and the energy Σ_tokens ‖x‖² of the FFN's
-input x (used by the error-driven layer allocation).
+input x (``method="obs"`` reads them). With ``on_gram`` instead, each layer's Gram is
+accumulated on the execution device, handed to ``on_gram`` when the layer is done (what the
+error-driven layer allocation needs of it: its removal-error curves) and dropped, so the
+pass holds one layer's Gram at a time whatever the depth.
 
 Optionally (``kcm_batches`` > 0, D2's "kcm" mode) the first batches also run the R2 procedure
 on the activations, inside the hook: points = the columns of the batch's (tokens × n)
@@ -46,9 +49,9 @@ class ActivationStats:
     sums: list[torch.Tensor] | None = None  # per layer: (n_batches, n) float64, Σ_tokens a_i
     grams: list[torch.Tensor] | None = None  # per layer: (n, n) float64, Σ_tokens a aᵀ
     input_sq: list[float] | None = None  # per layer (with grams): Σ_tokens ‖x‖², x = W1's input
-    # per layer (with o_grams): the attention output projection's input (the heads' contexts)
-    o_grams: list[torch.Tensor] | None = None  # (d_attn, d_attn) float64, Σ_tokens c cᵀ
-    o_sums: list[torch.Tensor] | None = None  # (d_attn,) float64, Σ_tokens c
+    # what ``on_gram`` computed from each layer's Gram (e.g. the error allocation's removal-error
+    # curves, kcm_cuda.pruning.allocation.GramCurves), keyed as it chose
+    from_grams: dict | None = None
 
     @property
     def n_batches(self) -> int:
@@ -106,18 +109,21 @@ def collect_activation_stats(
     kcm_batches: int = 0,
     kcm_options: dict | None = None,
     grams: bool = False,
-    o_grams: bool = False,
+    on_gram=None,
 ) -> ActivationStats:
     """Per layer and batch Σ_tokens a_i and a_i² of W2's input a (padding excluded); with
-    ``grams`` also Σ a aᵀ and the energy of W1's input, with ``o_grams`` Σ c cᵀ and Σ c of the
-    attention output projection's input c (the structure search's one-shot refits read them)."""
+    ``grams`` also Σ a aᵀ and the energy of W1's input (kept for every layer, on the CPU).
+    ``on_gram(layer, gram, input_sq, layer_stats, block)``: called when a layer is done, with
+    its Gram (float64, on the execution device), the energy of its FFN input, its own
+    statistics (a one-layer ActivationStats) and the block; what it returns is kept in
+    ``from_grams[layer]`` and the Gram is dropped (unless ``grams``)."""
     blocks = adapter.layers(model)
     per_layer: list[list[torch.Tensor]] = [[] for _ in blocks]
     per_layer_sum: list[list[torch.Tensor]] = [[] for _ in blocks]
     gram_acc: list[torch.Tensor | None] = [None for _ in blocks]
     input_sq = [0.0 for _ in blocks]
-    o_gram_acc: list[torch.Tensor | None] = [None for _ in blocks]
-    o_sum_acc: list[torch.Tensor | None] = [None for _ in blocks]
+    want_gram = grams or on_gram is not None
+    from_grams: dict = {}
     kcm_diag: list[list[torch.Tensor]] = [[] for _ in blocks]
     kcm_iters: list[list[int]] = [[] for _ in blocks]
     current: dict = {}
@@ -129,9 +135,9 @@ def collect_activation_stats(
             a = real_tokens(args[0], current["mask"]).float()
             per_layer[idx].append((a * a).sum(dim=0, dtype=torch.float64).cpu())
             per_layer_sum[idx].append(a.sum(dim=0, dtype=torch.float64).cpu())
-            if grams:
-                g = (a.t() @ a).double().cpu()
-                gram_acc[idx] = g if gram_acc[idx] is None else gram_acc[idx] + g
+            if want_gram:  # float32 products per batch, summed in float64 where a is
+                g = (a.t() @ a).double()
+                gram_acc[idx] = g if gram_acc[idx] is None else gram_acc[idx].add_(g)
             if current["batch"] < kcm_batches:
                 points = a.t() / max(a.shape[0], 1) ** 0.5  # (n, tokens)
                 sig = median_sigma(points) if sigma == "median" else float(sigma)
@@ -149,16 +155,6 @@ def collect_activation_stats(
 
         return hook
 
-    def make_o_hook(idx: int):
-        def hook(_module, args):
-            c = real_tokens(args[0], current["mask"]).float()
-            g = (c.t() @ c).double().cpu()
-            sm = c.sum(dim=0, dtype=torch.float64).cpu()
-            o_gram_acc[idx] = g if o_gram_acc[idx] is None else o_gram_acc[idx] + g
-            o_sum_acc[idx] = sm if o_sum_acc[idx] is None else o_sum_acc[idx] + sm
-
-        return hook
-
     calls, hidden = capture_block_inputs(
         model, adapter, sample, batch_size, store=hidden_store(model, adapter, sample, device)
     )
@@ -169,10 +165,8 @@ def collect_activation_stats(
     for i in bar:
         with executing(blocks[i], device) as (block, dev):
             handles = [adapter.w2(block).register_forward_pre_hook(make_hook(i))]
-            if grams:
+            if want_gram:
                 handles.append(adapter.w1(block).register_forward_pre_hook(make_input_hook(i)))
-            if o_grams:
-                handles.append(adapter.o(block).register_forward_pre_hook(make_o_hook(i)))
             try:
                 for b, call in enumerate(calls):
                     current["mask"] = call.mask.to(dev)
@@ -181,7 +175,16 @@ def collect_activation_stats(
             finally:
                 for h in handles:
                     h.remove()
-        check_finite_activations(per_layer[i], i, adapter.w2(blocks[i]).weight.dtype)
+            check_finite_activations(per_layer[i], i, adapter.w2(block).weight.dtype)
+            if on_gram is not None and gram_acc[i] is not None:
+                one = ActivationStats(
+                    sq_sums=[torch.stack(per_layer[i])],
+                    tokens=torch.tensor(tokens, dtype=torch.long),
+                    sums=[torch.stack(per_layer_sum[i])],
+                )
+                from_grams[i] = on_gram(i, gram_acc[i], input_sq[i], one, block)
+            if gram_acc[i] is not None:
+                gram_acc[i] = gram_acc[i].cpu() if grams else None
     return ActivationStats(
         sq_sums=[torch.stack(x) for x in per_layer],
         tokens=torch.tensor(tokens, dtype=torch.long),
@@ -189,9 +192,8 @@ def collect_activation_stats(
         kcm_iterations=kcm_iters if kcm_batches > 0 else None,
         sums=[torch.stack(x) for x in per_layer_sum],
         grams=[g for g in gram_acc if g is not None] if grams else None,
-        input_sq=input_sq if grams else None,
-        o_grams=list(o_gram_acc) if o_grams else None,
-        o_sums=list(o_sum_acc) if o_grams else None,
+        input_sq=input_sq if want_gram else None,
+        from_grams=from_grams if on_gram is not None else None,
     )
 
 

@@ -100,10 +100,13 @@ def removal_error_curve(
             f"shapes do not match: S {tuple(second_moment.shape)}, W2 {tuple(w2.shape)}, "
             f"{n} neurons"
         )
-    w = w2.detach().double().cpu()[:, order]
-    M = second_moment.double().cpu()[order][:, order] * (w.t() @ w)
+    dev = second_moment.device
+    order = order.to(dev)
+    w = w2.detach().to(dev, torch.float64)[:, order]
+    M = second_moment.double()[order][:, order] * (w.t() @ w)
     cum = M.cumsum(0).cumsum(1)
-    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.diagonal(cum).clone()])
+    zero = torch.zeros(1, dtype=torch.float64, device=dev)
+    return torch.cat([zero, torch.diagonal(cum).clone()])
 
 
 def convex_marginals(curve: torch.Tensor) -> torch.Tensor:
@@ -166,18 +169,42 @@ def error_allocation(
     curve err_l(m) / E‖x_l‖² (m neurons removed, in score order)."""
     if n_tokens < 1:
         raise ValueError("the error allocation needs at least one token")
-    sizes = [int(s.numel()) for s in scores]
-    curves, marginals = [], []
-    for s, g, mu, w, e in zip(scores, grams, means, w2, input_energy, strict=True):
-        S = g.double() / n_tokens
-        if centered:
-            mu = mu.double()
-            S = S - torch.outer(mu, mu)
-        order = torch.sort(s.detach().double().cpu(), descending=False, stable=True).indices
-        curve = removal_error_curve(S, w, order) / max(float(e), 1e-30)
-        curves.append(curve)
-        marginals.append(convex_marginals(curve))
-    return error_counts(marginals, sizes, k_total, keep_min), curves
+    curves = [
+        layer_error_curve(s, g, mu, n_tokens, w, e, centered=centered)
+        for s, g, mu, w, e in zip(scores, grams, means, w2, input_energy, strict=True)
+    ]
+    return counts_from_curves(curves, k_total, keep_min), curves
+
+
+def layer_error_curve(
+    scores: torch.Tensor,
+    gram: torch.Tensor,
+    mean: torch.Tensor,
+    n_tokens: int,
+    w2: torch.Tensor,
+    input_energy: float,
+    *,
+    centered: bool,
+) -> torch.Tensor:
+    """One layer's err(m) / E‖x‖² (m lowest-scored neurons removed), computed where ``gram``
+    is (the activation pass hands each layer's Gram here and drops it: one at a time)."""
+    if n_tokens < 1:
+        raise ValueError("the error allocation needs at least one token")
+    S = gram.double() / n_tokens
+    if centered:
+        mu = mean.double().to(S.device)
+        S = S - torch.outer(mu, mu)
+    order = torch.sort(scores.detach().double().cpu(), descending=False, stable=True).indices
+    return removal_error_curve(S, w2, order).cpu() / max(float(input_energy), 1e-30)
+
+
+def counts_from_curves(
+    curves: list[torch.Tensor], k_total: int, keep_min: list[int]
+) -> list[int]:
+    """Per-layer kept counts that remove the neurons of the smallest convexified marginal
+    errors first (see the module doc)."""
+    sizes = [int(c.numel()) - 1 for c in curves]
+    return error_counts([convex_marginals(c) for c in curves], sizes, k_total, keep_min)
 
 
 def allocate(
@@ -212,6 +239,11 @@ def allocate(
 CENTERED_RECONSTRUCTIONS = ("bias", "ridge")
 
 
+def curve_key(method: str, centered: bool) -> tuple[str, str, bool]:
+    """Where the activation pass files a method's error curve (ActivationStats.from_grams)."""
+    return ("error_curve", method, bool(centered))
+
+
 def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
     """Masks under ``ctx.options.allocation`` for a method's ``scores``, and a JSON-able
     summary for the report (the counts; with "error", each layer's predicted relative
@@ -229,24 +261,35 @@ def allocate_for(ctx, scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], d
     if o.allocation != "error":
         return allocate(scores, ctx.k_total, ctx.keep_min, o.allocation), info
     stats = ctx.activation_stats()
-    if stats.grams is None or stats.input_sq is None or stats.sums is None:
-        raise ValueError("allocation='error' needs activation Grams (collected with grams=True)")
-    n = stats.n_tokens
-    from kcm_cuda.pruning.blockwise import map_blocks
-
-    w2 = map_blocks(ctx.teacher, ctx.adapter, lambda b: ctx.adapter.w2(b).weight.detach().clone())
     centered = o.reconstruction() in CENTERED_RECONSTRUCTIONS
-    counts, curves = error_allocation(
-        scores,
-        stats.grams,
-        token_means(stats),
-        n,
-        w2,
-        [e / max(n, 1) for e in stats.input_sq],
-        ctx.k_total,
-        ctx.keep_min,
-        centered=centered,
-    )
+    key = curve_key(o.method, centered)
+    n = stats.n_tokens
+    layers = range(len(scores))
+    if stats.from_grams is not None and all(key in stats.from_grams.get(i, {}) for i in layers):
+        # computed layer by layer in the activation pass (no Gram held for every layer)
+        curves = [stats.from_grams[i][key] for i in layers]
+        counts = counts_from_curves(curves, ctx.k_total, ctx.keep_min)
+    else:
+        if stats.grams is None or stats.input_sq is None or stats.sums is None:
+            raise ValueError(
+                "allocation='error' needs activation Grams (collected with grams=True)"
+            )
+        from kcm_cuda.pruning.blockwise import map_blocks
+
+        w2 = map_blocks(
+            ctx.teacher, ctx.adapter, lambda b: ctx.adapter.w2(b).weight.detach().clone()
+        )
+        counts, curves = error_allocation(
+            scores,
+            stats.grams,
+            token_means(stats),
+            n,
+            w2,
+            [e / max(n, 1) for e in stats.input_sq],
+            ctx.k_total,
+            ctx.keep_min,
+            centered=centered,
+        )
     masks = allocate(scores, ctx.k_total, ctx.keep_min, "error", counts=counts)
     info["error_centered"] = centered
     info["predicted_relative_error"] = [

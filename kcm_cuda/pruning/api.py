@@ -23,7 +23,12 @@ from torch import nn
 from kcm_cuda.pruning import safety
 from kcm_cuda.pruning.activations import collect_activation_stats
 from kcm_cuda.pruning.adapters import get_adapter
-from kcm_cuda.pruning.context import build_context, set_ff_chunking
+from kcm_cuda.pruning.context import (
+    MIN_HELDOUT,
+    build_context,
+    resolve_device,
+    set_ff_chunking,
+)
 from kcm_cuda.pruning.heads import collect_head_stats, plan_heads
 from kcm_cuda.pruning.layout import check_layout, write_stock_config
 from kcm_cuda.pruning.methods import METHODS as METHOD_REGISTRY
@@ -38,8 +43,8 @@ from kcm_cuda.pruning.structure import (
     fixed_reason,
     fixed_report,
     open_axes,
+    search_does_not_fit,
     search_structure,
-    too_big_for_search,
 )
 
 # The method names (the registry is kcm_cuda.pruning.methods.METHODS).
@@ -186,19 +191,29 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
     # layout="standard": what it allows on this family and method
     check_layout(opts, adapter, isinstance(METHOD_REGISTRY[opts.method], ScoreMethod))
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
-    too_big = too_big_for_search(adapter, model, axes) if axes else None
+    folds = opts.experimental.search_folds
+    too_big = None
+    if axes:  # one layer's statistics must fit where the search runs (never all layers')
+        too_big = search_does_not_fit(adapter, model, axes, resolve_device(model, device), folds)
     if too_big:
         import warnings
 
         warnings.warn(f"structure search skipped: {too_big}", stacklevel=3)
         axes = {}
-    holdout = opts.experimental.search_rows if axes else 0
+    # held-out mode (search_folds=0): rows drawn beside the sample; else none are held out
+    holdout = opts.experimental.search_rows if axes and folds == 0 else 0
     ctx = build_context(
         model, adapter, data, opts, tokenizer=tokenizer, device=device, cache=cache, holdout=holdout
     )
-    if axes and ctx.heldout is None:
+    if axes and folds == 0 and ctx.heldout is None:
         structure = fixed_report(
             "too few unlabeled rows to hold some out: the fixed rules (structure='fixed') ran"
+        )
+        axes = {}
+    elif axes and folds and ctx.sample.n_sequences < max(MIN_HELDOUT, 2 * folds):
+        structure = fixed_report(
+            f"too few unlabeled rows ({ctx.sample.n_sequences}) to cross-fit {folds} folds: "
+            "the fixed rules (structure='fixed') ran"
         )
         axes = {}
     elif not axes:

@@ -58,15 +58,15 @@ def hidden_of(call: LayerCall) -> torch.Tensor:
     return call.kwargs["hidden_states"]
 
 
-def _to(obj, device: torch.device):
+def move_to(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(x, device) for x in obj)
+        return tuple(move_to(x, device) for x in obj)
     if isinstance(obj, list):
-        return [_to(x, device) for x in obj]
+        return [move_to(x, device) for x in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: move_to(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -128,7 +128,7 @@ def run_block(
     ``hidden`` is; returned there)."""
     home = hidden.device
     dev = home if device is None else device
-    args, kwargs = _to(call.args, dev), _to(call.kwargs, dev)
+    args, kwargs = move_to(call.args, dev), move_to(call.kwargs, dev)
     h = hidden.to(dev)
     out = block(h, *args, **kwargs)
     if isinstance(out, (tuple, list)):

@@ -56,24 +56,50 @@ class PruneContext:
     head_plan: object | None = None  # heads=True: heads.HeadPlan (set by heads.plan_heads)
     d2_kcm_iterations: list[list[int]] | None = None
     r2_disk: dict | None = None  # R2's on-disk cache: its directory and whether it was a hit
-    # the structure search (structure.py): unlabeled rows held out from the sample, and whether
-    # the activation pass also collects the FFN and attention-output Grams its refits read
+    # the structure search (structure.py): unlabeled rows held out from the sample (its
+    # held-out mode only), and the methods whose error-allocation curves the activation pass
+    # computes layer by layer (the search's candidates with allocation="error")
     heldout: TokenizedSample | None = None
-    want_grams: bool = False
-    want_o_grams: bool = False
+    curve_methods: tuple[str, ...] = ()
     _memo: dict = field(default_factory=dict, repr=False)
 
     # -- lazily computed statistics ------------------------------------------------------
-    def needs_grams(self) -> bool:
-        """The error-driven allocation and methods such as ``obs`` read each layer's
-        activation Gram."""
+    def gram_plan(self) -> tuple[bool, tuple[str, ...], bool]:
+        """What the activation pass does with each layer's activation Gram: (keep every
+        layer's Gram, the methods whose error curves it computes from the Gram of the layer
+        at hand, whether those curves are centred). A method whose within-layer order needs
+        more than one layer's statistics, or ``method="obs"``, keeps every Gram."""
+        from kcm_cuda.pruning.allocation import CENTERED_RECONSTRUCTIONS
         from kcm_cuda.pruning.methods import METHODS
 
-        return (
-            self.want_grams
-            or self.options.allocation == "error"
-            or METHODS[self.options.method].needs_grams
-        )
+        o = self.options
+        methods = set(self.curve_methods)
+        if o.allocation == "error":
+            methods.add(o.method)
+        layer_local = {m for m in methods if _layer_local(METHODS[m])}
+        keep = bool(METHODS[o.method].needs_grams or methods - layer_local)
+        centered = o.reconstruction() in CENTERED_RECONSTRUCTIONS
+        return keep, tuple(sorted(layer_local)), centered
+
+    def _on_gram(self, methods: tuple[str, ...], centered: bool):
+        """The activation pass's per-layer Gram consumer: each method's error curve."""
+        from kcm_cuda.pruning.activations import token_means
+        from kcm_cuda.pruning.allocation import curve_key, layer_error_curve
+        from kcm_cuda.pruning.methods import METHODS
+
+        def on_gram(layer, gram, input_sq, one, block):
+            n = one.n_tokens
+            w2 = self.adapter.w2(block).weight
+            out = {}
+            for m in methods:
+                scores = METHODS[m].layer_scores(one, [self.w2_norms[layer]])[0]
+                out[curve_key(m, centered)] = layer_error_curve(
+                    scores, gram, token_means(one)[0], n, w2, input_sq / max(n, 1),
+                    centered=centered,
+                )
+            return out
+
+        return on_gram
 
     def _model_fp(self) -> str | None:
         """The weights' fingerprint (None for a model with offloaded weights: not memoised)."""
@@ -93,10 +119,9 @@ class PruneContext:
         if self.cache is not None and self._model_fp() is not None:
             sample_fp = fingerprint([self.sample.input_ids, self.sample.attention_mask])
             key = ("activations", self._model_fp(), sample_fp, o.batch_size)
-            if self.needs_grams():
-                key += ("grams",)
-            if self.want_o_grams:
-                key += ("o_grams",)
+            keep, curves, centered = self.gram_plan()
+            if keep or curves:
+                key += ("grams", keep, curves, centered)
             if o.experimental.d2_mode == "kcm":
                 key += (
                     o.experimental.d2_kcm_batches,
@@ -125,8 +150,7 @@ class PruneContext:
                     precision=o.precision,
                     backend=o.backend,
                 ),
-                **({"grams": True} if self.needs_grams() else {}),
-                **({"o_grams": True} if self.want_o_grams else {}),
+                **self._gram_options(),
             )
             if key is not None:
                 self.cache[key] = stats
@@ -136,6 +160,13 @@ class PruneContext:
         self.timings["activations"] = self.timings.get("activations", 0.0)
         self.timings["activations"] += time.perf_counter() - t0
         return stats
+
+    def _gram_options(self) -> dict:
+        keep, curves, centered = self.gram_plan()
+        out: dict = {"grams": True} if keep else {}
+        if curves:
+            out["on_gram"] = self._on_gram(curves, centered)
+        return out
 
     def d2(self) -> D2Result:
         if "d2" not in self._memo:
@@ -248,6 +279,15 @@ class PruneContext:
             self.cache[key] = stats
         self._memo["head_stats"] = stats
         return stats
+
+
+def _layer_local(method) -> bool:
+    """Whether ``method``'s within-layer order comes from one layer's statistics alone."""
+    from kcm_cuda.pruning.methods.base import ScoreMethod
+
+    if not isinstance(method, ScoreMethod):
+        return False
+    return type(method).layer_scores is not ScoreMethod.layer_scores
 
 
 # -- the data stage -------------------------------------------------------------------------

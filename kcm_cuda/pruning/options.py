@@ -87,12 +87,20 @@ class ExperimentalOptions:
     gqa_heads: str = "per_group"
     kwon_rearrange: bool = True  # kwon: mask rearrangement step
     kwon_tune: bool = True  # kwon: least-squares mask tuning step
-    # structure="search": unlabeled rows held out from the calibration sample to judge the
-    # candidate structures on (drawn beside the sample, or split off it when data is short)
+    # structure="search": the candidates are judged by K-fold cross-fitting on the calibration
+    # rows themselves (each judged row by a one-shot refit fitted without its fold; the model
+    # returned is fitted on every row). 0: the search of before, on ``search_rows`` unlabeled
+    # rows held out from the calibration sample (drawn beside it, or split off it when data
+    # is short), which the returned model is not fitted on
+    search_folds: int = 4
     search_rows: int = 128
-    # structure="search": how many of the best candidates by the one-shot proxy are built with
-    # both refits (one-shot, sequential) before the criterion picks the model returned
+    # structure="search", held-out mode only: how many of the best candidates by the one-shot
+    # proxy are built with both refits (one-shot, sequential) before the criterion picks
     search_finalists: int = 1
+    # structure="search": a simpler structure (fewer parts away from FFN-only / uniform widths /
+    # the first score) within this many paired standard errors of the lowest criterion is
+    # kept instead (0: always the lowest)
+    search_tie_se: float = 1.0
     # the FFN refit's bias change (b2 / down_proj): None = where the family's class holds one
     # (not Mistral / Qwen2: the weights alone, measured as good; kcm_cuda.pruning.layout.
     # refit_bias); True / False force it (True on Mistral / Qwen2: kcm_mlp_bias, load_pruned only)
@@ -126,7 +134,11 @@ class ExperimentalOptions:
         self.gqa_heads = check_choice("gqa_heads", self.gqa_heads, GQA_STRUCTURES)
         self.kwon_rearrange = check_bool("kwon_rearrange", self.kwon_rearrange)
         self.kwon_tune = check_bool("kwon_tune", self.kwon_tune)
+        self.search_folds = check_int("search_folds", self.search_folds, 0)
+        if self.search_folds == 1:
+            raise ValueError("search_folds must be 0 (held-out rows) or at least 2, got 1")
         self.search_rows = check_int("search_rows", self.search_rows, 8)
+        self.search_tie_se = check_float("search_tie_se", self.search_tie_se, 0.0)
         self.search_finalists = check_int("search_finalists", self.search_finalists, 1)
         if self.refit_bias is not None:
             self.refit_bias = check_bool("refit_bias", self.refit_bias)
@@ -202,7 +214,8 @@ class PruneOptions:
     batch_size: int = 32
     min_keep: int | float = 0.01
     precision: str = "auto"  # "auto": tf32 on sm_80+ CUDA, ieee elsewhere
-    scale_samples: int = 256
+    # sequences the reconstruction reads (None: every calibration sequence, ``samples``)
+    scale_samples: int | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
     # per-layer widths (kcm_cuda.pruning.allocation.ALLOCATIONS); "auto": "uniform" under the
@@ -245,7 +258,8 @@ class PruneOptions:
         self.batch_size = check_int("batch_size", self.batch_size, 1)
         self.allocation = check_choice("allocation", self.allocation, ("auto", *ALLOCATIONS))
         resolve_r2_cache(self.r2_cache)  # type / emptiness check
-        self.scale_samples = check_int("scale_samples", self.scale_samples, 1)
+        if self.scale_samples is not None:
+            self.scale_samples = check_int("scale_samples", self.scale_samples, 1)
         self.progress = bool(self.progress)
         self.experimental = ExperimentalOptions.from_value(self.experimental)
         lab = self.labels

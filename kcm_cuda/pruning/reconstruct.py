@@ -261,7 +261,7 @@ def reconstruct(ctx, selection: Selection) -> tuple[nn.Module, ReconstructionRes
         student,
         ctx.adapter,
         masks,
-        ctx.sample.subset(o.scale_samples),
+        ctx.sample if o.scale_samples is None else ctx.sample.subset(o.scale_samples),
         variant=name,
         mode=o.experimental.reconstruct_mode,
         ridge_lambda=o.ridge_lambda,

@@ -18,27 +18,44 @@ caller leaves open are chosen per model by a label-free measurement:
                first heads × split with the first score and allocation (flap, uniform), then
                score × allocation with the heads the first stage chose: 3 + 5 new candidates
                instead of the 18 of every combination.
-  criterion    computed on unlabeled rows held out from those the statistics and the refit
-               are fitted on (``ctx.heldout``): for a classifier the mean KL(teacher ‖ student)
-               of the class distributions (what the user keeps is the teacher's decision;
-               KL sees a shift of the distribution before it flips a label, and needs no
-               label); for a causal LM the student's mean NLL per held-out token (that *is*
-               the quantity a user of an LM cares about, teacher-free); for a regression head
-               the squared error to the teacher's output relative to the teacher's variance;
-               for a model without a head the squared error of the final hidden states
-               relative to their energy (what any head put on top would read). Lower is better.
-  proxy        every candidate is judged with a one-shot refit that costs no pass over the
-               calibration data: its kept W2 columns and b2 (and, with heads, O's kept
-               columns) are the ridge solution of the same problem as the default's refit but
-               on the teacher's inputs, a sub-solve of the full Grams the activation pass
-               collected once (``ActivationStats.grams`` / ``o_grams``). The candidate's blocks
-               are built physically, one block at a time, and the held-out rows run through
-               them (``proxy_criteria``).
-  finalists    the best candidate by the proxy (``search_finalists``, experimental, default
-               1) is built twice: with the one-shot refit (``oneshot_student``: no data pass)
-               and with the default's full sequential refit (reconstruct.py); the one with
-               the lower criterion is returned. Which refit generalises better differs by
-               model, so it is measured too.
+  criterion    for a classifier the mean KL(teacher ‖ student) of the class distributions
+               (what the user keeps is the teacher's decision; KL sees a shift of the
+               distribution before it flips a label, and needs no label); for a causal LM the
+               student's mean NLL per token (that *is* the quantity a user of an LM cares
+               about, teacher-free); for a regression head the squared error to the teacher's
+               output relative to the teacher's variance; for a model without a head the
+               squared error of the final hidden states relative to their energy (what any
+               head put on top would read). Lower is better.
+  cross-fit    no row is held out (``search_folds``, default 4): the calibration rows are cut
+               into K folds (contiguous parts of the seeded draw) and the criterion is
+               computed on rows of every fold (at most ``JUDGED_TOKENS`` real tokens in all,
+               :func:`judged_rows`), each row through the candidate refit *without its fold*
+               (the fold-out refit is a sub-solve: Gram of all rows minus Gram of the fold).
+               The masks come from every row's statistics; the model returned is refit on
+               every row. ``search_folds=0``: the search of before, on ``search_rows`` rows held
+               out from the calibration sample (which the returned model does not see).
+  proxy        every candidate is judged with a one-shot refit that costs no pass of its own
+               over the calibration data: its kept W2 columns and b2 (and, with heads, O's
+               kept columns) are the ridge solution of the same problem as the default's
+               refit but on the teacher's inputs, a sub-solve of the layer's Gram. The
+               candidate's blocks are built physically, one block at a time, and the judged
+               rows run through them (``proxy_criteria``).
+  memory       nothing is held for every layer: the activation pass computes each layer's
+               Gram, hands it to the error allocation's curve (one vector per score) and drops
+               it; each proxy pass runs the teacher over the calibration rows block by block
+               beside the candidates' streams (:class:`CalibrationStream`), so at any time one
+               layer's per-fold Grams exist, in float64 on the execution device (float32
+               products per batch). The search is skipped, with a warning, only when one
+               layer's statistics do not fit (:func:`search_does_not_fit`).
+  ties         the criterion on a few thousand tokens has a noise floor: when a simpler
+               structure (fewer parts away from FFN-only, uniform widths, the first score,
+               the default split) is within ``search_tie_se`` paired standard errors (over the
+               judged rows) of the lowest criterion, the simpler one is kept (:func:`pick`;
+               ``report["structure"]["tie_rule"]``).
+  refit        cross-fitted: the winner is refit on every row with the default's sequential
+               refit (``reconstruct_mode="oneshot"``: the one-shot refit). Held-out mode: the
+               best candidate (``search_finalists``) is built with both refits and the lower
+               held-out criterion is returned.
 
 """
 
@@ -54,14 +71,16 @@ import torch
 from torch import nn
 
 from kcm_cuda.pruning.activations import real_tokens
-from kcm_cuda.pruning.blockwise import _to as move_to
 from kcm_cuda.pruning.blockwise import (
+    block_device,
     capture_block_inputs,
     detached_copy,
     executing,
     hidden_store,
+    input_device,
     is_offloaded,
     model_inputs,
+    move_to,
     run_block,
     set_block,
     skeleton_copy,
@@ -149,24 +168,33 @@ def open_axes(opts, adapter, model: nn.Module) -> dict[str, tuple]:
     return axes if len(candidates(axes)) > 1 else {}
 
 
-# The search holds every layer's FFN-input (and O-input) Gram in float64 on the CPU: it runs
-# only when they take at most this share of the memory available now.
-GRAM_MEMORY_SHARE = 0.25
+# The search holds one layer's statistics at a time (module doc, "memory"): per fold an
+# (n × n) Gram of the FFN's input and, with heads, a (d_attn × d_attn) one of O's input, their
+# total and one fold-out copy, and the one-shot refit's working copy, all float64 on the
+# execution device. It runs when that takes at most this share of the device's free memory.
+LAYER_MEMORY_SHARE = 0.5
 
 
-def gram_bytes(adapter, model: nn.Module, heads: bool) -> int:
-    """Bytes of the Grams the search's one-shot refits read (float64, every layer)."""
-    sizes = adapter.intermediate_sizes(model)
-    total = sum(n * n for n in sizes)
+def layer_bytes(adapter, model: nn.Module, heads: bool, folds: int) -> int:
+    """Bytes the search holds for its largest layer (float64; see LAYER_MEMORY_SHARE)."""
+    copies = max(folds, 1) + 3
+    n = max(adapter.intermediate_sizes(model))
+    total = copies * n * n
     if heads:
         cfg = model.config
         d_attn = adapter.num_heads(cfg) * adapter.head_size(cfg)
-        total += len(sizes) * d_attn * d_attn
+        total += copies * d_attn * d_attn
     return 8 * total
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux), None when unknown."""
+def available_memory(device: torch.device | None = None) -> int | None:
+    """Bytes free now on ``device`` (CUDA: the allocator's view; else the host's
+    MemAvailable, Linux), None when unknown."""
+    if device is not None and device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -177,16 +205,19 @@ def available_memory() -> int | None:
     return None
 
 
-def too_big_for_search(adapter, model: nn.Module, axes: dict[str, tuple]) -> str | None:
-    """Why the search cannot hold this model's Grams (None: it can)."""
-    need = gram_bytes(adapter, model, True in axes.get("heads", ()))
-    free = available_memory()
-    if free is None or need <= GRAM_MEMORY_SHARE * free:
+def search_does_not_fit(
+    adapter, model: nn.Module, axes: dict[str, tuple], device: torch.device, folds: int
+) -> str | None:
+    """Why the search cannot hold one layer's statistics on ``device`` (None: it can)."""
+    need = layer_bytes(adapter, model, True in axes.get("heads", ()), folds)
+    free = available_memory(device)
+    if free is None or need <= LAYER_MEMORY_SHARE * free:
         return None
     return (
-        f"the search's Grams would take {need / 2**30:.1f} GiB, more than "
-        f"{GRAM_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available: the fixed rules "
-        "(structure='fixed') ran; set heads= / allocation= / method= to choose yourself"
+        f"one layer's search statistics would take {need / 2**30:.1f} GiB, more than "
+        f"{LAYER_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}: the fixed "
+        "rules (structure='fixed') ran; set heads= / allocation= / method= to choose "
+        "yourself, or experimental={'search_folds': 2} to hold fewer Grams"
     )
 
 
@@ -278,23 +309,72 @@ class _Inject(_Passthrough):
         return (h,) if self.as_tuple else h
 
 
-class HeldoutCriterion:
-    """The criterion of :mod:`structure` on ``ctx.heldout``: final hidden states per held-out
-    batch (one stream per model) → the model's outputs (the model's own embeddings, norm and
-    head, run on a copy without its blocks) → one number, lower is better."""
+@dataclass
+class Judged:
+    """The rows a criterion is computed on: one part of the sample per fold (``fold`` None:
+    held-out rows, judged by models fitted on every calibration row)."""
 
-    def __init__(self, ctx) -> None:
+    fold: int | None
+    sample: object  # TokenizedSample
+
+
+# The rows judged, at most this many real tokens in all (every candidate runs them once per
+# stage, so this bounds the search's cost on a causal LM's long rows as on short sentences).
+JUDGED_TOKENS = 8192
+
+
+def fold_bounds(n_rows: int, folds: int) -> list[int]:
+    """Row boundaries of ``folds`` contiguous folds of the sample's seeded order."""
+    return [(f * n_rows + folds - 1) // folds for f in range(folds + 1)]
+
+
+def fold_of_rows(rows: torch.Tensor, n_rows: int, folds: int) -> torch.Tensor:
+    """The fold of each row index (fold f holds rows fold_bounds[f] … fold_bounds[f+1] − 1)."""
+    return torch.div(rows * folds, n_rows, rounding_mode="floor").clamp_(max=folds - 1)
+
+
+def judged_rows(sample, folds: int, tokens: int = JUDGED_TOKENS) -> list[Judged]:
+    """Per fold, its first rows holding at most ``tokens / folds`` real tokens (at least one
+    row): the rows the cross-fitted criterion judges, each by a model fitted without its fold.
+    The sample's order is the seeded draw, so each fold is a random part of the data."""
+    bounds = fold_bounds(sample.n_sequences, folds)
+    lengths = sample.attention_mask.sum(dim=1)
+    out = []
+    for f in range(folds):
+        lo, hi = bounds[f], bounds[f + 1]
+        if hi <= lo:
+            continue
+        fits = int((lengths[lo:hi].cumsum(0) <= tokens / folds).sum())
+        out.append(Judged(f, sample.part(lo, lo + max(1, fits))))
+    return out
+
+
+class HeldoutCriterion:
+    """The criterion of :mod:`structure` on the judged rows (``ctx.heldout`` in the held-out
+    mode, else :func:`judged_rows` of the calibration sample): final hidden states per batch
+    (one stream per model) → the model's outputs (the model's own embeddings, norm and head,
+    run on a copy without its blocks) → one number, lower is better. ``batch_fold[b]``: the
+    fold whose fold-out model judges batch b (None: the model fitted on every row)."""
+
+    def __init__(self, ctx, judged: list[Judged] | None = None, n_folds: int = 1) -> None:
         self.ctx = ctx
+        self.n_folds = n_folds
         self.adapter = ctx.adapter
-        self.sample = ctx.heldout
+        self.judged = judged if judged is not None else [Judged(None, ctx.heldout)]
         self.device = ctx.device
         # causal LMs: smaller batches (the vocabulary-wide logits of a batch are materialised)
         bs = ctx.options.batch_size
         self.batch_size = min(bs, 8) if ctx.adapter.causal else bs
-        self.store = hidden_store(ctx.teacher, ctx.adapter, self.sample, ctx.device)
-        self.calls, self.inputs = capture_block_inputs(
-            ctx.teacher, ctx.adapter, self.sample, self.batch_size, store=self.store
-        )
+        self.calls, self.inputs, self.batch_fold = [], [], []
+        for part in self.judged:
+            store = hidden_store(ctx.teacher, ctx.adapter, part.sample, ctx.device)
+            calls, inputs = capture_block_inputs(
+                ctx.teacher, ctx.adapter, part.sample, self.batch_size, store=store
+            )
+            self.calls += calls
+            self.inputs += inputs
+            self.batch_fold += [part.fold] * len(calls)
+        self.folds = sorted({f for f in self.batch_fold if f is not None})
         self._head: nn.Module | None = None
         self._inject: _Inject | None = None
         self.kind: str | None = None
@@ -303,6 +383,18 @@ class HeldoutCriterion:
         self.lm = bool(ctx.adapter.causal and out_emb is not None and out_emb() is not None)
         self.teacher_final: list[torch.Tensor] | None = None
         self._teacher_out: list | None = None  # the teacher's outputs per batch (computed once)
+        # per stream of the last values() call: each judged row's numerator; and the rows'
+        # denominators (the same for every stream), for paired differences between models
+        self.row_num: list[torch.Tensor] = []
+        self.row_den: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(p.sample.n_sequences for p in self.judged)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.sample.n_tokens for p in self.judged)
 
     # the output part of the model, with every block replaced
     def _output_model(self) -> nn.Module:
@@ -335,12 +427,12 @@ class HeldoutCriterion:
             self._inject.hidden = None
 
     def _batches(self):
-        from kcm_cuda.pruning.blockwise import input_device
-
-        return self.sample.batches(self.batch_size, input_device(self._output_model()))
+        dev = input_device(self._output_model())
+        for part in self.judged:
+            yield from part.sample.batches(self.batch_size, dev)
 
     def teacher_stream(self) -> list[torch.Tensor]:
-        """The teacher's final hidden states on the held-out rows (computed once)."""
+        """The teacher's final hidden states on the judged rows (computed once)."""
         if self.teacher_final is None:
             self.teacher_final = run_stream(
                 self.ctx.teacher, self.adapter, self.calls, self.inputs, self.device
@@ -349,15 +441,16 @@ class HeldoutCriterion:
 
     @torch.no_grad()
     def values(self, streams: list[list[torch.Tensor]]) -> list[float]:
-        """The criterion of each stream of final hidden states."""
+        """The criterion of each stream of final hidden states (per-row parts: ``row_num``,
+        ``row_den``)."""
         need_teacher = not self.lm
         t_final = self.teacher_stream() if need_teacher else None
         if need_teacher and self._teacher_out is None:
             self._teacher_out = [
                 self._outputs(t_final[b], batch) for b, batch in enumerate(self._batches())
             ]
-        num = [0.0] * len(streams)
-        den = [0.0] * len(streams)
+        nums: list[list[torch.Tensor]] = [[] for _ in streams]
+        dens: list[torch.Tensor] = []
         for b, batch in enumerate(self._batches()):
             mask = batch["attention_mask"]
             ref = self._teacher_out[b] if need_teacher else None
@@ -366,27 +459,33 @@ class HeldoutCriterion:
                 n, d = self._score(
                     out, ref, batch, mask, stream[b], None if ref is None else t_final[b]
                 )
-                num[s] += n
-                den[s] += d
-        return [n / d if d > 0 else float("nan") for n, d in zip(num, den, strict=True)]
+                nums[s].append(n.double().cpu())
+                if s == 0:
+                    dens.append(d.double().cpu())
+        self.row_num = [torch.cat(x) for x in nums]
+        self.row_den = torch.cat(dens) if dens else torch.zeros(0, dtype=torch.float64)
+        den = float(self.row_den.sum())
+        return [float(x.sum()) / den if den > 0 else float("nan") for x in self.row_num]
 
-    def _score(self, out, ref, batch, mask, h_s, h_t) -> tuple[float, float]:
-        """(numerator, denominator) of this batch's contribution."""
+    def _score(self, out, ref, batch, mask, h_s, h_t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of the batch: (numerator, denominator) of its contribution."""
         logits = getattr(out, "logits", None)
         if self.lm and logits is not None and logits.dim() == 3:
             self.kind = "nll"
             ids = batch["input_ids"]
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -lp.gather(-1, ids[:, 1:].unsqueeze(-1).to(lp.device)).squeeze(-1)
-            m = (mask[:, 1:] * mask[:, :-1]).to(nll.device).bool()
-            return float(nll[m].double().sum()), float(m.sum())
+            m = (mask[:, 1:] * mask[:, :-1]).to(nll.device).double()
+            return (nll.double() * m).sum(dim=1), m.sum(dim=1)
         if logits is not None and logits.shape[-1] >= 2:
             self.kind = "kl"
             return _kl(ref.logits, logits, mask if logits.dim() == 3 else None)
         if logits is not None:  # regression
             self.kind = "relative_mse"
-            t, s = ref.logits.double(), logits.double()
-            return float(((s - t) ** 2).sum()), float(((t - t.mean()) ** 2).sum()) + 1e-12
+            t, s = ref.logits.double(), logits.double().to(ref.logits.device)
+            num = ((s - t) ** 2).reshape(t.shape[0], -1).sum(dim=1)
+            den = ((t - t.mean()) ** 2).reshape(t.shape[0], -1).sum(dim=1) + 1e-12 / t.shape[0]
+            return num, den
         start = getattr(out, "start_logits", None)
         if start is not None and getattr(out, "end_logits", None) is not None:
             self.kind = "kl"
@@ -401,20 +500,32 @@ class HeldoutCriterion:
         ht = getattr(ref, "last_hidden_state", None)
         if hs is None or ht is None:
             hs, ht = h_s, h_t
-        s = real_tokens(hs.double(), mask.to(hs.device))
-        t = real_tokens(ht.double(), mask.to(ht.device))
-        return float(((s - t) ** 2).sum()), float((t**2).sum()) + 1e-30
+        m = mask.to(ht.device).double().unsqueeze(-1)
+        t = ht.double() * m
+        s = hs.double().to(ht.device) * m
+        num = ((s - t) ** 2).sum(dim=(1, 2))
+        den = (t**2).sum(dim=(1, 2)) + 1e-30 / t.shape[0]
+        return num, den
 
 
-def _kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask=None) -> tuple[float, float]:
-    """Σ KL(softmax t ‖ softmax s) over rows (or the real tokens of 3-D logits), count."""
+def _kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask=None):
+    """Per row: Σ KL(softmax t ‖ softmax s) (over the real tokens of 3-D logits), count."""
     lt = torch.log_softmax(t_logits.double(), dim=-1)
     ls = torch.log_softmax(s_logits.double().to(lt.device), dim=-1)
     kl = (lt.exp() * (lt - ls)).sum(dim=-1)
     if mask is not None:
-        m = mask.to(kl.device).bool()
-        return float(kl[m].sum()), float(m.sum())
-    return float(kl.sum()), float(kl.numel())
+        m = mask.to(kl.device).double()
+        return (kl * m).sum(dim=1), m.sum(dim=1)
+    return kl, torch.ones_like(kl)
+
+
+def paired_se(num_a: torch.Tensor, num_b: torch.Tensor, den: torch.Tensor) -> float:
+    """The standard error of criterion(a) − criterion(b) over the judged rows (rows as the
+    units: a row's tokens are not independent)."""
+    d = (num_a - num_b).double()
+    if d.numel() < 2 or float(den.sum()) <= 0:
+        return float("inf")
+    return float(d.std(unbiased=True)) * math.sqrt(d.numel()) / float(den.sum())
 
 
 def run_stream(model, adapter, calls, inputs, device) -> list[torch.Tensor]:
@@ -467,25 +578,101 @@ class _OneShot:
         return W, db, fell_back, fit.error(W0), fit.error(W, db), self.yy
 
 
-def _layer_refits(ctx, layer: int, tb: nn.Module, bdev, heads: bool):
-    stats = ctx.activation_stats()
+# -- one layer's statistics, from the teacher's calibration stream ---------------------------------
+class FoldGrams:
+    """One Linear's input statistics on the calibration rows, per fold: Σ x xᵀ (float64),
+    Σ x and the token count, accumulated from float32 products per batch on the device."""
+
+    def __init__(self, folds: int) -> None:
+        self.G: list[torch.Tensor | None] = [None] * folds
+        self.s: list[torch.Tensor | None] = [None] * folds
+        self.N = [0] * folds
+
+    def add(self, f: int, x: torch.Tensor) -> None:
+        g = (x.t() @ x).double()
+        sm = x.sum(dim=0, dtype=torch.float64)
+        self.G[f] = g if self.G[f] is None else self.G[f].add_(g)
+        self.s[f] = sm if self.s[f] is None else self.s[f].add_(sm)
+        self.N[f] += int(x.shape[0])
+
+    def total(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(G, s, N) over every row."""
+        parts = [i for i, g in enumerate(self.G) if g is not None]
+        G, s = self.G[parts[0]].clone(), self.s[parts[0]].clone()
+        for i in parts[1:]:
+            G.add_(self.G[i])
+            s.add_(self.s[i])
+        return G, s, sum(self.N)
+
+    def without(self, total, f: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(G, s, N) over every row but fold ``f``'s."""
+        G, s, N = total
+        if self.G[f] is None:
+            return G.clone(), s.clone(), N
+        return G - self.G[f], s - self.s[f], N - self.N[f]
+
+
+class CalibrationStream:
+    """The teacher run block by block over the calibration sample (as the activation pass
+    runs it), collecting at each layer the input statistics of W2 (and, with ``o_grams``, of
+    the attention output projection O) per fold: what every candidate's one-shot refit of
+    that layer is a sub-solve of. One layer's statistics exist at a time."""
+
+    def __init__(self, ctx, folds: int, o_grams: bool) -> None:
+        self.ctx, self.folds, self.o_grams = ctx, max(1, folds), o_grams
+        sample, bs = ctx.sample, ctx.options.batch_size
+        store = hidden_store(ctx.teacher, ctx.adapter, sample, ctx.device)
+        self.calls, self.hidden = capture_block_inputs(
+            ctx.teacher, ctx.adapter, sample, bs, store=store
+        )
+        n = sample.n_sequences
+        self.row_fold = [fold_of_rows(r, n, self.folds) for r in sample.batch_rows(bs)]
+
+    @torch.no_grad()
+    def layer(self, tb: nn.Module, dev) -> tuple[FoldGrams, FoldGrams | None]:
+        """Run teacher block ``tb`` (the next one) over the calibration rows: its statistics."""
+        adapter = self.ctx.adapter
+        ffn = FoldGrams(self.folds)
+        att = FoldGrams(self.folds) if self.o_grams else None
+        cur: dict = {}
+
+        def hook_for(acc: FoldGrams):
+            def hook(_module, args):
+                x, mask, folds = args[0], cur["mask"], cur["folds"]
+                present = folds.unique().tolist()
+                if len(present) == 1:
+                    acc.add(present[0], real_tokens(x, mask).float())
+                    return
+                for f in present:
+                    rows = (folds == f).to(x.device)
+                    acc.add(f, real_tokens(x[rows], mask[rows]).float())
+
+            return hook
+
+        handles = [adapter.w2(tb).register_forward_pre_hook(hook_for(ffn))]
+        if att is not None:
+            handles.append(adapter.o(tb).register_forward_pre_hook(hook_for(att)))
+        try:
+            for b, call in enumerate(self.calls):
+                cur["mask"] = call.mask.to(dev)
+                cur["folds"] = self.row_fold[b]
+                self.hidden[b] = run_block(tb, call, self.hidden[b], dev)
+        finally:
+            for h in handles:
+                h.remove()
+        return ffn, att
+
+
+def _layer_refits(ctx, tb: nn.Module, bdev, ffn_stats, o_stats) -> tuple:
+    """The one-shot refits of one layer from its statistics ((G, s, N) each; O's None
+    without heads)."""
     adapter = ctx.adapter
     w2 = adapter.w2(tb)
-    bias = refit_bias(ctx.options, adapter)
-    ffn = _OneShot(
-        stats.grams[layer], stats.sums[layer].sum(dim=0), stats.n_tokens, w2.weight, bias, bdev
-    )
+    ffn = _OneShot(*ffn_stats, w2.weight, refit_bias(ctx.options, adapter), bdev)
     attn = None
-    if heads:
+    if o_stats is not None:
         o = adapter.o(tb)
-        attn = _OneShot(
-            stats.o_grams[layer],
-            stats.o_sums[layer],
-            stats.n_tokens,
-            o.weight,
-            o.bias is not None,
-            bdev,
-        )
+        attn = _OneShot(*o_stats, o.weight, o.bias is not None, bdev)
     return ffn, attn
 
 
@@ -517,11 +704,18 @@ def _oneshot_block(ctx, tb, bdev, layer, sel: Selection, ffn, attn, recon=None) 
 
 @torch.no_grad()
 def proxy_criteria(ctx, crit: HeldoutCriterion, sels: list[Selection]) -> list[float]:
-    """Each selection's criterion after the one-shot refit (see the module doc)."""
+    """Each selection's criterion after the one-shot refit (see the module doc): one pass
+    of the teacher over the calibration rows, block by block; at each layer, per fold, the
+    fold-out refit of every selection and the fold's judged rows run through it."""
     adapter, dev, teacher = ctx.adapter, ctx.device, ctx.teacher
     streams = [[x.clone() for x in crit.inputs] for _ in sels]
     blocks = adapter.layers(teacher)
     heads = any(s.head_masks is not None for s in sels)
+    folds = crit.folds
+    cal = CalibrationStream(ctx, crit.n_folds, heads)
+    groups = [(None, [b for b, f in enumerate(crit.batch_fold) if f is None])]
+    if folds:
+        groups = [(f, [b for b, g in enumerate(crit.batch_fold) if g == f]) for f in folds]
     bar = progress_bar(
         range(len(blocks)),
         total=len(blocks),
@@ -531,34 +725,47 @@ def proxy_criteria(ctx, crit: HeldoutCriterion, sels: list[Selection]) -> list[f
     )
     for layer in bar:
         with executing(blocks[layer], dev) as (tb, bdev):
-            ffn, attn = _layer_refits(ctx, layer, tb, bdev, heads)
-            for si, sel in enumerate(sels):
-                sb = _oneshot_block(ctx, tb, bdev, layer, sel, ffn, attn)
-                for b, call in enumerate(crit.calls):
-                    streams[si][b] = run_block(sb, call, streams[si][b], bdev)
-                del sb
+            ffn_g, o_g = cal.layer(tb, bdev)
+            ffn_all = ffn_g.total()
+            o_all = o_g.total() if o_g is not None else None
+            for f, batches in groups:
+                ffn_s = ffn_all if f is None else ffn_g.without(ffn_all, f)
+                o_s = None if o_g is None else (o_all if f is None else o_g.without(o_all, f))
+                ffn, attn = _layer_refits(ctx, tb, bdev, ffn_s, o_s)
+                del ffn_s, o_s
+                for si, sel in enumerate(sels):
+                    sb = _oneshot_block(ctx, tb, bdev, layer, sel, ffn, attn)
+                    for b in batches:
+                        streams[si][b] = run_block(sb, crit.calls[b], streams[si][b], bdev)
+                    del sb
+                del ffn, attn
+            del ffn_g, o_g, ffn_all, o_all
     return crit.values(streams)
 
 
 @torch.no_grad()
 def oneshot_student(ctx, sel: Selection):
-    """The physically pruned model with the one-shot refits (no pass over the data: every
-    refit is a sub-solve of the calibration Grams), and its ReconstructionResult."""
-    from kcm_cuda.pruning.blockwise import block_device
+    """The physically pruned model with the one-shot refits on every calibration row (one
+    pass of the teacher: each layer's refit is a sub-solve of its Gram, made and dropped
+    layer by layer), and its ReconstructionResult."""
     from kcm_cuda.pruning.physical import record_heads, record_mlp_bias, record_sizes
     from kcm_cuda.pruning.reconstruct import ORefitResult, ReconstructionResult
 
     adapter = ctx.adapter
-    stats = ctx.activation_stats()
-    recon = ReconstructionResult("ridge", "oneshot", [], tokens=stats.n_tokens)
+    recon = ReconstructionResult("ridge", "oneshot", [], tokens=ctx.sample.n_tokens)
     heads = sel.head_masks is not None
     if heads:
         recon.o_refit = ORefitResult()
+    cal = CalibrationStream(ctx, 1, heads)
     student = skeleton_copy(ctx.teacher, adapter)
     for layer, blk in enumerate(adapter.layers(ctx.teacher)):
         with executing(blk, ctx.device) as (tb, bdev):
-            ffn, attn = _layer_refits(ctx, layer, tb, bdev, heads)
+            ffn_g, o_g = cal.layer(tb, bdev)
+            o_s = o_g.total() if o_g is not None else None
+            ffn, attn = _layer_refits(ctx, tb, bdev, ffn_g.total(), o_s)
+            del ffn_g, o_g, o_s
             sb = _oneshot_block(ctx, tb, bdev, layer, sel, ffn, attn, recon)
+            del ffn, attn
             set_block(student, adapter, layer, sb.to(block_device(blk)))
     record_sizes(student, adapter)
     record_mlp_bias(student, adapter)
@@ -598,19 +805,66 @@ def _stage_structures(axes: dict[str, tuple], parts: tuple[str, ...], at: dict) 
     return candidates(sub)
 
 
+def _complexity(st: Structure, axes: dict[str, tuple]) -> int:
+    """How many parts of ``st`` differ from the simplest structure the axes allow (FFN
+    neurons only, uniform widths, the first score, the default split)."""
+    simple_alloc = "uniform" if "uniform" in axes["allocation"] else axes["allocation"][0]
+    n = int(st.heads and False in axes["heads"])
+    n += int(st.allocation != simple_alloc)
+    n += int(st.method != axes["method"][0])
+    n += int(st.heads and st.head_split != axes["head_split"][0])
+    return n
+
+
+def pick(live: list, rows: dict, axes: dict[str, tuple], se_units: float) -> tuple:
+    """The candidate the search keeps among ``live`` ((structure, ctx, selection, value)):
+    the lowest criterion, unless a simpler structure (:func:`_complexity`) is within
+    ``se_units`` paired standard errors of it (``rows[structure]``: its per-row numerators);
+    then the simplest of those (the lower criterion among equals). Returns (pick, tie info)."""
+    best = min(live, key=lambda x: _rank_value(x[3]))
+    if se_units <= 0 or not math.isfinite(_rank_value(best[3])):
+        return best, None
+    num_b, den = rows[best[0]]
+    ties = []
+    for x in live:
+        if x is best or not math.isfinite(_rank_value(x[3])):
+            continue
+        se = paired_se(rows[x[0]][0], num_b, den)
+        if x[3] - best[3] <= se_units * se:
+            ties.append((x, se))
+    simpler = [t for t in ties if _complexity(t[0][0], axes) < _complexity(best[0], axes)]
+    if not simpler:
+        return best, None
+    chosen, se = min(simpler, key=lambda t: (_complexity(t[0][0], axes), t[0][3]))
+    info = {
+        "lowest": best[0].as_dict(),
+        "lowest_criterion": best[3],
+        "kept": chosen[0].as_dict(),
+        "difference": chosen[3] - best[3],
+        "se": se,
+    }
+    return chosen, info
+
+
 def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
     """Run the search (module doc) and return the winner, fully reconstructed."""
     t0 = time.perf_counter()
     o = ctx.options
-    ctx.want_grams = True
-    ctx.want_o_grams = True in axes["heads"]
-    if ctx.want_o_grams:
-        ctx.head_stats()  # shares the activation pass (with the Grams) when it runs now
+    ex = o.experimental
+    ctx.curve_methods = tuple(axes["method"]) if "error" in axes["allocation"] else ()
+    if True in axes["heads"]:
+        ctx.head_stats()  # shares the activation pass when it runs now
     ctx.activation_stats()
-    crit = HeldoutCriterion(ctx)
+    folds = ex.search_folds if ctx.heldout is None else 0
+    if folds:
+        crit = HeldoutCriterion(ctx, judged_rows(ctx.sample, folds), n_folds=folds)
+    else:
+        crit = HeldoutCriterion(ctx)
     rows: list[dict] = []
     seen: dict[Structure, dict] = {}
+    row_nums: dict[Structure, tuple] = {}
     live: list[tuple[Structure, object, Selection, float]] = []
+    ties: list[dict] = []
     at = {k: v[0] for k, v in axes.items()}
     for stage, parts in enumerate(STAGES, start=1):
         todo = []
@@ -635,8 +889,9 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
             todo.append((st, cctx, sel))
         if todo:
             values = proxy_criteria(ctx, crit, [x[2] for x in todo])
-            for (st, cctx, sel), v in zip(todo, values, strict=True):
+            for (st, cctx, sel), v, num in zip(todo, values, crit.row_num, strict=True):
                 seen[st]["criterion"] = v
+                row_nums[st] = (num, crit.row_den)
                 live.append((st, cctx, sel, v))
         for row in rows:  # twins share their twin's value
             if "same_masks_as" in row and row["criterion"] is None:
@@ -647,7 +902,16 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
                 f"flops={o.flops:g}: no structure can reach this budget "
                 f"({'; '.join(r.get('skipped', '') for r in rows)})"
             )
-        best = min(live, key=lambda x: _rank_value(x[3]))[0]
+        if not any(math.isfinite(_rank_value(x[3])) for x in live):
+            raise ValueError(
+                f"the structure search's criterion ({crit.kind}) is not finite for any "
+                "candidate: the model's outputs are NaN / inf on the unlabeled rows (a float16 "
+                "model that overflows? load it in bfloat16 or float32); nothing was pruned"
+            )
+        chosen, tie = pick(live, row_nums, axes, ex.search_tie_se)
+        if tie is not None:
+            ties.append({"stage": stage, **tie})
+        best = chosen[0]
         at = {
             "method": best.method,
             "allocation": best.allocation,
@@ -655,45 +919,74 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
             "head_split": best.head_split or at["head_split"],
         }
     t_proxy = time.perf_counter() - t0
+    for x in live:
+        if x[0] != best:
+            seen[x[0]]["se_vs_chosen"] = paired_se(
+                row_nums[x[0]][0], row_nums[best][0], crit.row_den
+            )
 
-    ranked = sorted(live, key=lambda x: _rank_value(x[3]))
-    finalists = ranked[: max(1, o.experimental.search_finalists)]
-    best = None
+    winner = next(x for x in live if x[0] == best)
+    ranked = [winner] + sorted(
+        (x for x in live if x is not winner), key=lambda x: _rank_value(x[3])
+    )
+    finalists = [winner] if folds else ranked[: max(1, ex.search_finalists)]
+    result = None
     for st, cctx, sel, proxy in finalists:
         row = seen[st]
         # the one-shot model's criterion is its proxy value (the same blocks, the same rows):
         # it is built only when it wins (or for a study's hook)
         row["criterion_oneshot_refit"] = proxy
-        if FINALIST_HOOK is not None:
+        if FINALIST_HOOK is not None and not folds:
             FINALIST_HOOK(st, "oneshot", oneshot_student(cctx, sel)[0], proxy)
         tried = [("oneshot", proxy)]
         student = recon = None
-        # reconstruct_mode="oneshot" given: the one-shot refit only (from the Grams)
-        if o.experimental.reconstruct_mode == "sequential":
+        if ex.reconstruct_mode == "sequential":
+            # every calibration row (cross-fitted mode: the judged rows too, so this model's
+            # criterion on them would be in-sample and is not compared with the proxy's)
             student, recon = reconstruct(cctx, sel)
-            stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
-            value = crit.values([stream])[0]
-            row["criterion_sequential_refit"] = value
+            if folds:
+                tried = [("sequential", proxy)]
+            else:
+                stream = run_stream(student, ctx.adapter, crit.calls, crit.inputs, ctx.device)
+                value = crit.values([stream])[0]
+                row["criterion_sequential_refit"] = value
+                tried.append(("sequential", value))
             if FINALIST_HOOK is not None:
-                FINALIST_HOOK(st, "sequential", student, value)
-            tried.append(("sequential", value))
+                FINALIST_HOOK(st, "sequential", student, tried[-1][1])
         for mode, v in tried:
-            if best is None or _rank_value(v) < _rank_value(best[0]):
-                best = (v, st, mode, cctx, sel, student if mode == "sequential" else None, recon)
-    value, st, mode, cctx, sel, student, recon = best
+            if result is None or _rank_value(v) < _rank_value(result[0]):
+                result = (v, st, mode, cctx, sel, student if mode == "sequential" else None, recon)
+    value, st, mode, cctx, sel, student, recon = result
     if mode == "oneshot":
         student, recon = oneshot_student(cctx, sel)
+        if FINALIST_HOOK is not None and folds:
+            FINALIST_HOOK(st, "oneshot", student, value)
     runner = next((x[0] for x in ranked if x[0] != st), None)
     chosen = {**st.as_dict(), "refit": mode}
+    judged = (
+        f"{folds}-fold cross-fit: each judged row by the one-shot refit fitted without its fold"
+        if folds
+        else "rows held out from the calibration sample"
+    )
     report = {
         "criterion": crit.kind,
         "criterion_meaning": CRITERIA.get(crit.kind or "", ""),
-        "heldout_rows": ctx.heldout.n_sequences,
-        "heldout_tokens": ctx.heldout.n_tokens,
+        "judged_on": judged,
+        "folds": folds,
+        "judged_rows": crit.rows,
+        "judged_tokens": crit.tokens,
+        "heldout_rows": crit.rows,  # (the name before cross-fitting; = judged_rows)
+        "fitted_rows": ctx.sample.n_sequences,
         "searched": {k: list(v) for k, v in axes.items() if len(v) > 1},
         "fixed": {k: v[0] for k, v in axes.items() if len(v) == 1},
         "stages": [list(p) for p in STAGES],
-        "proxy": "one-shot ridge refit from the calibration Grams",
+        "proxy": "one-shot ridge refit, a sub-solve of each layer's Gram (one layer at a time)",
+        "tie_rule": {
+            "se_units": ex.search_tie_se,
+            "meaning": "a simpler structure within this many paired SEs of the lowest "
+            "criterion is kept",
+            "applied": ties,
+        },
         "finalists": len(finalists),
         "candidates": rows,
         "chosen": chosen,

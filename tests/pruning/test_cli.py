@@ -49,7 +49,7 @@ def test_cli_end_to_end(tmp_path, model_dir, data_file, capsys, sentences, token
     report = json.loads((out / "kcm_report.json").read_text())
     chosen = report["structure"]["chosen"]
     line = next(x for x in stdout.splitlines() if x.startswith("structure: "))
-    assert chosen["method"] in line and "held-out kl" in line
+    assert chosen["method"] in line and "4-fold cross-fitted kl" in line
     assert any(x.startswith("runner-up: ") for x in stdout.splitlines())
     model = load_pruned(out)
     assert report["flops"]["ratio"] <= 0.7

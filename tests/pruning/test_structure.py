@@ -37,13 +37,13 @@ def _heldout_kl(teacher, student, held) -> float:
     return kl / n
 
 
-def _context(model, data, tokenizer, *, flops: float, samples: int, holdout: int):
+def _context(model, data, tokenizer, *, flops: float, samples: int, holdout: int, **kw):
     """The pruning context of ``model`` (with ``holdout`` held-out rows), on the CPU."""
     from kcm_cuda.pruning.adapters import get_adapter
     from kcm_cuda.pruning.context import build_context
     from kcm_cuda.pruning.options import PruneOptions
 
-    opts = PruneOptions(flops=flops, samples=samples, progress=False)
+    opts = PruneOptions(flops=flops, samples=samples, progress=False, **kw)
     return build_context(
         model,
         get_adapter(model),
@@ -56,8 +56,12 @@ def _context(model, data, tokenizer, *, flops: float, samples: int, holdout: int
     )
 
 
+# the held-out mode (search_folds=0: the search of before, on 48 rows held out), no tie rule
+HELDOUT = {"search_rows": 48, "search_folds": 0, "search_tie_se": 0.0}
+
+
 def _search(model, data, c, tokenizer=None, **kw):
-    kw.setdefault("experimental", {"search_rows": 48})
+    kw.setdefault("experimental", HELDOUT)
     return prune(model, data, c, tokenizer=tokenizer, progress=False, samples=96, **kw)
 
 
@@ -111,7 +115,6 @@ def test_oneshot_student_matches_the_masked_refit(bert, tokenizer, many_sentence
 
     ctx = _context(bert, many_sentences, tokenizer, flops=0.6, samples=96, holdout=0)
     opts = ctx.options
-    ctx.want_grams = True
     cctx = candidate_context(ctx, Structure("wanda_sp", "global", False))
     sel = candidate_selection(cctx)
     student, recon = oneshot_student(cctx, sel)
@@ -218,9 +221,13 @@ def test_no_search_without_the_ridge_refit(bert, tokenizer, many_sentences):
 
 def test_too_few_rows_fall_back_to_the_fixed_rules(bert, tokenizer):
     few = make_sentences(30, seed=5)
-    r = prune(bert, few, 0.7, tokenizer=tokenizer, progress=False, samples=96)
+    r = prune(bert, few, 0.7, tokenizer=tokenizer, progress=False, samples=96, experimental=HELDOUT)
     s = r.report["structure"]
     assert s["chosen"] is None and "too few" in s["not_searched"]
+    # cross-fitting needs at least 2 rows per fold (and 8 in all)
+    r = prune(bert, few[:7], 0.7, tokenizer=tokenizer, progress=False, samples=96)
+    s = r.report["structure"]
+    assert s["chosen"] is None and "cross-fit" in s["not_searched"]
 
 
 def test_heldout_rows_are_not_calibration_rows(bert, tokenizer, many_sentences):
@@ -333,17 +340,20 @@ def test_a_model_whose_grams_do_not_fit_runs_the_fixed_rules(
     rules run, with a warning and the reason in the report."""
     from kcm_cuda.pruning import structure
 
-    monkeypatch.setattr(structure, "available_memory", lambda: 1000)
+    monkeypatch.setattr(structure, "available_memory", lambda device=None: 1000)
     with pytest.warns(UserWarning, match="structure search skipped"):
         r = _search(bert, many_sentences, 0.6, tokenizer)
     s = r.report["structure"]
     assert s["chosen"] is None and "GiB" in s["not_searched"]
+    assert "search_folds" in s["not_searched"]
     fixed = _search(bert, many_sentences, 0.6, tokenizer, structure="fixed")
     for i in r.masks:
         assert torch.equal(r.masks[i], fixed.masks[i])
     from kcm_cuda.pruning.adapters import get_adapter
 
-    assert structure.gram_bytes(get_adapter(bert), bert, False) == 8 * 3 * 96 * 96
+    # one layer's statistics: 4 fold Grams, their total, a fold-out copy, the refit's copy
+    assert structure.layer_bytes(get_adapter(bert), bert, False, 4) == 8 * 7 * 96 * 96
+    assert structure.layer_bytes(get_adapter(bert), bert, True, 4) == 8 * 7 * (96 * 96 + 32 * 32)
 
 
 def test_decoder_without_lm_head_uses_the_hidden_state_error():
@@ -382,7 +392,7 @@ def test_a_given_oneshot_mode_is_the_only_refit(bert, tokenizer, many_sentences)
         many_sentences,
         0.6,
         tokenizer,
-        experimental={"search_rows": 48, "reconstruct_mode": "oneshot"},
+        experimental={**HELDOUT, "reconstruct_mode": "oneshot"},
     )
     s = r.report["structure"]
     assert s["chosen"]["refit"] == "oneshot" and r.report["reconstruct_mode"] == "oneshot"
@@ -397,3 +407,182 @@ def test_one_shot_refit_of_a_whole_layer_is_the_layer_itself():
     Wn, db, fell_back, e0, e1, yy = one.fit(torch.ones(6, dtype=torch.bool), 0.01)
     assert torch.equal(Wn, W) and not db.any() and not fell_back
     assert e0 == e1 and abs(e0) <= 1e-6 * yy  # zero, up to the quadratic form's rounding
+
+
+# -- the cross-fitted search (the default) ---------------------------------------------------------
+def test_cross_fitted_search_fits_and_judges_every_row(bert, tokenizer, many_sentences):
+    r = prune(bert, many_sentences, 0.6, tokenizer=tokenizer, progress=False, samples=96)
+    s = r.report["structure"]
+    assert s["folds"] == 4 and s["chosen"] is not None
+    # no row is held out: the model is fitted on all 96 rows, and the choice judged on them
+    assert r.report["data"]["sequences"] == 96 == s["fitted_rows"]
+    assert 4 <= s["judged_rows"] <= 96 and s["judged_tokens"] > 0
+    assert s["chosen"]["refit"] == "sequential"  # the winner refit on every row
+    live = [row for row in s["candidates"] if "skipped" not in row]
+    assert all(math.isfinite(row["criterion"]) and row["criterion"] >= 0 for row in live)
+    assert all("se_vs_chosen" in row for row in live if row["structure"] != {
+        k: v for k, v in s["chosen"].items() if k != "refit"
+    } and "same_masks_as" not in row)
+    assert s["tie_rule"]["se_units"] == 1.0
+    # the tie rule never keeps a candidate more than one SE behind the lowest criterion
+    lowest = min(row["criterion"] for row in live)
+    for tie in s["tie_rule"]["applied"]:
+        assert tie["difference"] <= tie["se"] + 1e-12
+    assert s["chosen_criterion"] <= lowest + max(
+        [t["difference"] for t in s["tie_rule"]["applied"]] + [0.0]
+    ) + 1e-12
+
+
+def _concat(parts):
+    from kcm_cuda.pruning.data import TokenizedSample
+
+    width = max(p.input_ids.shape[1] for p in parts)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    tt = None
+    if parts[0].token_type_ids is not None:
+        tt = torch.cat([pad(p.token_type_ids) for p in parts])
+    return TokenizedSample(
+        torch.cat([pad(p.input_ids) for p in parts]),
+        torch.cat([pad(p.attention_mask) for p in parts]),
+        tt,
+    )
+
+
+def test_cross_fitted_criterion_is_each_fold_judged_by_a_model_fitted_without_it(
+    bert, tokenizer, many_sentences
+):
+    """The proxy's cross-fitted value equals, recomputed independently, the KL of each fold's
+    judged rows under the one-shot model fitted on the other folds' rows only."""
+    from dataclasses import replace
+
+    from kcm_cuda.pruning.structure import (
+        Structure,
+        candidate_context,
+        candidate_selection,
+        fold_bounds,
+        judged_rows,
+        oneshot_student,
+        proxy_criteria,
+    )
+
+    ctx = _context(bert, many_sentences, tokenizer, flops=0.6, samples=96, holdout=0)
+    cctx = candidate_context(ctx, Structure("flap", "uniform", True, "per_mac"))
+    sel = candidate_selection(cctx)
+    judged = judged_rows(ctx.sample, 4, tokens=600)
+    crit = HeldoutCriterion(ctx, judged, n_folds=4)
+    value = proxy_criteria(ctx, crit, [sel])[0]
+    bounds = fold_bounds(96, 4)
+    kl, n = 0.0, 0
+    for part in judged:
+        f = part.fold
+        rest = [ctx.sample.part(bounds[g], bounds[g + 1]) for g in range(4) if g != f]
+        model_f, _ = oneshot_student(replace(cctx, sample=_concat(rest)), sel)
+        k = part.sample.n_sequences
+        kl += _heldout_kl(bert, model_f, part.sample) * k
+        n += k
+    assert n == crit.rows < 96  # the token cap judged a part of each fold
+    assert value == pytest.approx(kl / n, rel=1e-4, abs=1e-8)
+
+
+def test_judged_rows_come_from_every_fold():
+    from kcm_cuda.pruning.data import prepare_sample
+    from kcm_cuda.pruning.structure import fold_bounds, fold_of_rows, judged_rows
+
+    sample = prepare_sample(token_batch(n=100, width=24), None, samples=100, seed=0)
+    parts = judged_rows(sample, 4, tokens=400)
+    assert [p.fold for p in parts] == [0, 1, 2, 3]
+    assert all(p.sample.n_tokens <= 100 for p in parts)
+    b = fold_bounds(100, 4)
+    assert b == [0, 25, 50, 75, 100]
+    folds = fold_of_rows(torch.arange(100), 100, 4)
+    assert [int((folds == f).sum()) for f in range(4)] == [25, 25, 25, 25]
+    assert int(folds[24]) == 0 and int(folds[25]) == 1
+    # 7 rows in 3 folds: every row in the fold its bounds give
+    b = fold_bounds(7, 3)
+    folds = fold_of_rows(torch.arange(7), 7, 3)
+    for f in range(3):
+        assert all(int(folds[i]) == f for i in range(b[f], b[f + 1]))
+
+
+def test_error_curves_from_the_streamed_pass_equal_the_held_grams(bert, tokenizer, many_sentences):
+    """allocation='error' from curves computed layer by layer (no Gram kept) gives the masks
+    that every layer's kept Gram gives."""
+    from kcm_cuda.pruning.activations import collect_activation_stats
+
+    streamed = prune(
+        bert, many_sentences, 0.6, tokenizer=tokenizer, progress=False, samples=96,
+        method="flap", allocation="error", heads=False,
+    )
+    from kcm_cuda.pruning import allocation as alloc
+
+    ctx = _context(
+        bert, many_sentences, tokenizer, flops=0.6, samples=96, holdout=0,
+        method="flap", allocation="error", heads=False,
+    )
+    keep, curves, centered = ctx.gram_plan()
+    assert not keep and curves == ("flap",) and centered
+    stats = ctx.activation_stats()
+    assert stats.grams is None and stats.from_grams is not None
+    held = collect_activation_stats(
+        ctx.teacher, ctx.adapter, ctx.sample, batch_size=32, device=torch.device("cpu"),
+        progress=False, grams=True,
+    )
+    from kcm_cuda.pruning.methods.flap import flap_scores
+
+    scores = flap_scores(held, ctx.w2_norms)
+    w2 = [ctx.adapter.w2(b).weight for b in ctx.adapter.layers(ctx.teacher)]
+    from kcm_cuda.pruning.activations import token_means
+
+    n = held.n_tokens
+    counts, ref_curves = alloc.error_allocation(
+        scores, held.grams, token_means(held), n, w2, [e / n for e in held.input_sq],
+        ctx.k_total, ctx.keep_min, centered=True,
+    )
+    key = alloc.curve_key("flap", True)
+    for layer, ref in enumerate(ref_curves):
+        torch.testing.assert_close(stats.from_grams[layer][key], ref, rtol=1e-9, atol=1e-12)
+    masks = alloc.masks_from_counts(scores, counts)
+    for layer, m in enumerate(masks):
+        assert torch.equal(streamed.masks[layer], m)
+
+
+def test_tie_rule_keeps_the_simpler_structure_within_one_se():
+    from kcm_cuda.pruning.structure import Structure, pick
+
+    axes = {
+        "method": ("flap", "wanda_sp"),
+        "allocation": ("uniform", "global", "error"),
+        "heads": (False, True),
+        "head_split": ("per_mac", "proportional"),
+    }
+    gen = torch.Generator().manual_seed(0)
+    den = torch.ones(200, dtype=torch.float64)
+    base = torch.rand(200, generator=gen, dtype=torch.float64)
+    simple = Structure("flap", "uniform", False)
+    fancy = Structure("wanda_sp", "error", True, "proportional")
+    noise = 0.05 * torch.randn(200, generator=gen, dtype=torch.float64)
+    rows = {simple: (base + 0.002 + noise, den), fancy: (base, den)}
+    live = [(st, None, None, float(rows[st][0].mean())) for st in (simple, fancy)]
+    chosen, info = pick(live, rows, axes, 1.0)
+    assert chosen[0] == simple and info["kept"] == simple.as_dict()
+    assert 0 < info["difference"] <= info["se"]
+    # no tie rule: the lowest criterion
+    assert pick(live, rows, axes, 0.0)[0][0] == fancy
+    # a clear difference (many SEs): the lower criterion wins
+    rows[simple] = (base + 0.05 + 0.001 * noise, den)
+    live = [(st, None, None, float(rows[st][0].mean())) for st in (simple, fancy)]
+    chosen, info = pick(live, rows, axes, 1.0)
+    assert chosen[0] == fancy and info is None
+
+
+def test_search_refuses_a_criterion_that_is_never_finite(tokenizer, many_sentences):
+    """Logits that overflow (a finite but huge classifier) make every candidate's KL NaN:
+    one clear error, never a model chosen on NaN."""
+    model = tiny_bert(vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        model.classifier.weight.fill_(3e38)
+    with pytest.raises(ValueError, match="not finite for any candidate"):
+        prune(model, many_sentences, 0.6, tokenizer=tokenizer, progress=False, samples=96)

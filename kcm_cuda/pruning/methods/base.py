@@ -99,5 +99,12 @@ class ScoreMethod(Method):
     def scores(self, ctx: PruneContext) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def layer_scores(self, stats, w2_norms: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The scores of the layers ``stats`` holds, from those statistics alone, ordered
+        within each layer as :meth:`scores` orders it (None: the order needs more than one
+        layer's statistics). The activation pass uses it to compute a layer's error curve
+        while that layer's Gram is at hand (kcm_cuda.pruning.allocation)."""
+        return None
+
     def select(self, ctx: PruneContext) -> Selection:
         return topk_selection(ctx, self.scores(ctx))

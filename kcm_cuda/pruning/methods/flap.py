@@ -36,3 +36,6 @@ class FLAP(ScoreMethod):
 
     def scores(self, ctx):
         return flap_scores(ctx.activation_stats(), ctx.w2_norms)
+
+    def layer_scores(self, stats, w2_norms):
+        return flap_scores(stats, w2_norms)

@@ -25,3 +25,6 @@ class WandaSP(ScoreMethod):
 
     def scores(self, ctx):
         return wanda_sp_scores(ctx.activation_stats(), ctx.w2_norms)
+
+    def layer_scores(self, stats, w2_norms):
+        return wanda_sp_scores(stats, w2_norms)
