@@ -22,6 +22,11 @@ Stages (each a separate process with its own time limit, all well inside 10 minu
     bench-rbf, bench-update, bench-solver, bench-e2e, bench-goals, bench-dispatch
                the benchmark suite (benchmarks/), one file per stage, JSON results;
                bench-goals measures the issue's goals, bench-dispatch the auto-dispatch table
+    search-7b  the structure search on a Llama-2-7B-shaped block (2 layers at full width,
+               random weights, 128 x 128 tokens) beside the fixed rules: time and peak GPU
+               memory of each, the time extrapolated to 32 layers (the search holds one
+               layer's statistics at a time, so its peak does not grow with depth:
+               benchmarks/memory_depth.py); benchmarks/search_at_scale.py
     goals      the issue's timing goals, PASS / FAIL / UNMEASURED (reported, never failing the
                check): bench_goals.py's own goal records, plus ratios derived from the other
                benchmarks' records (per precision)
@@ -88,7 +93,10 @@ BENCH_FILES = {
     "bench-goals": "benchmarks/bench_goals.py",
     "bench-dispatch": "benchmarks/bench_dispatch.py",
 }
-STAGES = ["env", "build", "tests", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES, "goals"]
+STAGES = [
+    "env", "build", "tests", "search-7b", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES,
+    "goals",
+]  # fmt: skip
 NEEDS_EXTENSION = {"tests", "memcheck", "racecheck", "cuda-paths", *BENCH_FILES}
 STAGE_TIMEOUT_S = 540  # each stage ends well inside the device tool's 10 minutes
 
@@ -96,7 +104,8 @@ STAGE_TIMEOUT_S = 540  # each stage ends well inside the device tool's 10 minute
 # run on a lent GPU yet; each run's summary JSON records every stage's measured seconds: put
 # those here. "build" is a cold build (a warm machine keeps build/ and takes seconds).
 EST_S = {
-    "env": 15, "build": 120, "tests": 150, "memcheck": 90, "racecheck": 120, "cuda-paths": 30,
+    "env": 15, "build": 120, "tests": 150, "search-7b": 30, "memcheck": 90, "racecheck": 120,
+    "cuda-paths": 30,
     "bench-rbf": 120, "bench-update": 90, "bench-solver": 120, "bench-e2e": 60,
     "bench-goals": 120, "bench-dispatch": 60, "goals": 1,
 }  # fmt: skip
@@ -107,7 +116,7 @@ EST_S = {
 # budget is spent the rest are SKIPPED ("budget spent") and can be run later with --stages.
 PART_BUDGET_S = 470
 PARTS = {
-    "1": ["env", "build", "tests", "cuda-paths", "bench-goals", "goals"],
+    "1": ["env", "build", "tests", "search-7b", "cuda-paths", "bench-goals", "goals"],
     "2": ["build", "memcheck", "racecheck", "bench-dispatch", "bench-rbf", "bench-update",
           "bench-solver", "bench-e2e", "goals"],
 }  # fmt: skip
@@ -186,6 +195,18 @@ def plan(out: Path, stamp: str, arch: str | None) -> list[Stage]:
             modules=["torch"],
         ),
     ]
+    scale_cmd = [PY, "-m", "benchmarks.search_at_scale", "--shape", "llama-2-7b", "--device",
+                 "cuda", "--samples", "128", "--seq", "128", "--out", str(out)]  # fmt: skip
+    stages.append(
+        Stage(
+            "search-7b",
+            "the structure search and the fixed rules on a Llama-2-7B block (2 layers)",
+            [[*scale_cmd, "--layers", "2"]],
+            env={"TRITON_INTERPRET": None, "HF_HUB_OFFLINE": "1"},
+            files=["benchmarks/search_at_scale.py"],
+            modules=["torch", "transformers"],
+        )
+    )
     stages.append(
         Stage(
             "cuda-paths",

@@ -171,12 +171,17 @@ class LinearRefit:
     def ridge(self, W0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """argmin Σ||W x_k + db − target||² + λ'||W − W0||², λ' = lam · mean diag(XₖᵀXₖ);
         returns (W (d, k), db (d,), fallback). fallback: the solve failed or did not lower the
-        error, and (W0, 0) is returned."""
+        error, and (W0, 0) is returned. ``last_errors``: the error of (W0, 0) and of what is
+        returned (the solution's from the normal equations: Θᵀ G Θ = Θ·(B − PΘ), no second
+        product with G)."""
         k = self.k
         th0 = self.theta(W0)
+        err0 = self.error(W0)
+        self.last_errors = (err0, err0)
         pen = torch.zeros(self.G.shape[0], dtype=torch.float64, device=self.G.device)
         pen[:k] = lam * self.diag_scale()
-        A = self.G + torch.diag(pen)
+        A = self.G.clone()
+        A.diagonal().add_(pen)
         B = self.C + pen.unsqueeze(1) * th0
         th = None
         try:
@@ -194,9 +199,11 @@ class LinearRefit:
         if th is None or not bool(torch.isfinite(th).all()):
             return W0.double(), zero, True
         W, db = th[:k].t(), (th[k] if self.fit_bias else torch.zeros_like(th[0]))
-        err0 = self.error(W0)
-        if self.error(W, db) > err0 * (1 + 1e-6) + 1e-12:
+        quad = (th * (B - pen.unsqueeze(1) * th)).sum()
+        err1 = float(quad - 2 * (th * self.C).sum() + self.yy)
+        if err1 > err0 * (1 + 1e-6) + 1e-12:
             return W0.double(), zero, True
+        self.last_errors = (err0, err1)
         return W.cpu(), db.cpu(), False
 
 
@@ -398,12 +405,13 @@ def refit_layers(
                 t_tap.remove()
                 if s_tap is not None:
                     s_tap.remove()
-            err0 = fit.error(W2k)
+            err0 = fit.error(W2k) if variant != "ridge" else None
             scales = None
             fell_back, lam_used = False, float(ridge_lambda)
             db = torch.zeros(W2.shape[0], dtype=torch.float64)
             if variant == "ridge":
                 W_new, db, fell_back = fit.ridge(W2k, float(ridge_lambda))
+                err0 = fit.last_errors[0]
             elif variant == "bias":
                 lam_used = 0.0
                 mean_a = (a_sum / max(fit.tokens, 1)).float()
@@ -419,10 +427,15 @@ def refit_layers(
                     m, lam_used = torch.ones(0, dtype=torch.float64, device=dev), scale_lambda
                 scales = m.float().cpu()
                 W_new = W2k.double() * m.unsqueeze(0)
+            solved = variant == "ridge" and not fell_back
             W_new, db, fell_back = finite_refit(W_new, db, W2k, fell_back)  # never NaN weights
             if scales is not None and not bool(torch.isfinite(scales).all()):
                 scales = torch.ones_like(scales)
-            err1 = fit.error(W_new, db)
+            if variant == "ridge" and (solved == (not fell_back)):
+                # the ridge's own errors (the solution's, or plain pruning's on a fallback)
+                err1 = fit.last_errors[1] if solved else err0
+            else:
+                err1 = fit.error(W_new, db)
             res.record(scales, fell_back, lam_used, err0, err1, fit.yy)
             update = (keep, W_new, db, with_bias)
             if seq:

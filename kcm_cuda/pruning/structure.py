@@ -28,9 +28,11 @@ caller leaves open are chosen per model by a label-free measurement:
                head put on top would read). Lower is better.
   cross-fit    no row is held out (``search_folds``, default 4): the calibration rows are cut
                into K folds (contiguous parts of the seeded draw) and the criterion is
-               computed on rows of every fold (at most ``JUDGED_TOKENS`` real tokens in all,
-               :func:`judged_rows`), each row through the candidate refit *without its fold*
-               (the fold-out refit is a sub-solve: Gram of all rows minus Gram of the fold).
+               computed on up to ``JUDGED_TOKENS`` real tokens of them, fold after fold
+               (:func:`judged_rows`: an LM's long rows fill it inside one fold, a classifier's
+               short ones spread over all), each row through the candidate refit *without its
+               fold* (the fold-out refit is a sub-solve: Gram of all rows minus Gram of the
+               fold).
                The masks come from every row's statistics; the model returned is refit on
                every row. ``search_folds=0``: the search of before, on ``search_rows`` rows held
                out from the calibration sample (which the returned model does not see).
@@ -334,18 +336,24 @@ def fold_of_rows(rows: torch.Tensor, n_rows: int, folds: int) -> torch.Tensor:
 
 
 def judged_rows(sample, folds: int, tokens: int = JUDGED_TOKENS) -> list[Judged]:
-    """Per fold, its first rows holding at most ``tokens / folds`` real tokens (at least one
-    row): the rows the cross-fitted criterion judges, each by a model fitted without its fold.
+    """The rows the cross-fitted criterion judges, each by a model fitted without its fold:
+    the rows of folds 0, 1, … in order until they hold ``tokens`` real tokens (at least one
+    row). Long rows (an LM's) fill the budget inside the first fold, so each candidate needs
+    one fold-out refit per layer; short rows (a classifier's) spread it over every fold.
     The sample's order is the seeded draw, so each fold is a random part of the data."""
     bounds = fold_bounds(sample.n_sequences, folds)
     lengths = sample.attention_mask.sum(dim=1)
-    out = []
+    out, left = [], tokens
     for f in range(folds):
         lo, hi = bounds[f], bounds[f + 1]
         if hi <= lo:
             continue
-        fits = int((lengths[lo:hi].cumsum(0) <= tokens / folds).sum())
-        out.append(Judged(f, sample.part(lo, lo + max(1, fits))))
+        fits = int((lengths[lo:hi].cumsum(0) <= left).sum())
+        part = sample.part(lo, lo + max(1, fits))
+        out.append(Judged(f, part))
+        left -= part.n_tokens
+        if left <= 0 or fits < hi - lo:
+            break
     return out
 
 
@@ -559,23 +567,29 @@ class _OneShot:
         """(W (d, k), db (d,), fell_back, error before, error after, target energy)."""
         idx = keep.to(self.dev).nonzero().flatten()
         k, d = int(idx.numel()), self.W.shape[0]
-        fit = LinearRefit(k, d, self.dev, fit_bias=self.has_bias)
-        Gk = self.G[idx][:, idx]
-        Ck = self.GW[idx]
+        fit = LinearRefit(0, d, self.dev, fit_bias=False)  # its statistics are set here
+        fit.k, fit.fit_bias = k, self.has_bias
+        m = k + 1 if self.has_bias else k
+        Gk = torch.empty(m, m, dtype=torch.float64, device=self.dev)
+        Gk[:k, :k] = self.G[idx.unsqueeze(1), idx]
+        Ck = torch.empty(m, d, dtype=torch.float64, device=self.dev)
+        Ck[:k] = self.GW[idx]
         if self.has_bias:
-            sk = self.s[idx]
-            top = torch.cat([Gk, sk.unsqueeze(1)], dim=1)
-            n = torch.tensor([self.N], dtype=torch.float64, device=self.dev)
-            Gk = torch.cat([top, torch.cat([sk, n]).unsqueeze(0)], dim=0)
-            Ck = torch.cat([Ck, self.sW.unsqueeze(0)], dim=0)
+            Gk[:k, k] = Gk[k, :k] = self.s[idx]
+            Gk[k, k] = self.N
+            Ck[k] = self.sW
         fit.G, fit.C, fit.yy, fit.tokens = Gk, Ck, torch.tensor(self.yy), int(self.N)
         W0 = self.W[:, idx]
         if k == self.W.shape[1]:  # nothing removed: the teacher's own output, nothing to refit
             e0 = fit.error(W0)
             return W0.cpu(), torch.zeros(d, dtype=torch.float64), False, e0, e0, self.yy
         W, db, fell_back = fit.ridge(W0, lam)
+        solved = not fell_back
         W, db, fell_back = finite_refit(W, db, W0.cpu(), fell_back)
-        return W, db, fell_back, fit.error(W0), fit.error(W, db), self.yy
+        e0, e1 = fit.last_errors
+        if solved and fell_back:  # not finite: plain pruning kept
+            e1 = e0
+        return W, db, fell_back, e0, e1, self.yy
 
 
 # -- one layer's statistics, from the teacher's calibration stream ---------------------------------
@@ -618,22 +632,30 @@ class CalibrationStream:
     the attention output projection O) per fold: what every candidate's one-shot refit of
     that layer is a sub-solve of. One layer's statistics exist at a time."""
 
-    def __init__(self, ctx, folds: int, o_grams: bool) -> None:
-        self.ctx, self.folds, self.o_grams = ctx, max(1, folds), o_grams
+    def __init__(self, ctx, folds: int, o_grams: bool, judged: list[int] | None = None) -> None:
+        """``folds``: how the rows are cut; ``judged``: the folds whose fold-out statistics
+        are needed (each its own bucket, the other rows one more; None: every fold)."""
+        folds = max(1, folds)
+        judged = list(range(folds)) if judged is None else list(judged)
+        self.ctx, self.o_grams = ctx, o_grams
+        self.bucket = {f: i for i, f in enumerate(judged)}  # fold → its statistics' bucket
+        self.buckets = len(judged) + (len(judged) < folds)
+        rest = len(judged)
+        lookup = torch.tensor([self.bucket.get(f, rest) for f in range(folds)])
         sample, bs = ctx.sample, ctx.options.batch_size
         store = hidden_store(ctx.teacher, ctx.adapter, sample, ctx.device)
         self.calls, self.hidden = capture_block_inputs(
             ctx.teacher, ctx.adapter, sample, bs, store=store
         )
         n = sample.n_sequences
-        self.row_fold = [fold_of_rows(r, n, self.folds) for r in sample.batch_rows(bs)]
+        self.row_fold = [lookup[fold_of_rows(r, n, folds)] for r in sample.batch_rows(bs)]
 
     @torch.no_grad()
     def layer(self, tb: nn.Module, dev) -> tuple[FoldGrams, FoldGrams | None]:
         """Run teacher block ``tb`` (the next one) over the calibration rows: its statistics."""
         adapter = self.ctx.adapter
-        ffn = FoldGrams(self.folds)
-        att = FoldGrams(self.folds) if self.o_grams else None
+        ffn = FoldGrams(self.buckets)
+        att = FoldGrams(self.buckets) if self.o_grams else None
         cur: dict = {}
 
         def hook_for(acc: FoldGrams):
@@ -712,7 +734,7 @@ def proxy_criteria(ctx, crit: HeldoutCriterion, sels: list[Selection]) -> list[f
     blocks = adapter.layers(teacher)
     heads = any(s.head_masks is not None for s in sels)
     folds = crit.folds
-    cal = CalibrationStream(ctx, crit.n_folds, heads)
+    cal = CalibrationStream(ctx, crit.n_folds, heads, judged=folds or None)
     groups = [(None, [b for b, f in enumerate(crit.batch_fold) if f is None])]
     if folds:
         groups = [(f, [b for b, g in enumerate(crit.batch_fold) if g == f]) for f in folds]
@@ -729,8 +751,9 @@ def proxy_criteria(ctx, crit: HeldoutCriterion, sels: list[Selection]) -> list[f
             ffn_all = ffn_g.total()
             o_all = o_g.total() if o_g is not None else None
             for f, batches in groups:
-                ffn_s = ffn_all if f is None else ffn_g.without(ffn_all, f)
-                o_s = None if o_g is None else (o_all if f is None else o_g.without(o_all, f))
+                i = None if f is None else cal.bucket[f]
+                ffn_s = ffn_all if i is None else ffn_g.without(ffn_all, i)
+                o_s = None if o_g is None else (o_all if i is None else o_g.without(o_all, i))
                 ffn, attn = _layer_refits(ctx, tb, bdev, ffn_s, o_s)
                 del ffn_s, o_s
                 for si, sel in enumerate(sels):

@@ -487,14 +487,19 @@ def test_cross_fitted_criterion_is_each_fold_judged_by_a_model_fitted_without_it
     assert value == pytest.approx(kl / n, rel=1e-4, abs=1e-8)
 
 
-def test_judged_rows_come_from_every_fold():
+def test_judged_rows_fill_the_budget_fold_by_fold():
     from kcm_cuda.pruning.data import prepare_sample
     from kcm_cuda.pruning.structure import fold_bounds, fold_of_rows, judged_rows
 
     sample = prepare_sample(token_batch(n=100, width=24), None, samples=100, seed=0)
-    parts = judged_rows(sample, 4, tokens=400)
+    # short rows: the budget spreads over the folds in order (the last one in part)
+    parts = judged_rows(sample, 4, tokens=1500)
     assert [p.fold for p in parts] == [0, 1, 2, 3]
-    assert all(p.sample.n_tokens <= 100 for p in parts)
+    assert [p.sample.n_sequences for p in parts[:3]] == [25, 25, 25]
+    assert sum(p.sample.n_tokens for p in parts) <= 1500 and parts[3].sample.n_sequences < 25
+    # a budget one fold fills: that fold alone (one fold-out refit per candidate and layer)
+    parts = judged_rows(sample, 4, tokens=400)
+    assert [p.fold for p in parts] == [0] and 0 < parts[0].sample.n_tokens <= 400
     b = fold_bounds(100, 4)
     assert b == [0, 25, 50, 75, 100]
     folds = fold_of_rows(torch.arange(100), 100, 4)
