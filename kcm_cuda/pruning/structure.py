@@ -322,17 +322,12 @@ class Judged:
 
 # The rows judged, at most this many real tokens in all (every candidate runs them once per
 # stage, so this bounds the search's cost on a causal LM's long rows as on short sentences).
-JUDGED_TOKENS = 8192
+JUDGED_TOKENS = 6144
 
 
 def fold_bounds(n_rows: int, folds: int) -> list[int]:
     """Row boundaries of ``folds`` contiguous folds of the sample's seeded order."""
     return [(f * n_rows + folds - 1) // folds for f in range(folds + 1)]
-
-
-def fold_of_rows(rows: torch.Tensor, n_rows: int, folds: int) -> torch.Tensor:
-    """The fold of each row index (fold f holds rows fold_bounds[f] … fold_bounds[f+1] − 1)."""
-    return torch.div(rows * folds, n_rows, rounding_mode="floor").clamp_(max=folds - 1)
 
 
 def judged_rows(sample, folds: int, tokens: int = JUDGED_TOKENS) -> list[Judged]:
@@ -644,11 +639,17 @@ class CalibrationStream:
         lookup = torch.tensor([self.bucket.get(f, rest) for f in range(folds)])
         sample, bs = ctx.sample, ctx.options.batch_size
         store = hidden_store(ctx.teacher, ctx.adapter, sample, ctx.device)
-        self.calls, self.hidden = capture_block_inputs(
-            ctx.teacher, ctx.adapter, sample, bs, store=store
-        )
-        n = sample.n_sequences
-        self.row_fold = [lookup[fold_of_rows(r, n, folds)] for r in sample.batch_rows(bs)]
+        # batched fold by fold: every batch's statistics go to one bucket
+        self.calls, self.hidden, self.batch_bucket = [], [], []
+        bounds = fold_bounds(sample.n_sequences, folds)
+        for f in range(folds):
+            if bounds[f + 1] <= bounds[f]:
+                continue
+            part = sample.part(bounds[f], bounds[f + 1])
+            calls, hidden = capture_block_inputs(ctx.teacher, ctx.adapter, part, bs, store=store)
+            self.calls += calls
+            self.hidden += hidden
+            self.batch_bucket += [int(lookup[f])] * len(calls)
 
     @torch.no_grad()
     def layer(self, tb: nn.Module, dev) -> tuple[FoldGrams, FoldGrams | None]:
@@ -660,14 +661,7 @@ class CalibrationStream:
 
         def hook_for(acc: FoldGrams):
             def hook(_module, args):
-                x, mask, folds = args[0], cur["mask"], cur["folds"]
-                present = folds.unique().tolist()
-                if len(present) == 1:
-                    acc.add(present[0], real_tokens(x, mask).float())
-                    return
-                for f in present:
-                    rows = (folds == f).to(x.device)
-                    acc.add(f, real_tokens(x[rows], mask[rows]).float())
+                acc.add(cur["bucket"], real_tokens(args[0], cur["mask"]).float())
 
             return hook
 
@@ -677,7 +671,7 @@ class CalibrationStream:
         try:
             for b, call in enumerate(self.calls):
                 cur["mask"] = call.mask.to(dev)
-                cur["folds"] = self.row_fold[b]
+                cur["bucket"] = self.batch_bucket[b]
                 self.hidden[b] = run_block(tb, call, self.hidden[b], dev)
         finally:
             for h in handles:

@@ -489,7 +489,7 @@ def test_cross_fitted_criterion_is_each_fold_judged_by_a_model_fitted_without_it
 
 def test_judged_rows_fill_the_budget_fold_by_fold():
     from kcm_cuda.pruning.data import prepare_sample
-    from kcm_cuda.pruning.structure import fold_bounds, fold_of_rows, judged_rows
+    from kcm_cuda.pruning.structure import fold_bounds, judged_rows
 
     sample = prepare_sample(token_batch(n=100, width=24), None, samples=100, seed=0)
     # short rows: the budget spreads over the folds in order (the last one in part)
@@ -500,16 +500,8 @@ def test_judged_rows_fill_the_budget_fold_by_fold():
     # a budget one fold fills: that fold alone (one fold-out refit per candidate and layer)
     parts = judged_rows(sample, 4, tokens=400)
     assert [p.fold for p in parts] == [0] and 0 < parts[0].sample.n_tokens <= 400
-    b = fold_bounds(100, 4)
-    assert b == [0, 25, 50, 75, 100]
-    folds = fold_of_rows(torch.arange(100), 100, 4)
-    assert [int((folds == f).sum()) for f in range(4)] == [25, 25, 25, 25]
-    assert int(folds[24]) == 0 and int(folds[25]) == 1
-    # 7 rows in 3 folds: every row in the fold its bounds give
-    b = fold_bounds(7, 3)
-    folds = fold_of_rows(torch.arange(7), 7, 3)
-    for f in range(3):
-        assert all(int(folds[i]) == f for i in range(b[f], b[f + 1]))
+    assert fold_bounds(100, 4) == [0, 25, 50, 75, 100]
+    assert fold_bounds(7, 3) == [0, 3, 5, 7]
 
 
 def test_error_curves_from_the_streamed_pass_equal_the_held_grams(bert, tokenizer, many_sentences):
