@@ -21,7 +21,9 @@ per-layer counts k_l (Σ k_l = the FLOPs budget's neuron count, k_l ≥ min_keep
                 error per neuron; the curves are replaced by their lower convex envelopes and
                 the neurons with the smallest marginal errors are removed first, which is the
                 exact optimum of the convexified problem. Needs the (n × n) activation Gram of
-                each layer (one extra pass's worth of matmuls; O(n²) memory per layer).
+                each layer: the activation pass computes each layer's curve while that layer's
+                Gram is at hand and drops it (``layer_error_curve``), so one Gram exists at a
+                time (a score whose within-layer order needs every layer keeps them all).
 
 Within a layer the kept neurons are always the method's best-scored ones.
 """
