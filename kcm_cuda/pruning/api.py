@@ -189,7 +189,7 @@ def _run(model, adapter, data, opts, tokenizer, device, cache, t_start) -> Prune
         opts.reconstruct, opts.heads, opts.heads_auto = "none", False, False
         opts.structure = "fixed"
     # layout="standard": what it allows on this family and method
-    check_layout(opts, adapter, isinstance(METHOD_REGISTRY[opts.method], ScoreMethod))
+    check_layout(opts, adapter, isinstance(METHOD_REGISTRY[opts.method], ScoreMethod), model)
     axes = open_axes(opts, adapter, model)  # the structure parts left open, to be measured
     folds = opts.experimental.search_folds
     too_big = None

@@ -417,6 +417,12 @@ class HeadLayout:
     def heads_per_unit(self) -> int:
         return {"heads": 1, "groups": self.group_size, "per_group": self.n_kv}[self.structure]
 
+    def kept_counts(self, n_units: int) -> tuple[int, int]:
+        """(query heads, KV heads) a layer keeps with ``n_units`` units."""
+        if self.structure == "groups":
+            return n_units * self.group_size, n_units
+        return n_units * self.heads_per_unit, self.n_kv
+
     def unit_values(self, per_head: torch.Tensor) -> torch.Tensor:
         """A per-query-head quantity (energy, score: float64 (n_q,)) summed into units:
         groups: over each group's heads; per_group: unit j = Σ over groups of each group's
@@ -529,11 +535,16 @@ def plan_heads(ctx) -> HeadPlan:
         )
     standard = o.layout == "standard"
     if standard:  # the same head units in every layer (layout.py); the neurons get the rest
-        from kcm_cuda.pruning.layout import equal_units
+        from kcm_cuda.pruning.layout import equal_units, stock_head_units
 
-        per_layer = equal_units(
-            k_units, len(layouts), ctx.fm.min_units(o.min_heads), min(lay.units for lay in layouts)
-        )
+        lo, hi = ctx.fm.min_units(o.min_heads), min(lay.units for lay in layouts)
+        per_layer = equal_units(k_units, len(layouts), lo, hi)
+        # only head counts the model's config class accepts (LLaMA: hidden_size divisible by
+        # the head count): the nearest below, else above, within the budget
+        per_layer = stock_head_units(
+            ctx.teacher.config, layouts[0], per_layer, lo, hi,
+            lambda u: ctx.fm.neuron_budget(o.flops, sum(ctx.keep_min), kept_heads=u * len(layouts)),
+        )  # fmt: skip
         k_units = per_layer * len(layouts)
         k_n = ctx.fm.neuron_budget(o.flops, sum(ctx.keep_min), kept_heads=k_units)
     if k_n != ctx.k_total:

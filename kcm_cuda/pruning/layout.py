@@ -35,12 +35,24 @@ import torch
 LAYOUTS = ("per_layer", "standard")
 
 
-def check_layout(opts, adapter, score_based: bool) -> None:
+def check_layout(opts, adapter, score_based: bool, model: torch.nn.Module | None = None) -> None:
     """Resolve and check ``opts`` (a PruneOptions) against ``layout="standard"`` for this model
-    family (``score_based``: the method ranks neurons, so the allocation sets the widths): a
-    clear ValueError for an option the layout cannot honour."""
+    family (``score_based``: the method ranks neurons, so the allocation sets the widths) and
+    ``model``: a clear ValueError, before any pass over the data, for what the layout cannot
+    honour."""
     if opts.layout != "standard":
         return
+    if model is not None:
+        heads = adapter.head_counts(model)
+        kv = adapter.kv_head_counts(model) if adapter.grouped else heads
+        if len(set(heads)) > 1 or len(set(kv)) > 1:
+            raise ValueError(
+                f"layout='standard' needs the same heads in every layer, and this model's "
+                f"differ by layer (query heads {heads}"
+                + (f", KV heads {kv}" if adapter.grouped else "")
+                + "): it is a per-layer output; prune it with layout='per_layer', or prune "
+                "the original model with layout='standard'"
+            )
     if not score_based:
         raise ValueError(
             f"layout='standard' needs a score-based method (the widths are set per layer): "
@@ -90,6 +102,8 @@ def refit_bias(opts, adapter) -> bool:
     given = opts.experimental.refit_bias
     if given is not None:
         return bool(given)
+    if opts.reconstruction() == "bias":  # FLAP's bias compensation *is* a bias (kcm_mlp_bias)
+        return True
     return can_hold_ffn_bias(adapter)
 
 
@@ -103,6 +117,45 @@ def equal_counts(sizes: list[int], k_total: int, keep_min: list[int]) -> list[in
 def equal_units(k_units: int, n_layers: int, min_units: int, max_units: int) -> int:
     """Head units per layer in the standard layout: ⌊k_units / L⌋ within [min, max]."""
     return min(max_units, max(min_units, k_units // max(n_layers, 1)))
+
+
+def config_accepts_heads(config, n_heads: int, n_kv: int) -> bool:
+    """Whether the model's own config class accepts these head counts (with the head size
+    written out): what transformers validates (LLaMA: hidden_size divisible by the heads)."""
+    d = config.to_dict()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d.update(num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim)
+    for key in ("model_type", "transformers_version", "architectures"):
+        d.pop(key, None)
+    try:
+        type(config)(**d)
+    except Exception:  # noqa: BLE001 - any validation failure means "not these counts"
+        return False
+    return True
+
+
+def stock_head_units(config, layout, units: int, lo: int, hi: int, neuron_budget) -> int:
+    """The head units per layer nearest ``units`` (below first, then above) whose head counts
+    the config class accepts and whose FLOPs leave a neuron budget (``neuron_budget(u)``
+    raises BudgetError when not); ValueError, before any pruning, when none does."""
+    from kcm_cuda.pruning.flops import BudgetError
+
+    tried = []
+    for u in [*range(units, lo - 1, -1), *range(units + 1, hi + 1)]:
+        n_q, n_kv = layout.kept_counts(u)
+        if not config_accepts_heads(config, n_q, n_kv):
+            tried.append(n_q)
+            continue
+        try:
+            neuron_budget(u)
+        except BudgetError:
+            continue
+        return u
+    raise ValueError(
+        f"layout='standard': no head count {type(config).__name__} accepts fits this budget "
+        f"(refused: {sorted(set(tried))} query heads with hidden_size {config.hidden_size}); "
+        "use heads=False or layout='per_layer'"
+    )
 
 
 def write_stock_config(model: torch.nn.Module, adapter) -> None:
