@@ -46,7 +46,90 @@ def check_config(directory: str | os.PathLike) -> dict:
         raise ModelFileError(f"{f} {what}") from None
     if not isinstance(config, dict):
         raise ModelFileError(f"{f} is not a JSON object (a {type(config).__name__})")
+    check_config_values(config, f)
     return config
+
+
+# Size fields of the configs we read, and the largest value that can be a real model's (a
+# bigger one would have transformers build a model for minutes before anything fails).
+SIZE_FIELDS = {
+    "num_hidden_layers": 1024,
+    "n_layers": 1024,
+    "hidden_size": 2**18,
+    "dim": 2**18,
+    "intermediate_size": 2**20,
+    "hidden_dim": 2**20,
+    "num_attention_heads": 2**12,
+    "n_heads": 2**12,
+    "num_key_value_heads": 2**12,
+    "head_dim": 2**14,
+    "vocab_size": 2**23,
+    "max_position_embeddings": 2**24,
+}
+# per-layer records of our own outputs (kcm_cuda.pruning.physical): lists of counts
+LIST_FIELDS = {"kcm_intermediate_sizes": 0, "kcm_attention_heads": 1, "kcm_key_value_heads": 1}
+DTYPES = {
+    "float32", "float", "float16", "half", "bfloat16", "float64", "double", "auto",
+    "int8", "uint8", "int16", "int32", "int64", "bool", "float8_e4m3fn", "float8_e5m2",
+}  # fmt: skip
+
+
+def _non_finite(value, where: str):
+    """The first NaN / inf number inside ``value`` (dicts and lists walked), as a path."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return where
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = _non_finite(v, f"{where}.{k}")
+            if hit:
+                return hit
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = _non_finite(v, f"{where}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def check_config_values(config: dict, f: Path | str = "config.json") -> None:
+    """ModelFileError naming the file and the field for values no model can have: a NaN or
+    infinite number anywhere, an architectures entry that is not a list of names, a size
+    field that is not a whole number in range (a string, a bool, 0, negative or absurd), a
+    per-layer record that is not a list of counts, an unknown dtype. Read before anything is
+    built."""
+    for key, value in config.items():
+        hit = _non_finite(value, key)
+        if hit:
+            raise ModelFileError(f"{f}: {hit} is {value!r}, not a finite number")
+    archs = config.get("architectures")
+    if archs is not None and (
+        not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)
+    ):
+        raise ModelFileError(f"{f}: architectures must be a list of class names, got {archs!r}")
+    for key, top in SIZE_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        low = 0 if key == "intermediate_size" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+            raise ModelFileError(
+                f"{f}: {key} = {value!r} is not a whole number from {low} to {top}"
+            )
+    for key, low in LIST_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and low <= v <= 2**20 for v in value
+        ):
+            raise ModelFileError(
+                f"{f}: {key} must be a list of whole numbers >= {low} (one per layer), "
+                f"got {value!r}"
+            )
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or value not in DTYPES):
+            raise ModelFileError(f"{f}: {key} = {value!r} is not a dtype name")
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:

@@ -285,10 +285,11 @@ def _check_dtype(dtype) -> torch.dtype | None:
         return None
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    if isinstance(dtype, torch.dtype) and dtype in set(DTYPES.values()):
         return dtype
     raise ValueError(
-        f"dtype must be None, 'auto', {sorted(DTYPES)} or a torch float dtype, got {dtype!r}"
+        f"dtype must be None, 'auto', {sorted(DTYPES)} or one of those torch dtypes, got "
+        f"{dtype!r}"
     )
 
 
@@ -305,6 +306,15 @@ def load_pruned(
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     want = _check_dtype(dtype)
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+            ) from None
+        if dev.type == "meta":
+            raise ValueError("device='meta' holds no weights: load on 'cpu' or 'cuda'")
     import transformers
 
     p = Path(path).expanduser()
@@ -315,8 +325,10 @@ def load_pruned(
     check_model_files(p)  # a corrupt, truncated or missing file: one line naming it
     try:
         config = transformers.AutoConfig.from_pretrained(str(p))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the model config in {p}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])
+        detail = " ".join(x.strip() for x in first[:3])
+        raise ValueError(f"cannot read the model config in {p}/config.json: {detail}") from None
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
@@ -386,6 +398,13 @@ def load_pruned(
     if getattr(config, MLP_BIAS_FIELD, False):  # the refit's down_proj bias (Mistral, Qwen2)
         for block in blocks:
             adapter.ensure_w2_bias(block)
+    if want is None:  # the saved dtype: the weights' own (one odd tensor is cast to it)
+        counts: dict = {}
+        for t in state.values():
+            if t.is_floating_point():
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        if len(counts) > 1:
+            want = max(counts, key=counts.get)
     if want is not None:  # one tensor at a time: never two copies of the weights
         for k in list(state):
             if state[k].is_floating_point():
