@@ -578,6 +578,12 @@ def _run(args: argparse.Namespace) -> int:
         dtype=getattr(args, "dtype", "auto"),
         device_map=getattr(args, "device_map", None),
     )
+    if args.export == "onnx":  # what the export refuses, said before the prune
+        from kcm_cuda.onnx_export import unsupported_reason
+
+        why = unsupported_reason(model)
+        if why:
+            raise CLIError(why.replace("export_onnx: ", "--export onnx: "))
     device = args.device
     if device is None:
         import torch

@@ -18,6 +18,7 @@ onnxscript``.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,26 @@ def missing_modules(check: bool = True) -> list[str]:
 
     mods = ("onnx", "onnxscript", "onnxruntime") if check else ("onnx", "onnxscript")
     return [m for m in mods if importlib.util.find_spec(m) is None]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be exported (None: it can), said before any work: bfloat16
+    weights (ONNX Runtime's CPU kernels cannot run them, so the graph could not be checked),
+    a head whose inputs are not (batch, tokens), such as multiple choice."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype == torch.bfloat16:
+        return (
+            "export_onnx: bfloat16 weights do not run in ONNX Runtime's CPU kernels (the graph "
+            "could not be checked): export a float32 or float16 model (kcm-prune --dtype "
+            "float32, or model.float())"
+        )
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        return (
+            f"export_onnx: {type(model).__name__} reads (batch, choices, tokens) inputs; the "
+            "export takes (batch, tokens) models: sequence or token classification, question "
+            "answering, bare encoders"
+        )
+    return None
 
 
 def _needs():
@@ -82,18 +103,99 @@ def _example(model: nn.Module, names: tuple[str, ...], batch: int, length: int, 
     return tuple(values[n] for n in names)
 
 
+# the opsets torch's dynamo exporter writes (it starts at 18)
+MIN_OPSET = 18
+# the check's default tolerance per weight dtype (float16 rounds the logits at ~1e-3)
+DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def _check_arguments(check, atol, opset, overwrite) -> None:
+    for name, value in (("check", check), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if atol is not None and (
+        isinstance(atol, bool)
+        or not isinstance(atol, (int, float))
+        or not math.isfinite(atol)
+        or atol < 0
+    ):
+        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+    top = _max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ValueError(f"opset must be a whole number from {MIN_OPSET} to {top}, got {opset!r}")
+
+
+def _max_opset() -> int:
+    try:
+        import onnx
+
+        return int(onnx.defs.onnx_opset_version())
+    except Exception:  # noqa: BLE001 - onnx missing: _needs() says so next
+        return 99
+
+
+def _target(path: str | os.PathLike, model: nn.Module) -> Path:
+    """The file to write: ``path``, or ``model.onnx`` inside it when it is a directory (an
+    existing one, or a path written with a trailing separator, which must exist); never
+    inside the directory the model was loaded from."""
+    from kcm_cuda.pruning import safety
+
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ValueError("path is empty: give the .onnx file (or its directory) to write")
+    target = Path(path).expanduser()
+    if target.is_dir() or str(text).endswith((os.sep, "/")):
+        if not target.is_dir():
+            raise FileNotFoundError(f"directory {target} does not exist")
+        target = target / ONNX_NAME
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {target.parent} does not exist")
+    here = target.parent.resolve()
+    for src in safety.model_sources(model):
+        try:
+            src = Path(src).resolve()
+        except OSError:
+            continue
+        if here == src or src in here.parents:
+            raise ValueError(
+                f"{target} lies in the directory the model was loaded from ({src}): "
+                "export elsewhere (the input model's files are never touched)"
+            )
+    return target
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove the temporary files an export of ``target`` left when its process was killed
+    (their names carry the writer's PID)."""
+    for f in target.parent.glob(f".{target.name}.*.tmp"):
+        parts = f.name[len(target.name) + 2 : -4].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except OSError:
+            continue
+
+
 def export_onnx(
     result_or_model,
     path: str | os.PathLike,
     *,
     check: bool = True,
-    atol: float = 1e-4,
+    atol: float | None = None,
     opset: int = OPSET,
     overwrite: bool = False,
 ) -> Path:
     """Export a pruned encoder (a :class:`kcm_cuda.PruneResult` or the model itself: BERT,
     DistilBERT or RoBERTa, with or without a task head) to ONNX at ``path`` (a file; a
-    directory gets ``model.onnx`` inside). Returns the file's path."""
+    directory gets ``model.onnx`` inside). Returns the file's path. ``atol``: the ONNX
+    Runtime check's tolerance (default 1e-4 for float32 weights, 1e-2 for float16; bfloat16
+    weights, which ONNX Runtime's CPU kernels do not run, are refused up front)."""
     from kcm_cuda.pruning.adapters import get_adapter
 
     model = getattr(result_or_model, "model", result_or_model)
@@ -104,6 +206,7 @@ def export_onnx(
         )
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    _check_arguments(check, atol, opset, overwrite)
     adapter = get_adapter(model)  # a clear error for a family we do not know
     if adapter.causal:
         raise ValueError(
@@ -111,14 +214,17 @@ def export_onnx(
             "prune it with layout='standard' and use the engines' own exporters (optimum, "
             "llama.cpp's convert_hf_to_gguf.py), which read the stock checkpoint"
         )
+    why = unsupported_reason(model)
+    if why:
+        raise ValueError(why)
     _needs()
-    target = Path(path).expanduser()
-    if target.is_dir():
-        target = target / ONNX_NAME
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if atol is None:
+        atol = DEFAULT_ATOL.get(dtype, 1e-4)
+    target = _target(path, model)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"directory {target.parent} does not exist")
+    _clean_stale(target)
     names = ["input_ids", "attention_mask"]
     if getattr(model.config, "model_type", "") == "bert":
         names.append("token_type_ids")
@@ -135,7 +241,9 @@ def export_onnx(
         graph = _Graph(model, outputs)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dims = {n: {0: batch, 1: seq} for n in names}
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+        )
         os.close(fd)
         try:
             import warnings
@@ -155,6 +263,9 @@ def export_onnx(
             program.save(tmp)
             if check:
                 _check_runtime(model, tmp, names, outputs, atol)
+            from kcm_cuda.pruning.safety import current_umask
+
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -281,6 +281,17 @@ def output_lock(target: str | os.PathLike, *, missing_parent_ok: bool = False) -
             os.close(fd)
 
 
+def files_follow_umask(root: Path) -> None:
+    """Give every regular file under ``root`` the mode a plain ``open`` would (0666 less the
+    umask): writers such as transformers' safetensors save and ``mkstemp`` create 0600."""
+    mode = 0o666 & ~current_umask()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            f = Path(dirpath) / name
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, mode)
+
+
 def current_umask() -> int:
     """The process's file-mode creation mask (read without changing it where Linux says it)."""
     try:

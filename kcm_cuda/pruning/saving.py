@@ -128,10 +128,22 @@ def save_pruned(
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output path {target} exists and is not a directory")
     parent = target.parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed on a failure
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        safety.remove_created(list(reversed(made)))
         raise safety.save_error(exc, target, where=parent) from None
+    try:
+        return _save_into(
+            model, target, parent, tokenizer, report, overwrite, padded, also
+        )
+    except BaseException:
+        safety.remove_created(list(reversed(made)))
+        raise
+
+
+def _save_into(model, target, parent, tokenizer, report, overwrite, padded, also) -> Path:
     adapter = get_adapter(model)
     sizes = adapter.intermediate_sizes(model)
     if len(set(sizes)) > 1 or hasattr(model.config, SIZES_FIELD):
@@ -183,6 +195,7 @@ def save_pruned(
                     f.write(report_json(report))
             for write in also:
                 write(tmp)
+            safety.files_follow_umask(tmp)  # transformers writes model.safetensors 0600
             safety.publish(tmp, target, overwrite=overwrite)
         except BaseException as exc:
             if tmp is not None:

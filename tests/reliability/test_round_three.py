@@ -128,3 +128,123 @@ def test_load_pruned_casts_one_odd_tensor_to_the_weights_dtype(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(3, 128, (1, 8))).logits).all()
+
+
+# -- export_onnx: arguments, targets, dtypes, files ----------------------------------------------
+def _encoder():
+    from tests.pruning.conftest import tiny_bert
+
+    return prune(
+        tiny_bert(), token_batch(96, 24), 0.6, samples=64, progress=False, heads=False,
+        structure="fixed",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kw", "err", "match"),
+    [
+        ({"opset": "x"}, ValueError, "opset must be a whole number"),
+        ({"opset": 99}, ValueError, "opset must be a whole number"),
+        ({"opset": 12}, ValueError, "opset must be a whole number"),
+        ({"atol": -1}, ValueError, "atol must be a finite number"),
+        ({"atol": float("nan")}, ValueError, "atol must be a finite number"),
+        ({"check": "yes"}, TypeError, "check must be True or False"),
+    ],
+)
+def test_export_onnx_arguments_are_checked(tmp_path, kw, err, match):
+    pytest.importorskip("onnxscript")
+    from kcm_cuda import export_onnx
+
+    with pytest.raises(err, match=match):
+        export_onnx(_encoder(), tmp_path / "m.onnx", **kw)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_onnx_targets(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from kcm_cuda import export_onnx
+
+    r = _encoder()
+    with pytest.raises(ValueError, match="path is empty"):
+        export_onnx(r, "")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(r, "newdir/")  # a directory meant, not a file named newdir
+    assert not (tmp_path / "newdir").exists()
+    # never into the directory the model was loaded from
+    from tests.pruning.conftest import tiny_bert
+
+    src = tmp_path / "src"
+    tiny_bert().save_pretrained(src)
+    import transformers
+
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(src)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(ValueError, match="loaded from"):
+        export_onnx(loaded, src)
+    with pytest.raises(ValueError, match="loaded from"):
+        export_onnx(loaded, src / "model.onnx", overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+    # a temporary file left by a killed export (a dead PID in its name) is cleaned up
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".model.onnx.999999999.abc.tmp"
+    stale.write_bytes(b"")
+    import os
+
+    old = os.umask(0o022)
+    try:
+        f = export_onnx(r, out)
+    finally:
+        os.umask(old)
+    assert f == out / "model.onnx" and not stale.exists()
+    assert oct(f.stat().st_mode & 0o777) == oct(0o644)  # the umask's mode, not mkstemp's 0600
+
+
+def test_export_onnx_refuses_bfloat16_and_multiple_choice_up_front(tmp_path):
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from kcm_cuda import export_onnx
+
+    r = _encoder()
+    with pytest.raises(ValueError, match="bfloat16"):
+        export_onnx(r.model.to(torch.bfloat16), tmp_path / "m.onnx")
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64)  # fmt: skip
+    with pytest.raises(ValueError, match="ForMultipleChoice"):
+        export_onnx(BertForMultipleChoice(cfg), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_onnx_of_a_float16_encoder_is_checked_at_its_own_tolerance(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from kcm_cuda import export_onnx
+
+    r = _encoder()
+    f = export_onnx(r.model.half(), tmp_path / "m.onnx")
+    assert f.is_file()
+
+
+def test_save_files_follow_the_umask_and_a_failed_save_leaves_no_parents(tmp_path, monkeypatch):
+    import os
+
+    r = _encoder()
+    old = os.umask(0o022)
+    try:
+        out = r.save(tmp_path / "a" / "b" / "m")
+    finally:
+        os.umask(old)
+    for f in out.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o644, f.name
+    from kcm_cuda.pruning import saving
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(saving.safety, "publish", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        r.save(tmp_path / "x" / "y" / "m")
+    assert not (tmp_path / "x").exists()
