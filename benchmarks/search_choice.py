@@ -81,7 +81,7 @@ class LMTask:
     higher_is_better = False
     unit = "nats/token"
 
-    def __init__(self, task: str, samples: int) -> None:
+    def __init__(self, task: str, samples: int, max_test_tokens: int | None = None) -> None:
         from kcm_cuda.evaluation.lm_data import encode_stream, load_lm_text
         from kcm_cuda.evaluation.lm_grid import LMGridConfig, load_lm
         from kcm_cuda.evaluation.lm_train import pack_blocks
@@ -93,6 +93,8 @@ class LMTask:
         positions = self.model.config.max_position_embeddings
         self.window, self.stride = positions, positions // 2
         self.test_ids = encode_stream(tok, text.test)
+        if max_test_tokens:
+            self.test_ids = self.test_ids[:max_test_tokens]
         calib = pack_blocks(encode_stream(tok, text.calibration), min(128, positions))
         self.data = {"input_ids": calib, "attention_mask": torch.ones_like(calib)}
         self.kw = {"max_length": calib.shape[1]}
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--output", required=True)
     p.add_argument("--prune-option", action="append", default=[], help="KEY=VALUE (JSON value)")
+    p.add_argument("--max-test-tokens", type=int, default=None, help="LMs: cap the test text")
     args = p.parse_args(argv)
     import kcm_cuda
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = item.partition("=")
         extra[k] = json.loads(v)
     if args.task.startswith("lm-"):
-        t = LMTask(args.task, args.samples)
+        t = LMTask(args.task, args.samples, args.max_test_tokens)
         samples = min(args.samples, t.rows)
     else:
         if not args.finetuned:
