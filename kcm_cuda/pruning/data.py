@@ -234,6 +234,18 @@ def read_csv_rows(text: str, delimiter: str, what: str, quoting: int = csv.QUOTE
         ) from None
 
 
+def read_tsv_rows(text: str, what: str):
+    """(reader, rows) of a TSV: read without quoting first (a TSV's cells are split by tabs
+    alone, and a text may start with a quote character), unless that leaves a row with
+    more or fewer cells than the header — then with CSV quoting (a quoted cell holding a tab
+    or a line break)."""
+    reader, rows = read_csv_rows(text, "\t", what, quoting=csv.QUOTE_NONE)
+    whole = all(None not in r and all(v is not None for v in r.values()) for r in rows)
+    if whole:
+        return reader, rows
+    return read_csv_rows(text, "\t", what)
+
+
 def read_texts(
     path: str | os.PathLike, text_column: str | None = None, text_pair_column: str | None = None
 ) -> Texts:
@@ -256,8 +268,13 @@ def read_texts(
                 raise ValueError(f"data file {p}: line {lineno} is not a JSON object")
             rows.append(obj)
         texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
-    elif suffix in (".csv", ".tsv"):
-        reader, rows = read_csv_rows(text, "\t" if suffix == ".tsv" else ",", f"data file {p}")
+    elif suffix == ".tsv":
+        reader, rows = read_tsv_rows(text, f"data file {p}")
+        if reader.fieldnames is None:
+            rows = []
+        texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
+    elif suffix == ".csv":
+        reader, rows = read_csv_rows(text, ",", f"data file {p}")
         if reader.fieldnames is None:
             rows = []
         texts = _rows_to_texts(rows, text_column, text_pair_column, f"data file {p}")
@@ -343,6 +360,12 @@ def _pretokenized(data: dict, samples: int, seed: int, labels: object = None) ->
     if mask.shape != ids.shape:
         raise ValueError(
             f"data['attention_mask'] shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}"
+        )
+    odd = mask[(mask != 0) & (mask != 1)]
+    if odd.numel():
+        raise ValueError(
+            f"data['attention_mask'] must hold 0 (padding) and 1 (token) only, found "
+            f"{int(odd[0])}"
         )
     tt = None
     if data.get("token_type_ids") is not None:

@@ -980,6 +980,10 @@ def search_structure(ctx, axes: dict[str, tuple]) -> SearchOutcome:
             FINALIST_HOOK(st, "oneshot", student, value)
     runner = next((x[0] for x in ranked if x[0] != st), None)
     chosen = {**st.as_dict(), "refit": mode}
+    for row in rows:  # strict JSON in memory too: an undefined number is None
+        for key, v in list(row.items()):
+            if isinstance(v, float) and not math.isfinite(v):
+                row[key] = None
     judged = (
         f"{folds}-fold cross-fit: each judged row by the one-shot refit fitted without its fold"
         if folds

@@ -248,3 +248,23 @@ def test_save_files_follow_the_umask_and_a_failed_save_leaves_no_parents(tmp_pat
     with pytest.raises(RuntimeError, match="disk on fire"):
         r.save(tmp_path / "x" / "y" / "m")
     assert not (tmp_path / "x").exists()
+
+
+def test_pretokenized_attention_mask_must_be_zeros_and_ones():
+    data = token_batch(n=40, width=12)
+    data["attention_mask"] = data["attention_mask"] * 2
+    with pytest.raises(ValueError, match="0 \\(padding\\) and 1 \\(token\\) only, found 2"):
+        prune(tiny_decoder("llama"), data, 0.7, progress=False, samples=32)
+
+
+def test_tsv_texts_starting_with_a_quote_are_rows_of_their_own(tmp_path):
+    from kcm_cuda.pruning.data import read_texts
+
+    f = tmp_path / "d.tsv"
+    f.write_text("text\tlabel\n" + "".join(f'"quoted start {i}\t1\n' for i in range(40)))
+    texts = read_texts(f)
+    assert len(texts) == 40 and texts[0] == '"quoted start 0'
+    # a properly quoted cell holding a tab still reads as one cell
+    g = tmp_path / "q.tsv"
+    g.write_text('text\tlabel\n"a\tb"\t1\nplain\t0\n')
+    assert read_texts(g) == ["a\tb", "plain"]
