@@ -418,3 +418,161 @@ def test_generated_prune_options(options, flops, family):
             assert torch.isfinite(r.model(**x)[0]).all()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- round three: the paths added since (damaged configs field by field, the standard layout,
+# -- ONNX export, the structure search on models with odd outputs) -------------------------------
+ODD_VALUES = st.sampled_from(
+    [float("nan"), float("inf"), -1, 0, 10**12, "7", True, [1], {"a": 1}, 1.5, None]
+)
+
+
+@budget(30)
+@given(data=st.data(), value=ODD_VALUES)
+def test_generated_damaged_config_fields(tmp_path_factory, pruned_dir, data, value):
+    """Any field of a saved output's config.json swapped for an odd value (NaN, inf, negative,
+    zero, huge, a string, a bool, a list, a dict, a float, removed): load_pruned gives a model
+    with finite outputs or one promised line, before building anything absurd."""
+    d = tmp_path_factory.mktemp("fields") / "out"
+    shutil.copytree(pruned_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    key = data.draw(st.sampled_from(sorted(cfg)))
+    if value is None:
+        cfg.pop(key)
+    else:
+        cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    before = tree_hash(d)
+    try:
+        model = kcm_cuda.load_pruned(d)
+    except Exception as exc:  # noqa: BLE001
+        count("config fields (load_pruned)", "error")
+        one_line(exc)
+    else:
+        count("config fields (load_pruned)", "result")
+        x = pc.token_batch(2, 8, vocab_size=int(model.config.vocab_size))
+        with torch.no_grad():
+            out = model(**{k: v for k, v in x.items() if k != "token_type_ids"})
+        assert torch.isfinite(out[0]).all()
+    assert tree_hash(d) == before
+
+
+@budget(8)
+@given(
+    family=st.sampled_from(["llama", "mistral", "qwen2"]),
+    shape=st.sampled_from([(8, 2), (4, 2), (6, 3), (4, 4)]),
+    flops=st.sampled_from([0.8, 0.7, 0.6, 0.5]),
+    heads=st.sampled_from(["auto", True, False]),
+    gqa=st.sampled_from(["per_group", "groups"]),
+)
+def test_generated_standard_layout(tmp_path_factory, family, shape, flops, heads, gqa):
+    """layout='standard' on every decoder family, head shape, budget and head option: a
+    checkpoint plain transformers loads at its pruned size with the pruned model's logits,
+    or one promised line before the prune — never a failure after it."""
+    import transformers
+
+    n_q, n_kv = shape
+    model = pc.tiny_decoder(family, heads=n_q, kv_heads=n_kv, hidden=48 if n_q == 6 else 64)
+    try:
+        r = kcm_cuda.prune(
+            model, pc.token_batch(64, 16), flops, layout="standard", heads=heads,
+            experimental={"gqa_heads": gqa}, progress=False, samples=64,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        count("prune(layout='standard')", "error")
+        one_line(exc)
+        return
+    count("prune(layout='standard')", "result")
+    out = r.save(tmp_path_factory.mktemp("std") / "m")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in back.parameters()) == sum(
+        p.numel() for p in r.model.parameters()
+    )
+    x = pc.token_batch(2, 8, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**x).logits, r.model(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+ONNX_TARGETS = st.sampled_from(["file", "dir", "dir/", "missing/", "", "source", "exists"])
+
+
+@budget(6)
+@given(
+    target=ONNX_TARGETS,
+    opset=st.sampled_from([18, 18, 17, 99, "x"]),
+    atol=st.sampled_from([None, 1e-4, 0.0, -1.0, float("nan")]),
+    overwrite=st.booleans(),
+)
+def test_generated_onnx_exports(tmp_path_factory, onnx_encoder, target, opset, atol, overwrite):
+    """export_onnx with odd arguments and targets: a file ONNX Runtime ran (checked inside),
+    or one promised line; the input model's directory is never written."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from kcm_cuda import export_onnx
+
+    model, src = onnx_encoder
+    base = tmp_path_factory.mktemp("onnx")
+    (base / "dir").mkdir()
+    (base / "exists.onnx").write_bytes(b"old")
+    path = {
+        "file": base / "m.onnx",
+        "dir": base / "dir",
+        "dir/": str(base / "dir") + "/",
+        "missing/": str(base / "missing") + "/",
+        "": "",
+        "source": src,
+        "exists": base / "exists.onnx",
+    }[target]
+    before = tree_hash(src)
+    try:
+        f = export_onnx(model, path, opset=opset, atol=atol, overwrite=overwrite)
+    except Exception as exc:  # noqa: BLE001
+        count("export_onnx", "error")
+        one_line(exc)
+    else:
+        count("export_onnx", "result")
+        assert f.is_file() and f.stat().st_size > 0 and f.suffix == ".onnx"
+    assert tree_hash(src) == before
+    assert not (base / "missing").exists()
+    assert not list(base.glob("**/.*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder(tmp_path_factory):
+    """A dense tiny BERT loaded from a directory (so that directory is its source)."""
+    import transformers
+
+    src = tmp_path_factory.mktemp("src") / "bert"
+    pc.tiny_bert().save_pretrained(src)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(src).eval(), src
+
+
+@budget(6)
+@given(
+    kind=st.sampled_from(["constant", "overflow", "zero_head", "normal"]),
+    flops=st.sampled_from([0.7, 0.5]),
+)
+def test_generated_search_on_odd_outputs(kind, flops):
+    """The structure search on models whose outputs are constant, overflow to inf / NaN or
+    are all zero: a model and a report that is strict JSON, or one promised line — never a
+    choice made on NaN."""
+    model = pc.tiny_bert()
+    with torch.no_grad():
+        if kind == "constant":
+            model.classifier.weight.zero_()
+        elif kind == "overflow":
+            model.classifier.weight.fill_(3e38)
+        elif kind == "zero_head":
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+    try:
+        r = kcm_cuda.prune(model, pc.token_batch(96, 16), flops, progress=False, samples=96)
+    except Exception as exc:  # noqa: BLE001
+        count("structure search (odd outputs)", "error")
+        one_line(exc)
+        return
+    count("structure search (odd outputs)", "result")
+    s = r.report["structure"]
+    json.dumps(s, allow_nan=False)  # strict JSON in memory
+    if s.get("chosen"):
+        assert s["chosen_criterion"] is not None
