@@ -487,9 +487,14 @@ def _quiet_third_party() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    import logging
     import warnings
 
-    warnings.filterwarnings("ignore", module="transformers")
+    # transformers, and what --export onnx imports (torch.onnx, onnxscript, torchvision when
+    # installed): their warnings are not the user's business unless --verbose
+    for module in ("transformers", "torch.onnx", "onnxscript", "onnx_ir", "torchvision"):
+        warnings.filterwarnings("ignore", module=module)
+        logging.getLogger(module).setLevel(logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:
