@@ -1,4 +1,5 @@
-"""``kcm-prune``: prune a BERT / DistilBERT / RoBERTa model's FFN neurons with unlabeled data.
+"""``kcm-prune``: prune an encoder (BERT / DistilBERT / RoBERTa) or a decoder LM (LLaMA /
+Mistral / Qwen2) — FFN neurons and attention heads — to a FLOPs budget with unlabeled data.
 
     kcm-prune MODEL --data FILE --flops 0.6 --output DIR [options]
 

@@ -217,9 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local labelled .tsv/.csv/.jsonl (columns --text-column, "
         "--label-column): hash-split 60/20/20, overrides --task",
     )
-    p.add_argument("--text-column", default="sentence")
-    p.add_argument("--text-pair-column", default=None)
-    p.add_argument("--label-column", default="label")
+    p.add_argument(
+        "--text-column", default="sentence", help="--data: the text column (default sentence)"
+    )
+    p.add_argument(
+        "--text-pair-column",
+        default=None,
+        help="--data: a second text column for sentence pairs (default none)",
+    )
+    p.add_argument(
+        "--label-column", default="label", help="--data: the label column (default label)"
+    )
     p.add_argument("--regression", action="store_true", help="--data labels are real numbers")
     p.add_argument(
         "--model",
@@ -262,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="unlabeled samples per cell (cpu profile: sized up front, at most 3; full: 10)",
     )
-    p.add_argument("--samples", type=int, default=None, help="pool sentences per sample")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="unlabeled pool sentences (LMs: calibration sequences) per prune (default: "
+        "the profile's, cpu 512, full 2048; LMs 128)",
+    )
     p.add_argument(
         "--prune-option",
         action="append",

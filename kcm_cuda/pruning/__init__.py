@@ -1,4 +1,5 @@
-"""KCM structured pruning of BERT-family FFN neurons with unlabeled data.
+"""Label-free structured pruning (FFN neurons and attention heads) of encoders and decoder LMs:
+the measured structure search, the peers (FLAP, Wanda-sp, KCM's R2 / D2, ...), the refits.
 
 prune(model, data, flops=0.6, ...) -> PruneResult
 load_pruned(path) -> model
