@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
         "kcm_cuda.load_pruned; plain from_pretrained loads the zero-padded save at the widest "
         "layer's cost). standard: every layer the same FFN width and heads, so the output is "
         "an ordinary checkpoint of its architecture (smaller intermediate_size; decoders: "
-        "num_attention_heads, num_key_value_heads, head_dim) that plain from_pretrained, ONNX, "
-        "vLLM and llama.cpp's converter run at its pruned size. BERT-like encoders keep whole "
+        "num_attention_heads, num_key_value_heads, head_dim) that plain from_pretrained loads "
+        "at its pruned size (tested; other engines: README's engine notes). BERT-like "
+        "encoders keep whole "
         "heads there (their config cannot hold fewer); Mistral / Qwen2 are refit without a "
         "down_proj bias (their class has none)",
     )

@@ -117,8 +117,9 @@ def prune(
     cache: dict | None = None,
     **options: object,
 ) -> PruneResult:
-    """Prune the FFN neurons of a BERT / DistilBERT (/ RoBERTa) model to keep ``flops`` of
-    its FLOPs, using unlabeled ``data`` only.
+    """Prune the FFN neurons (and, where measured better, attention heads) of an encoder
+    (BERT / DistilBERT / RoBERTa) or a decoder LM (LLaMA / Mistral / Qwen2) to keep ``flops``
+    of its FLOPs, using unlabeled ``data`` only.
 
     method: "flap" (default: FLAP's standardised fluctuation, one global sort), "kcm" (R2D2),
       "kcm_paper" (mean-rank R2D2 + Scale), "d2", "r2", "wanda_sp", "magnitude"
@@ -150,8 +151,8 @@ def prune(
     layout: "per_layer" (default: each layer keeps its own width and heads; load it with
       kcm_cuda.load_pruned, or the padded save with plain from_pretrained at the widest
       layer's cost) or "standard" (every layer the same FFN width and heads: an ordinary
-      checkpoint that plain from_pretrained, ONNX export, vLLM and llama.cpp's converter read
-      at its pruned size; encoders keep their heads whole; kcm_cuda.pruning.layout).
+      checkpoint, which plain from_pretrained loads at its pruned size; encoders keep their
+      heads whole; kcm_cuda.pruning.layout).
     data: list of texts, list of (text, text) pairs, a .txt/.jsonl/.csv/.tsv path, or a
       pre-tokenized dict {"input_ids", "attention_mask"}; ``samples`` sequences are drawn with
       ``seed`` and tokenized to ``max_length``.

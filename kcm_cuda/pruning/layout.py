@@ -2,7 +2,8 @@
 standard layout (``layout="standard"``), in which every layer keeps the same FFN width and the
 same attention heads, so the result is an ordinary checkpoint of its own architecture: plain
 ``AutoModelFor*.from_pretrained`` loads it at its pruned size, without kcm_cuda, and so does
-every engine that reads the stock config (ONNX export, vLLM, llama.cpp's converter).
+what reads the stock config can (tested here: transformers, and ONNX export of encoders; an
+engine's own limits on head counts are its own: README's engine notes).
 
 What the standard layout constrains:
   FFN widths   every layer keeps ⌊k / L⌋ neurons (k: the budget's neurons, L: layers), the
