@@ -268,3 +268,18 @@ def test_tsv_texts_starting_with_a_quote_are_rows_of_their_own(tmp_path):
     g = tmp_path / "q.tsv"
     g.write_text('text\tlabel\n"a\tb"\t1\nplain\t0\n')
     assert read_texts(g) == ["a\tb", "plain"]
+
+
+def test_kcm_prune_bfloat16_export_onnx_fails_before_the_prune(tmp_path, capsys, model_dir,
+                                                              data_file, monkeypatch):  # fmt: skip
+    import kcm_cuda.pruning as pruning
+    from kcm_cuda.cli import main
+
+    called = []
+    monkeypatch.setattr(pruning, "prune", lambda *a, **k: called.append(1))
+    out = tmp_path / "out"
+    rc = main([str(model_dir), "--data", str(data_file), "--flops", "0.7", "--output", str(out),
+               "--dtype", "bfloat16", "--export", "onnx", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "bfloat16" in err and "\n" not in err
+    assert not called and not out.exists()
