@@ -180,7 +180,8 @@ def test_load_rejects_nonzero_head_padding_and_bad_counts(tmp_path, bert):
         load_pruned(out)
     cfg[HEADS_FIELD] = [0, 2, 3]
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="says 0 heads"):
+    # a count below 1 is refused with config.json's other checks, before anything is built
+    with pytest.raises(ValueError, match="kcm_attention_heads must be a list of whole numbers"):
         load_pruned(out)
     # the padded file stores 4 heads per layer; claiming 1 in layer 1 exposes non-zero heads
     cfg[HEADS_FIELD] = [1, 1, 3]
