@@ -22,7 +22,7 @@ def test_memory_depth_smoke(tmp_path):
     ]
     assert [r["searched"] for r in rows] == [True, False, True, False]
     extra = result["extra_of_search"]
-    assert set(extra["per_depth_mb"]) == {1, 2} and "growth_mb" in extra
+    assert set(extra["per_depth_mb"]) == {"1", "2"} and "growth_mb" in extra
     for r in rows:
         assert 0 < r["pruned_mb"] < r["model_mb"]
         assert r["rss_peak_above_start_mb"] > 0
