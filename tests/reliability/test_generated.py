@@ -289,14 +289,20 @@ def test_generated_damaged_outputs(tmp_path_factory, pruned_dir, edits):
         else:
             cfg[key] = value
     (d / "config.json").write_text(json.dumps(cfg))
+    load_damaged(d, "saved outputs (load_pruned)")
+
+
+def load_damaged(d: Path, entry: str) -> None:
+    """load_pruned of a damaged output ``d``: a model with finite outputs or one promised
+    line; ``d`` unchanged."""
     before = tree_hash(d)
     try:
         model = kcm_cuda.load_pruned(d)
     except Exception as exc:  # noqa: BLE001
-        count("saved outputs (load_pruned)", "error")
+        count(entry, "error")
         one_line(exc)
     else:
-        count("saved outputs (load_pruned)", "result")
+        count(entry, "result")
         x = pc.token_batch(2, 8, vocab_size=int(model.config.vocab_size))
         with torch.no_grad():
             out = model(**{k: v for k, v in x.items() if k != "token_type_ids"})
@@ -442,19 +448,7 @@ def test_generated_damaged_config_fields(tmp_path_factory, pruned_dir, data, val
     else:
         cfg[key] = value
     (d / "config.json").write_text(json.dumps(cfg))
-    before = tree_hash(d)
-    try:
-        model = kcm_cuda.load_pruned(d)
-    except Exception as exc:  # noqa: BLE001
-        count("config fields (load_pruned)", "error")
-        one_line(exc)
-    else:
-        count("config fields (load_pruned)", "result")
-        x = pc.token_batch(2, 8, vocab_size=int(model.config.vocab_size))
-        with torch.no_grad():
-            out = model(**{k: v for k, v in x.items() if k != "token_type_ids"})
-        assert torch.isfinite(out[0]).all()
-    assert tree_hash(d) == before
+    load_damaged(d, "config fields (load_pruned)")
 
 
 @budget(8)
